@@ -1,0 +1,426 @@
+//! Where a request's key and event type come from, and how they are checked.
+//!
+//! A record is identified by (source, event type, key). The key and the
+//! event type are read by an [`Extractor`]: a header, a JSON Pointer into the
+//! body, the SHA-256 of the body, or an ordered list of these where the first
+//! that yields a value wins.
+//!
+//! ```
+//! use tower_idempotency::Extractor;
+//!
+//! // GitHub: the delivery GUID header.
+//! let github = Extractor::header("X-GitHub-Delivery");
+//! // Stripe: the event id in the body.
+//! let stripe = Extractor::json("/id").unwrap();
+//! // A sender without a documented id: an `id` field, else the body hash.
+//! let fallback = Extractor::json("$.id").unwrap().or(Extractor::body_sha256());
+//! # let _ = (github, stripe, fallback);
+//! ```
+
+mod json;
+
+use std::fmt;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::HeaderName;
+use http::request::Parts;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+pub use json::InvalidJsonPath;
+pub(crate) use json::{JsonBody, JsonPointer};
+
+/// Reads a value (a key or an event type) from a request.
+///
+/// Built with [`Extractor::header`], [`Extractor::json`] and
+/// [`Extractor::body_sha256`]; [`Extractor::or`] chains fallbacks.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Extractor {
+    parts: Vec<ExtractorPart>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum ExtractorPart {
+    Header(HeaderName),
+    Json(JsonPointer),
+    BodySha256,
+}
+
+impl Extractor {
+    /// The value of a request header (case-insensitive name). The value is
+    /// kept byte-exact; it must be UTF-8, and a header sent more than once
+    /// is refused.
+    ///
+    /// # Panics
+    ///
+    /// Panics if `name` is not a valid header name; names are fixed at
+    /// configuration time, so a typo shows up at start-up.
+    pub fn header(name: &str) -> Self {
+        let name = HeaderName::from_bytes(name.as_bytes())
+            .unwrap_or_else(|_| panic!("`{name}` is not a valid header name"));
+        Self::single(ExtractorPart::Header(name))
+    }
+
+    /// The value at an RFC 6901 JSON Pointer (`/data/object/id`) in a JSON
+    /// body; the dotted JSONPath subset (`$.data.object.id`) is accepted too.
+    /// A string is used as it is and an integer in its decimal text form.
+    pub fn json(path: &str) -> Result<Self, InvalidJsonPath> {
+        Ok(Self::single(ExtractorPart::Json(JsonPointer::parse(path)?)))
+    }
+
+    /// The lowercase hex SHA-256 of the raw request body.
+    pub fn body_sha256() -> Self {
+        Self::single(ExtractorPart::BodySha256)
+    }
+
+    /// Tries `self` first and `fallback` when `self` yields nothing.
+    #[must_use]
+    pub fn or(mut self, fallback: Extractor) -> Self {
+        self.parts.extend(fallback.parts);
+        self
+    }
+
+    fn single(part: ExtractorPart) -> Self {
+        Self { parts: vec![part] }
+    }
+
+    /// Whether any part reads the body as JSON.
+    pub(crate) fn reads_json(&self) -> bool {
+        self.parts
+            .iter()
+            .any(|part| matches!(part, ExtractorPart::Json(_)))
+    }
+
+    /// The first value a part yields; `None` when no part does.
+    pub(crate) fn extract(
+        &self,
+        role: Role,
+        parts: &Parts,
+        body: &Bytes,
+        json: &mut JsonBody<'_>,
+    ) -> Result<Option<String>, KeyError> {
+        for part in &self.parts {
+            let value = match part {
+                ExtractorPart::Header(name) => header_value(role, parts, name)?,
+                ExtractorPart::Json(pointer) => json_value(role, json, pointer)?,
+                ExtractorPart::BodySha256 => Some(body_sha256_hex(body)),
+            };
+            if value.is_some() {
+                return Ok(value);
+            }
+        }
+        Ok(None)
+    }
+}
+
+/// What an extracted value is for; the two differ in which JSON types they
+/// accept.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Role {
+    Key,
+    EventType,
+}
+
+impl Role {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Role::Key => "key",
+            Role::EventType => "event type",
+        }
+    }
+
+    fn expected_json(self) -> &'static str {
+        match self {
+            Role::Key => "a string or an integer",
+            Role::EventType => "a string",
+        }
+    }
+}
+
+fn header_value(role: Role, parts: &Parts, name: &HeaderName) -> Result<Option<String>, KeyError> {
+    let mut values = parts.headers.get_all(name).iter();
+    let Some(value) = values.next() else {
+        return Ok(None);
+    };
+    if values.next().is_some() {
+        return Err(KeyError::RepeatedHeader {
+            what: role.name(),
+            header: name.clone(),
+        });
+    }
+    match std::str::from_utf8(value.as_bytes()) {
+        Ok(text) => Ok(Some(text.to_owned())),
+        Err(_) => Err(KeyError::NotUtf8 { what: role.name() }),
+    }
+}
+
+fn json_value(
+    role: Role,
+    json: &mut JsonBody<'_>,
+    pointer: &JsonPointer,
+) -> Result<Option<String>, KeyError> {
+    let Some(document) = json.value()? else {
+        return Ok(None);
+    };
+    let wrong_type = |found: &'static str| KeyError::WrongJsonType {
+        what: role.name(),
+        expected: role.expected_json(),
+        pointer: pointer.as_str().to_owned(),
+        found,
+    };
+    match (role, pointer.find(document)) {
+        (_, None) | (Role::EventType, Some(Value::Null)) => Ok(None),
+        (_, Some(Value::String(text))) => Ok(Some(text.clone())),
+        (Role::Key, Some(Value::Number(number))) => {
+            if let Some(n) = number.as_i64() {
+                Ok(Some(n.to_string()))
+            } else if let Some(n) = number.as_u64() {
+                Ok(Some(n.to_string()))
+            } else {
+                Err(wrong_type("a non-integer number"))
+            }
+        }
+        (_, Some(other)) => Err(wrong_type(json_type_name(other))),
+    }
+}
+
+fn json_type_name(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+pub(crate) fn body_sha256_hex(body: &[u8]) -> String {
+    hex(&Sha256::digest(body))
+}
+
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for byte in bytes {
+        out.push(DIGITS[usize::from(byte >> 4)] as char);
+        out.push(DIGITS[usize::from(byte & 0x0f)] as char);
+    }
+    out
+}
+
+/// Checks a key, event type or source: at most `max_bytes`, no control
+/// characters, and (for keys and sources) not empty.
+pub(crate) fn validate(what: &'static str, value: &str, max_bytes: usize, allow_empty: bool) -> Result<(), KeyError> {
+    if value.is_empty() && !allow_empty {
+        return Err(KeyError::Empty { what });
+    }
+    if value.len() > max_bytes {
+        return Err(KeyError::TooLong { what, max_bytes });
+    }
+    if value.chars().any(char::is_control) {
+        return Err(KeyError::ControlCharacter { what });
+    }
+    Ok(())
+}
+
+/// Why a request's key, event type or source was refused (400).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum KeyError {
+    /// The body is not valid JSON on a route that reads it as JSON.
+    #[error("the request body is not valid JSON: {0}")]
+    MalformedJson(String),
+    /// A JSON field holds a type that cannot be a key or event type.
+    #[error("the {what} at `{pointer}` is {found}; it must be {expected}")]
+    WrongJsonType {
+        /// Key or event type.
+        what: &'static str,
+        /// The JSON types accepted.
+        expected: &'static str,
+        /// The JSON Pointer that was read.
+        pointer: String,
+        /// The JSON type that was found.
+        found: &'static str,
+    },
+    /// A header that must appear once appeared several times.
+    #[error("the {what} header `{header}` was sent more than once")]
+    RepeatedHeader {
+        /// Key or event type.
+        what: &'static str,
+        /// The repeated header.
+        header: HeaderName,
+    },
+    /// A header value is not UTF-8.
+    #[error("the {what} is not valid UTF-8")]
+    NotUtf8 {
+        /// Key or event type.
+        what: &'static str,
+    },
+    /// The value is empty.
+    #[error("the {what} is empty")]
+    Empty {
+        /// Key, event type or source.
+        what: &'static str,
+    },
+    /// The value is longer than allowed.
+    #[error("the {what} is longer than {max_bytes} bytes")]
+    TooLong {
+        /// Key, event type or source.
+        what: &'static str,
+        /// The configured maximum.
+        max_bytes: usize,
+    },
+    /// The value holds a control character.
+    #[error("the {what} holds a control character")]
+    ControlCharacter {
+        /// Key, event type or source.
+        what: &'static str,
+    },
+    /// The key is required and the request carries none.
+    #[error("the request carries no idempotency key")]
+    Missing,
+    /// The per-request source function found no source.
+    #[error("no source could be derived for this request")]
+    NoSource,
+}
+
+/// The identity of a record: (source, event type, key), byte-exact.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct RecordKey {
+    pub(crate) source: String,
+    pub(crate) event_type: String,
+    pub(crate) key: String,
+}
+
+impl RecordKey {
+    /// A 64-bit advisory lock id for this key inside `namespace` (the table).
+    /// A collision only serialises two unrelated keys; the primary key keeps
+    /// records apart.
+    pub(crate) fn lock_id(&self, namespace: &str) -> i64 {
+        let mut hasher = Sha256::new();
+        for part in [namespace, &self.source, &self.event_type, &self.key] {
+            hasher.update((part.len() as u64).to_be_bytes());
+            hasher.update(part.as_bytes());
+        }
+        let digest = hasher.finalize();
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&digest[..8]);
+        i64::from_be_bytes(first)
+    }
+}
+
+/// The source (scope) of a route: fixed, or derived from each request.
+#[derive(Clone)]
+pub(crate) enum Source {
+    Fixed(String),
+    PerRequest(Arc<dyn Fn(&Parts) -> Option<String> + Send + Sync>),
+}
+
+impl fmt::Debug for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Source::Fixed(name) => f.debug_tuple("Fixed").field(name).finish(),
+            Source::PerRequest(_) => f.write_str("PerRequest(..)"),
+        }
+    }
+}
+
+impl Source {
+    pub(crate) fn resolve(&self, parts: &Parts) -> Result<String, KeyError> {
+        match self {
+            Source::Fixed(name) => Ok(name.clone()),
+            Source::PerRequest(derive) => derive(parts).ok_or(KeyError::NoSource),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::Request;
+
+    fn parts(headers: &[(&str, &[u8])]) -> Parts {
+        let mut builder = Request::builder().method("POST").uri("/x");
+        for (name, value) in headers {
+            builder = builder.header(*name, *value);
+        }
+        builder.body(()).unwrap().into_parts().0
+    }
+
+    fn extract(extractor: &Extractor, role: Role, headers: &[(&str, &[u8])], body: &'static str) -> Result<Option<String>, KeyError> {
+        let body = Bytes::from_static(body.as_bytes());
+        let mut json = JsonBody::new(&body);
+        extractor.extract(role, &parts(headers), &body, &mut json)
+    }
+
+    #[test]
+    fn header_values_are_kept_byte_exact() {
+        let got = extract(&Extractor::header("idempotency-key"), Role::Key, &[("Idempotency-Key", b"\"AbC\"")], "");
+        assert_eq!(got.unwrap().as_deref(), Some("\"AbC\""));
+    }
+
+    #[test]
+    fn repeated_key_headers_are_refused() {
+        let got = extract(&Extractor::header("k"), Role::Key, &[("k", b"a"), ("k", b"b")], "");
+        assert!(matches!(got, Err(KeyError::RepeatedHeader { .. })));
+    }
+
+    #[test]
+    fn non_utf8_header_values_are_refused() {
+        let got = extract(&Extractor::header("k"), Role::Key, &[("k", b"\xff\xfe")], "");
+        assert!(matches!(got, Err(KeyError::NotUtf8 { .. })));
+    }
+
+    #[test]
+    fn integer_json_ids_use_their_decimal_form() {
+        let id = Extractor::json("/id").unwrap();
+        assert_eq!(extract(&id, Role::Key, &[], r#"{"id": 42}"#).unwrap().as_deref(), Some("42"));
+        assert_eq!(
+            extract(&id, Role::Key, &[], r#"{"id": 18446744073709551615}"#).unwrap().as_deref(),
+            Some("18446744073709551615")
+        );
+    }
+
+    #[test]
+    fn other_json_id_types_are_refused() {
+        let id = Extractor::json("/id").unwrap();
+        for body in [r#"{"id": 1.5}"#, r#"{"id": true}"#, r#"{"id": null}"#, r#"{"id": []}"#, r#"{"id": {}}"#] {
+            assert!(matches!(extract(&id, Role::Key, &[], body), Err(KeyError::WrongJsonType { .. })), "{body}");
+        }
+    }
+
+    #[test]
+    fn a_null_event_type_is_absent_and_a_number_is_refused() {
+        let kind = Extractor::json("/type").unwrap();
+        assert_eq!(extract(&kind, Role::EventType, &[], r#"{"type": null}"#).unwrap(), None);
+        assert!(extract(&kind, Role::EventType, &[], r#"{"type": 3}"#).is_err());
+    }
+
+    #[test]
+    fn the_first_extractor_that_yields_wins() {
+        let chain = Extractor::json("/id").unwrap().or(Extractor::body_sha256());
+        assert_eq!(extract(&chain, Role::Key, &[], r#"{"id": "evt_1"}"#).unwrap().as_deref(), Some("evt_1"));
+        let hashed = extract(&chain, Role::Key, &[], r#"{"other": 1}"#).unwrap().unwrap();
+        assert_eq!(hashed, body_sha256_hex(br#"{"other": 1}"#));
+    }
+
+    #[test]
+    fn validation_refuses_empty_long_and_control_values() {
+        assert!(validate("key", "", 255, false).is_err());
+        assert!(validate("key", &"k".repeat(256), 255, false).is_err());
+        assert!(validate("key", &"k".repeat(255), 255, false).is_ok());
+        assert!(validate("key", "a\tb", 255, false).is_err());
+        assert!(validate("key", "a\u{85}b", 255, false).is_err());
+        assert!(validate("event type", "", 255, true).is_ok());
+    }
+
+    #[test]
+    fn lock_ids_separate_the_parts_of_a_key() {
+        let a = RecordKey { source: "ab".into(), event_type: String::new(), key: "c".into() };
+        let b = RecordKey { source: "a".into(), event_type: String::new(), key: "bc".into() };
+        assert_ne!(a.lock_id("t"), b.lock_id("t"));
+        assert_ne!(a.lock_id("t"), a.lock_id("u"));
+    }
+}

@@ -1,0 +1,277 @@
+//! [`IdempotencyLayer`]: the per-route configuration, copied into each
+//! [`IdempotencyService`] it wraps.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::header::{HeaderName, CONTENT_TYPE};
+use http::request::Parts;
+use http::{Method, StatusCode};
+use tower_layer::Layer;
+
+use crate::fingerprint::Fingerprint;
+use crate::inflight::LocalInFlight;
+use crate::key::{Extractor, Source};
+use crate::policy::{CommitWhen, InFlight, MissingKey, Mode};
+use crate::service::IdempotencyService;
+use crate::store::Store;
+
+/// Default request body limit: 1 MiB.
+pub const DEFAULT_MAX_REQUEST_BYTES: usize = 1024 * 1024;
+/// Default limit on a stored response body: 1 MiB.
+pub const DEFAULT_MAX_STORED_RESPONSE_BYTES: usize = 1024 * 1024;
+/// Default key length limit: 255 bytes.
+pub const DEFAULT_MAX_KEY_BYTES: usize = 255;
+/// Default retention of a completed record: 30 days.
+pub const DEFAULT_RETENTION: Duration = Duration::from_secs(30 * 24 * 60 * 60);
+/// Default bound on each store step: 5 seconds.
+pub const DEFAULT_STORE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A [`Layer`] that makes the services it wraps idempotent.
+///
+/// Configure one per route (or group of routes sharing a source) with the
+/// builder methods; every method takes and returns the layer by value.
+///
+/// ```
+/// use std::time::Duration;
+/// use axum::{routing::post, Router};
+/// use tower_idempotency::{Extractor, IdempotencyLayer, InFlight, MemoryStore};
+///
+/// let store = MemoryStore::new(10_000);
+/// let stripe = IdempotencyLayer::new(store)
+///     .source("stripe")
+///     .key(Extractor::json("/id").unwrap())
+///     .event_type(Extractor::json("/type").unwrap())
+///     .in_flight(InFlight::Wait(Duration::from_secs(10)));
+/// let app: Router = Router::new()
+///     .route("/webhooks/stripe", post(|| async { "ok" }))
+///     .route_layer(stripe);
+/// # let _ = app;
+/// ```
+#[derive(Clone, Debug)]
+pub struct IdempotencyLayer {
+    store: Store,
+    config: Arc<Config>,
+    in_flight: Arc<LocalInFlight>,
+}
+
+/// Everything a route configures.
+#[derive(Clone, Debug)]
+pub(crate) struct Config {
+    pub(crate) source: Source,
+    pub(crate) key: Extractor,
+    pub(crate) event_type: Option<Extractor>,
+    pub(crate) missing_key: MissingKey,
+    pub(crate) in_flight: InFlight,
+    pub(crate) commit_when: CommitWhen,
+    pub(crate) max_request_bytes: usize,
+    pub(crate) max_key_bytes: usize,
+    pub(crate) max_stored_response_bytes: usize,
+    pub(crate) replay_headers: Vec<HeaderName>,
+    pub(crate) retention: Duration,
+    pub(crate) mode: Mode,
+    pub(crate) detach: bool,
+    pub(crate) fail_open: bool,
+    pub(crate) fingerprint: Fingerprint,
+    pub(crate) require_json: bool,
+    pub(crate) methods: Option<Vec<Method>>,
+    pub(crate) store_timeout: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            source: Source::Fixed("default".to_owned()),
+            key: Extractor::header("idempotency-key"),
+            event_type: None,
+            missing_key: MissingKey::Reject,
+            in_flight: InFlight::Conflict,
+            commit_when: CommitWhen::default(),
+            max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
+            max_key_bytes: DEFAULT_MAX_KEY_BYTES,
+            max_stored_response_bytes: DEFAULT_MAX_STORED_RESPONSE_BYTES,
+            replay_headers: vec![CONTENT_TYPE],
+            retention: DEFAULT_RETENTION,
+            mode: Mode::Transaction,
+            detach: true,
+            fail_open: false,
+            fingerprint: Fingerprint::default(),
+            require_json: false,
+            methods: None,
+            store_timeout: DEFAULT_STORE_TIMEOUT,
+        }
+    }
+}
+
+impl Config {
+    /// Whether requests with this method are protected. By default every
+    /// method but the safe ones (GET, HEAD, OPTIONS, TRACE) is.
+    pub(crate) fn protects(&self, method: &Method) -> bool {
+        match &self.methods {
+            Some(methods) => methods.contains(method),
+            None => !matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE),
+        }
+    }
+}
+
+impl IdempotencyLayer {
+    /// A layer on `store` with the defaults: source `default`, key from the
+    /// `Idempotency-Key` header (required), transaction mode, `409` for
+    /// in-flight duplicates, 2xx commits, 1 MiB request and stored-response
+    /// limits, 255-byte keys, 30 days' retention, handlers detached from
+    /// client disconnects, failing closed when the store is down.
+    pub fn new(store: impl Into<Store>) -> Self {
+        Self { store: store.into(), config: Arc::new(Config::default()), in_flight: Arc::default() }
+    }
+
+    fn with(mut self, change: impl FnOnce(&mut Config)) -> Self {
+        change(Arc::make_mut(&mut self.config));
+        self
+    }
+
+    /// The source (scope) of every record this layer writes: one id under
+    /// two sources is two events.
+    pub fn source(self, source: impl Into<String>) -> Self {
+        let source = source.into();
+        self.with(|config| config.source = Source::Fixed(source))
+    }
+
+    /// Derives the source from each request, for example from an
+    /// authenticated tenant set by an earlier layer, so that tenants can
+    /// never replay each other's responses. `None` refuses the request with
+    /// `400`.
+    pub fn source_fn<F>(self, derive: F) -> Self
+    where
+        F: Fn(&Parts) -> Option<String> + Send + Sync + 'static,
+    {
+        self.with(|config| config.source = Source::PerRequest(Arc::new(derive)))
+    }
+
+    /// Where the key comes from (default: the `Idempotency-Key` header).
+    pub fn key(self, extractor: Extractor) -> Self {
+        self.with(|config| config.key = extractor)
+    }
+
+    /// Where the event type comes from (default: none, the empty string). A
+    /// JSON event type must be a string; absent or `null` is empty.
+    pub fn event_type(self, extractor: Extractor) -> Self {
+        self.with(|config| config.event_type = Some(extractor))
+    }
+
+    /// What a request without a key gets (default: [`MissingKey::Reject`]).
+    pub fn missing_key(self, policy: MissingKey) -> Self {
+        self.with(|config| config.missing_key = policy)
+    }
+
+    /// What a duplicate gets while the first is in flight (default:
+    /// [`InFlight::Conflict`]).
+    pub fn in_flight(self, policy: InFlight) -> Self {
+        self.with(|config| config.in_flight = policy)
+    }
+
+    /// Which statuses commit the record (default: any 2xx); every other
+    /// status releases the claim. A handler can override the decision for
+    /// one response with [`ResponseDecision`](crate::ResponseDecision).
+    ///
+    /// ```
+    /// # use tower_idempotency::{IdempotencyLayer, MemoryStore};
+    /// // Stripe-style: record client errors too, release only server errors.
+    /// let layer = IdempotencyLayer::new(MemoryStore::new(100))
+    ///     .commit_when(|status| !status.is_server_error());
+    /// # let _ = layer;
+    /// ```
+    pub fn commit_when<F>(self, predicate: F) -> Self
+    where
+        F: Fn(StatusCode) -> bool + Send + Sync + 'static,
+    {
+        self.with(|config| config.commit_when = CommitWhen::new(predicate))
+    }
+
+    /// The largest request body accepted; larger ones get `413` before
+    /// anything else (default 1 MiB).
+    pub fn max_request_bytes(self, bytes: usize) -> Self {
+        self.with(|config| config.max_request_bytes = bytes)
+    }
+
+    /// The longest key accepted, in bytes (default 255).
+    pub fn max_key_bytes(self, bytes: usize) -> Self {
+        self.with(|config| config.max_key_bytes = bytes)
+    }
+
+    /// The largest response body a record keeps (default 1 MiB). Larger
+    /// responses are still sent in full; their record keeps the status and
+    /// headers, and a replay has an empty body.
+    pub fn max_stored_response_bytes(self, bytes: usize) -> Self {
+        self.with(|config| config.max_stored_response_bytes = bytes)
+    }
+
+    /// Adds a response header to those stored and replayed (`content-type`
+    /// always is). `set-cookie`, `authorization` and hop-by-hop headers are
+    /// never stored, even when listed.
+    pub fn replay_header(self, name: HeaderName) -> Self {
+        self.with(|config| {
+            if !config.replay_headers.contains(&name) {
+                config.replay_headers.push(name);
+            }
+        })
+    }
+
+    /// How long a completed record is kept and replayed (default 30 days);
+    /// an unfinished claim expires the same time after its creation.
+    pub fn retention(self, retention: Duration) -> Self {
+        self.with(|config| config.retention = retention)
+    }
+
+    /// Transaction or lease mode (default: [`Mode::Transaction`]).
+    pub fn mode(self, mode: Mode) -> Self {
+        self.with(|config| config.mode = mode)
+    }
+
+    /// Whether a handler keeps running when the client disconnects or a
+    /// timeout drops the response future (default `true`): it then runs to
+    /// completion in a task of its own and the record reflects its outcome.
+    /// With `false`, a dropped future releases the claim.
+    pub fn detach_on_disconnect(self, detach: bool) -> Self {
+        self.with(|config| config.detach = detach)
+    }
+
+    /// Whether to run the handler unprotected when the store is unavailable
+    /// (default `false`: answer `503` and run nothing).
+    pub fn fail_open(self, fail_open: bool) -> Self {
+        self.with(|config| config.fail_open = fail_open)
+    }
+
+    /// How requests are fingerprinted (default: method, path with query
+    /// string, and the raw body).
+    pub fn fingerprint(self, fingerprint: Fingerprint) -> Self {
+        self.with(|config| config.fingerprint = fingerprint)
+    }
+
+    /// Whether the body must be JSON (an empty body counts as no document);
+    /// a malformed body gets `400` before the key is read (default `false`;
+    /// routes whose key or event type comes from JSON check it anyway).
+    pub fn json_body(self, required: bool) -> Self {
+        self.with(|config| config.require_json = required)
+    }
+
+    /// Protects only requests with these methods (default: all but GET,
+    /// HEAD, OPTIONS and TRACE); others pass through untouched.
+    pub fn methods<I: IntoIterator<Item = Method>>(self, methods: I) -> Self {
+        let methods = methods.into_iter().collect();
+        self.with(|config| config.methods = Some(methods))
+    }
+
+    /// The longest a store step (a read, a claim, a completion) may take
+    /// before the request fails with `503` (default 5 s).
+    pub fn store_timeout(self, timeout: Duration) -> Self {
+        self.with(|config| config.store_timeout = timeout)
+    }
+}
+
+impl<S> Layer<S> for IdempotencyLayer {
+    type Service = IdempotencyService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        IdempotencyService::new(inner, self.store.clone(), self.config.clone(), self.in_flight.clone())
+    }
+}

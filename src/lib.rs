@@ -1,0 +1,103 @@
+//! Idempotent webhook receivers and APIs with one `.layer(...)`, backed by
+//! the Postgres the application already runs.
+//!
+//! Webhook providers deliver at-least-once and API clients retry `POST`s
+//! with an `Idempotency-Key`. [`IdempotencyLayer`] makes the wrapped
+//! handler run once per event: it buffers the request body (bounded), reads
+//! the key, claims it in the store under a Postgres advisory lock, runs the
+//! handler, then commits or releases the claim by the response status, and
+//! answers every later duplicate with the stored response marked
+//! `Idempotent-Replayed: true`.
+//!
+//! In [`Mode::Transaction`] (the default) the handler writes through the
+//! request's own transaction ([`Tx`]), and the record commits atomically
+//! with those writes: effects in the same database happen exactly once.
+//!
+//! ```no_run
+//! use axum::{routing::post, Json, Router};
+//! use tower_idempotency::{Extractor, IdempotencyLayer, PostgresStore, Tx};
+//!
+//! async fn stripe_webhook(tx: Tx, Json(event): Json<serde_json::Value>) -> Result<&'static str, String> {
+//!     tx.execute(
+//!         "INSERT INTO ledger_entries (source, event_id) VALUES ('stripe', $1)",
+//!         &[&event["id"].as_str()],
+//!     )
+//!     .await
+//!     .map_err(|error| error.to_string())?;
+//!     Ok("ok")
+//! }
+//!
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let mut config = deadpool_postgres::Config::new();
+//! config.url = Some("postgres://postgres@127.0.0.1:5432/postgres".into());
+//! let pool = config.create_pool(Some(deadpool_postgres::Runtime::Tokio1), tokio_postgres::NoTls)?;
+//! let store = PostgresStore::new(pool);
+//! store.migrate().await?;
+//!
+//! let app: Router = Router::new()
+//!     .route("/webhooks/stripe", post(stripe_webhook))
+//!     .route_layer(
+//!         IdempotencyLayer::new(store)
+//!             .source("stripe")
+//!             .key(Extractor::json("/id")?)
+//!             .event_type(Extractor::json("/type")?),
+//!     );
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:3000").await?;
+//! axum::serve(listener, app).await?;
+//! # Ok(()) }
+//! ```
+//!
+//! # Errors the layer answers itself
+//!
+//! Every refusal is `application/problem+json` (RFC 9457) with a stable
+//! `type`:
+//!
+//! | status | `type` | when |
+//! | --- | --- | --- |
+//! | 400 | `urn:tower-idempotency:missing-key` | no key, on a route that requires one |
+//! | 400 | `urn:tower-idempotency:invalid-key` | empty, too long, control characters, not UTF-8, wrong JSON type |
+//! | 400 | `urn:tower-idempotency:malformed-json` | a body that must be JSON is not |
+//! | 400 | `urn:tower-idempotency:body-unreadable` | the request body failed mid-stream |
+//! | 409 | `urn:tower-idempotency:in-flight` | the key is being processed (`Retry-After: 1`) |
+//! | 413 | `urn:tower-idempotency:payload-too-large` | the body is over the route's limit |
+//! | 422 | `urn:tower-idempotency:fingerprint-mismatch` | the key was used with another request |
+//! | 500 | `urn:tower-idempotency:handler-failed` | the handler panicked or was cancelled |
+//! | 500 | `urn:tower-idempotency:corrupt-record` | a stored response could not be decoded |
+//! | 503 | `urn:tower-idempotency:store-unavailable` | the store is down or timed out (`Retry-After: 2`) |
+//! | 503 | `urn:tower-idempotency:commit-failed` | the handler's transaction did not commit (`Retry-After: 2`) |
+//! | 503 | `urn:tower-idempotency:store-full` | a [`MemoryStore`] is full of live records (`Retry-After: 2`) |
+#![cfg_attr(docsrs, feature(doc_cfg))]
+#![warn(
+    clippy::all,
+    clippy::dbg_macro,
+    clippy::todo,
+    clippy::unwrap_used,
+    missing_docs,
+    rust_2018_idioms
+)]
+#![deny(unreachable_pub, unsafe_code)]
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
+mod body;
+mod fingerprint;
+mod inflight;
+mod key;
+mod layer;
+mod policy;
+mod problem;
+mod record;
+mod service;
+mod store;
+mod tx;
+
+pub use body::{BoxError, ResponseBody};
+pub use fingerprint::Fingerprint;
+pub use key::{Extractor, InvalidJsonPath, KeyError};
+pub use layer::{
+    IdempotencyLayer, DEFAULT_MAX_KEY_BYTES, DEFAULT_MAX_REQUEST_BYTES, DEFAULT_MAX_STORED_RESPONSE_BYTES,
+    DEFAULT_RETENTION, DEFAULT_STORE_TIMEOUT,
+};
+pub use policy::{InFlight, MissingKey, Mode, ResponseDecision};
+pub use service::{IdempotencyService, RequestBody, ResponseFuture, REPLAYED_HEADER};
+pub use store::{InvalidTableName, MemoryStore, PostgresStore, Store, StoreError, DEFAULT_TABLE};
+pub use tx::{IdempotencyTx, Tx, TxError};

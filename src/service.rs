@@ -1,0 +1,612 @@
+//! [`IdempotencyService`]: the request path, top to bottom.
+//!
+//! buffer the body → identify (source, event type, key, fingerprint) →
+//! fast-path read → local in-flight check → claim → handler → commit or
+//! release → answer (first response, replay, or a problem).
+
+use std::fmt;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures_util::FutureExt;
+use http::header::{HeaderName, HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
+use http::request::Parts;
+use http::{HeaderMap, Request, Response};
+use http_body::Body;
+use http_body_util::{BodyExt, Either, Full, LengthLimitError, Limited};
+use tokio::time::Instant;
+use tower_service::Service;
+use tracing::Instrument;
+
+use crate::body::{BoxError, ResponseBody};
+use crate::inflight::{Entry, HolderGuard, LocalInFlight};
+use crate::key::{self, JsonBody, KeyError, RecordKey, Role};
+use crate::layer::Config;
+use crate::policy::{InFlight, MissingKey, Mode, ResponseDecision};
+use crate::problem::Problem;
+use crate::record::{allowed_headers, is_storable, StoredResponse};
+use crate::store::{Claim, ClaimOutcome, ClaimRequest, Completed, Completion, Lookup, Store, StoreError};
+
+/// The request body the inner service receives: the buffered body of a
+/// protected request, or the untouched body of one that passes through.
+pub type RequestBody<B> = Either<Full<Bytes>, B>;
+
+/// The header that marks a replayed response.
+pub const REPLAYED_HEADER: HeaderName = HeaderName::from_static("idempotent-replayed");
+
+/// Wraps a service so that each key's handler runs once and duplicates get
+/// the stored response. Made by [`IdempotencyLayer`](crate::IdempotencyLayer).
+#[derive(Clone)]
+pub struct IdempotencyService<S> {
+    inner: S,
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    store: Store,
+    config: Arc<Config>,
+    in_flight: Arc<LocalInFlight>,
+}
+
+impl<S> IdempotencyService<S> {
+    pub(crate) fn new(inner: S, store: Store, config: Arc<Config>, in_flight: Arc<LocalInFlight>) -> Self {
+        Self { inner, shared: Arc::new(Shared { store, config, in_flight }) }
+    }
+
+    /// The wrapped service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The wrapped service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Unwraps the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S: fmt::Debug> fmt::Debug for IdempotencyService<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IdempotencyService")
+            .field("inner", &self.inner)
+            .field("store", &self.shared.store)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The future of [`IdempotencyService`].
+pub struct ResponseFuture<B, E> {
+    inner: Pin<Box<dyn Future<Output = Result<Response<ResponseBody<B>>, E>> + Send>>,
+}
+
+impl<B, E> Future for ResponseFuture<B, E> {
+    type Output = Result<Response<ResponseBody<B>>, E>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.inner.as_mut().poll(cx)
+    }
+}
+
+impl<B, E> fmt::Debug for ResponseFuture<B, E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture").finish_non_exhaustive()
+    }
+}
+
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for IdempotencyService<S>
+where
+    S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    ReqBody: Body<Data = Bytes> + Send + 'static,
+    ReqBody::Error: Into<BoxError>,
+    ResBody: Body<Data = Bytes> + Send + 'static,
+    ResBody::Error: Into<BoxError>,
+{
+    type Response = Response<ResponseBody<ResBody>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<ResBody, S::Error>;
+
+    #[inline]
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
+        // Use the service that was polled ready; leave a fresh clone behind.
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
+        ResponseFuture { inner: Box::pin(handle(self.shared.clone(), inner, request)) }
+    }
+}
+
+type Answer<B, E> = Result<Response<ResponseBody<B>>, E>;
+
+/// The identity of a protected request.
+struct Identity {
+    key: RecordKey,
+    fingerprint: [u8; 32],
+}
+
+async fn handle<S, ReqBody, ResBody>(shared: Arc<Shared>, inner: S, request: Request<ReqBody>) -> Answer<ResBody, S::Error>
+where
+    S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    ReqBody: Body<Data = Bytes> + Send + 'static,
+    ReqBody::Error: Into<BoxError>,
+    ResBody: Body<Data = Bytes> + Send + 'static,
+    ResBody::Error: Into<BoxError>,
+{
+    let config = &shared.config;
+    if !config.protects(request.method()) {
+        return pass_through(inner, request.map(Either::Right)).await;
+    }
+    let (parts, body) = request.into_parts();
+    let body = match read_body(&parts, body, config.max_request_bytes).await {
+        Ok(body) => body,
+        Err((problem, detail)) => return Ok(problem.response(&detail)),
+    };
+    let identity = match identify(config, &parts, &body) {
+        Ok(Some(identity)) => identity,
+        Ok(None) => {
+            tracing::info!(outcome = "missing_key", "request without a key passed through unprotected");
+            let request = Request::from_parts(parts, Either::Left(Full::new(body)));
+            return pass_through(inner, request).await;
+        }
+        Err(error) => {
+            let problem = match error {
+                KeyError::MalformedJson(_) => Problem::MalformedJson,
+                KeyError::Missing => Problem::MissingKey,
+                _ => Problem::InvalidKey,
+            };
+            tracing::debug!(outcome = "rejected", %error, "request refused before the claim");
+            return Ok(problem.response(&error.to_string()));
+        }
+    };
+    let span = tracing::info_span!(
+        "idempotency",
+        source = %identity.key.source,
+        event_type = %identity.key.event_type,
+        key = %identity.key.key,
+    );
+    let request = Request::from_parts(parts, Either::Left(Full::new(body)));
+    let protected = protected(shared.clone(), inner, request, identity).instrument(span);
+    if !shared.config.detach {
+        return protected.await;
+    }
+    // Detached: the handler and its commit run to the end even if this
+    // future is dropped (a client disconnect, a timeout layer).
+    match tokio::spawn(protected).await {
+        Ok(answer) => answer,
+        Err(error) => {
+            tracing::error!(%error, "the idempotency task did not finish");
+            Ok(Problem::HandlerFailed.response("the request was cancelled before it finished"))
+        }
+    }
+}
+
+async fn pass_through<S, B, ResBody>(mut inner: S, request: Request<B>) -> Answer<ResBody, S::Error>
+where
+    S: Service<Request<B>, Response = Response<ResBody>>,
+{
+    inner.call(request).await.map(|response| response.map(ResponseBody::inner))
+}
+
+/// Buffers the request body up to the limit: `413` past it, `400` when the
+/// body cannot be read.
+async fn read_body<B>(parts: &Parts, body: B, limit: usize) -> Result<Bytes, (Problem, String)>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    let too_large = || (Problem::PayloadTooLarge, format!("the request body is larger than {limit} bytes"));
+    let declared = parts
+        .headers
+        .get(CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<u64>().ok());
+    if declared.is_some_and(|length| length > limit as u64) {
+        return Err(too_large());
+    }
+    match Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(error) if error.downcast_ref::<LengthLimitError>().is_some() => Err(too_large()),
+        Err(error) => Err((Problem::BodyUnreadable, format!("the request body could not be read: {error}"))),
+    }
+}
+
+/// Reads the source, event type and key, checks them, and fingerprints the
+/// request. `Ok(None)`: no key, and the route passes such requests through.
+fn identify(config: &Config, parts: &Parts, body: &Bytes) -> Result<Option<Identity>, KeyError> {
+    let mut json = JsonBody::new(body);
+    if config.require_json || config.fingerprint.reads_json() || config.key.reads_json() {
+        json.value()?;
+    }
+    let source = config.source.resolve(parts)?;
+    key::validate("source", &source, config.max_key_bytes, false)?;
+    let event_type = match &config.event_type {
+        Some(extractor) => extractor.extract(Role::EventType, parts, body, &mut json)?.unwrap_or_default(),
+        None => String::new(),
+    };
+    key::validate("event type", &event_type, config.max_key_bytes, true)?;
+    let key = match config.key.extract(Role::Key, parts, body, &mut json)? {
+        Some(key) => key,
+        None => match config.missing_key {
+            MissingKey::Reject => return Err(KeyError::Missing),
+            MissingKey::BodyHash => key::body_sha256_hex(body),
+            MissingKey::PassThrough => return Ok(None),
+        },
+    };
+    key::validate("key", &key, config.max_key_bytes, false)?;
+    let fingerprint = config.fingerprint.digest(parts, body, &mut json)?;
+    Ok(Some(Identity { key: RecordKey { source, event_type, key }, fingerprint }))
+}
+
+/// How the search for a claim ended.
+enum Acquired<B> {
+    Claim(Claim, Option<HolderGuard>),
+    /// Answered without running the handler: a replay or a refusal.
+    Answer(Response<ResponseBody<B>>),
+    StoreFailed(StoreError),
+}
+
+async fn protected<S, ReqBody, ResBody>(
+    shared: Arc<Shared>,
+    inner: S,
+    request: Request<RequestBody<ReqBody>>,
+    identity: Identity,
+) -> Answer<ResBody, S::Error>
+where
+    S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>>,
+    ResBody: Body<Data = Bytes> + Send + 'static,
+    ResBody::Error: Into<BoxError>,
+{
+    match acquire(&shared, &identity).await {
+        Acquired::Claim(claim, holder) => {
+            let answer = run_claimed(&shared.config, inner, request, claim).await;
+            // Local waiters wake only once the record is final.
+            drop(holder);
+            answer
+        }
+        Acquired::Answer(response) => Ok(response),
+        Acquired::StoreFailed(error) if shared.config.fail_open => {
+            tracing::warn!(outcome = "store_error", %error, "store unavailable; running the handler unprotected (fail-open)");
+            pass_through(inner, request).await
+        }
+        Acquired::StoreFailed(error) => {
+            tracing::error!(outcome = "store_error", %error, "store unavailable; request refused");
+            let problem = match error {
+                StoreError::Full => Problem::StoreFull,
+                StoreError::Corrupt(_) => Problem::CorruptRecord,
+                _ => Problem::StoreUnavailable,
+            };
+            Ok(problem.response(&error.to_string()))
+        }
+    }
+}
+
+/// Fast-path read, local in-flight check, claim; waits and retries under the
+/// wait policy until its deadline.
+async fn acquire<B>(shared: &Shared, identity: &Identity) -> Acquired<B> {
+    let config = &shared.config;
+    let deadline = match config.in_flight {
+        InFlight::Wait(bound) => Some(Instant::now() + bound),
+        InFlight::Conflict => None,
+    };
+    let mut holder: Option<HolderGuard> = None;
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        match store_step(config.store_timeout, || shared.store.lookup(&identity.key)).await {
+            Err(error) => return Acquired::StoreFailed(error),
+            Ok(Lookup::Completed(completed)) => return Acquired::Answer(replay_or_mismatch(completed, identity)),
+            Ok(Lookup::InProgress { fingerprint }) if fingerprint != identity.fingerprint => {
+                return Acquired::Answer(mismatch(identity));
+            }
+            Ok(Lookup::InProgress { .. } | Lookup::Absent) => {}
+        }
+        if holder.is_none() {
+            match shared.in_flight.enter(&identity.key) {
+                Entry::Holder(guard) => holder = Some(guard),
+                Entry::Waiter(mut finished) => {
+                    let Some(deadline) = deadline else {
+                        return Acquired::Answer(in_flight(identity));
+                    };
+                    // The holder's guard drops when its record is final.
+                    if tokio::time::timeout_at(deadline, finished.changed()).await.is_err() {
+                        return Acquired::Answer(in_flight(identity));
+                    }
+                    tracing::debug!(outcome = "waited", "a local duplicate finished; looking again");
+                    continue;
+                }
+            }
+        }
+        let request = ClaimRequest {
+            key: identity.key.clone(),
+            fingerprint: identity.fingerprint,
+            mode: config.mode,
+            retention: config.retention,
+        };
+        match store_step(config.store_timeout, || shared.store.claim(request.clone())).await {
+            Err(error) => return Acquired::StoreFailed(error),
+            Ok(ClaimOutcome::Claimed(claim)) => return Acquired::Claim(claim, holder),
+            Ok(ClaimOutcome::Completed(completed)) => return Acquired::Answer(replay_or_mismatch(completed, identity)),
+            Ok(ClaimOutcome::InFlight { fingerprint }) => {
+                if fingerprint.is_some_and(|fingerprint| fingerprint != identity.fingerprint) {
+                    return Acquired::Answer(mismatch(identity));
+                }
+                let Some(deadline) = deadline else {
+                    return Acquired::Answer(in_flight(identity));
+                };
+                // Held on another instance: wait without a connection.
+                let now = Instant::now();
+                if now >= deadline {
+                    return Acquired::Answer(in_flight(identity));
+                }
+                tokio::time::sleep_until((now + backoff).min(deadline)).await;
+                backoff = (backoff * 2).min(Duration::from_millis(200));
+            }
+        }
+    }
+}
+
+/// Runs one store step under the route's timeout; a step that failed on a
+/// dead connection is tried once more on a fresh one.
+async fn store_step<T, F, Fut>(timeout: Duration, mut step: F) -> Result<T, StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, StoreError>>,
+{
+    let attempt = tokio::time::timeout(timeout, step()).await.map_err(|_| StoreError::Timeout(timeout))?;
+    match attempt {
+        Err(error) if error.is_connection_lost() => {
+            tracing::debug!(%error, "store step failed on a dead connection; retrying on a fresh one");
+            tokio::time::timeout(timeout, step()).await.map_err(|_| StoreError::Timeout(timeout))?
+        }
+        other => other,
+    }
+}
+
+fn replay_or_mismatch<B>(completed: Completed, identity: &Identity) -> Response<ResponseBody<B>> {
+    if completed.fingerprint != identity.fingerprint {
+        return mismatch(identity);
+    }
+    tracing::debug!(outcome = "replayed", "answered with the stored response");
+    replay(completed.response)
+}
+
+fn mismatch<B>(identity: &Identity) -> Response<ResponseBody<B>> {
+    tracing::info!(outcome = "mismatch", "key reused with a different request");
+    Problem::FingerprintMismatch.response(&format!(
+        "the key `{}` was already used with a different request",
+        identity.key.key
+    ))
+}
+
+fn in_flight<B>(identity: &Identity) -> Response<ResponseBody<B>> {
+    tracing::debug!(outcome = "conflict", "a request with this key is in flight");
+    Problem::InFlight.response(&format!("a request with the key `{}` is being processed", identity.key.key))
+}
+
+/// The stored response, marked as a replay.
+fn replay<B>(stored: StoredResponse) -> Response<ResponseBody<B>> {
+    let body = stored.body.unwrap_or_default();
+    let trailers = stored.trailers.map(header_map);
+    let mut response = Response::new(ResponseBody::buffered(body, trailers));
+    *response.status_mut() = stored.status;
+    let headers = response.headers_mut();
+    for (name, value) in stored.headers {
+        headers.append(name, value);
+    }
+    headers.insert(REPLAYED_HEADER, HeaderValue::from_static("true"));
+    response
+}
+
+fn header_map(pairs: Vec<(HeaderName, HeaderValue)>) -> HeaderMap {
+    let mut map = HeaderMap::with_capacity(pairs.len());
+    for (name, value) in pairs {
+        map.append(name, value);
+    }
+    map
+}
+
+/// What the handler produced.
+enum Handled<B> {
+    /// Commit with the body fully buffered.
+    Buffered { parts: http::response::Parts, body: Bytes, trailers: Option<HeaderMap> },
+    /// Commit without keeping the body: larger than the limit, or a stream.
+    Unretained { parts: http::response::Parts, body: ResponseBody<B> },
+    /// Release the claim and send this response.
+    Released(Response<B>),
+}
+
+/// Runs the handler under the claim, then commits or releases.
+async fn run_claimed<S, ReqBody, ResBody>(
+    config: &Config,
+    mut inner: S,
+    mut request: Request<RequestBody<ReqBody>>,
+    claim: Claim,
+) -> Answer<ResBody, S::Error>
+where
+    S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>>,
+    ResBody: Body<Data = Bytes> + Send + 'static,
+    ResBody::Error: Into<BoxError>,
+{
+    if let Some(transaction) = claim.transaction() {
+        request.extensions_mut().insert(transaction);
+    }
+    let handled = AssertUnwindSafe(async {
+        let response = with_renewal(config, &claim, inner.call(request)).await?;
+        Ok(classify(config, response).await)
+    })
+    .catch_unwind()
+    .await;
+    let handled = match handled {
+        Ok(Ok(Ok(handled))) => handled,
+        Ok(Err(error)) => {
+            release(claim, "the handler returned an error").await;
+            return Err(error);
+        }
+        Ok(Ok(Err(error))) => {
+            release(claim, "the response body failed").await;
+            return Ok(Problem::HandlerFailed.response(&format!("the response body could not be read: {error}")));
+        }
+        Err(_panic) => {
+            release(claim, "the handler panicked").await;
+            return Ok(Problem::HandlerFailed.response("the handler panicked"));
+        }
+    };
+    match handled {
+        Handled::Released(response) => {
+            release(claim, "the response does not commit").await;
+            Ok(response.map(ResponseBody::inner))
+        }
+        Handled::Buffered { parts, body, trailers } => {
+            let stored = stored_response(config, &parts, Some(body.clone()), trailers.as_ref());
+            let answer = Response::from_parts(parts, ResponseBody::buffered(body, trailers));
+            commit(config, claim, &stored, answer).await
+        }
+        Handled::Unretained { parts, body } => {
+            let stored = stored_response(config, &parts, None, None);
+            commit(config, claim, &stored, Response::from_parts(parts, body)).await
+        }
+    }
+}
+
+/// Polls the handler, renewing the lease alongside it in lease mode.
+async fn with_renewal<F: Future>(config: &Config, claim: &Claim, handler: F) -> F::Output {
+    let Mode::Lease { lease, renew_every } = config.mode else {
+        return handler.await;
+    };
+    let renew = async {
+        loop {
+            tokio::time::sleep(renew_every).await;
+            match tokio::time::timeout(config.store_timeout, claim.renew(lease)).await {
+                Ok(Ok(true)) => {}
+                Ok(Ok(false)) => tracing::warn!("the lease was taken over while the handler ran; its result will not be recorded"),
+                Ok(Err(error)) => tracing::warn!(%error, "could not renew the lease"),
+                Err(_) => tracing::warn!("renewing the lease timed out"),
+            }
+        }
+    };
+    tokio::select! {
+        output = handler => output,
+        never = renew => never,
+    }
+}
+
+/// Decides commit or release and, to commit, buffers the body up to the
+/// storage limit.
+async fn classify<B>(config: &Config, response: Response<B>) -> Result<Handled<B>, BoxError>
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let decision = response.extensions().get::<ResponseDecision>().copied().unwrap_or_else(|| {
+        if config.commit_when.commits(response.status()) {
+            ResponseDecision::Commit
+        } else {
+            ResponseDecision::Release
+        }
+    });
+    if decision == ResponseDecision::Release {
+        return Ok(Handled::Released(response));
+    }
+    let (parts, body) = response.into_parts();
+    if is_event_stream(&parts.headers) {
+        return Ok(Handled::Unretained { parts, body: ResponseBody::inner(body) });
+    }
+    let mut body = Box::pin(body);
+    let mut buffered = BytesMut::new();
+    let mut trailers: Option<HeaderMap> = None;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(Into::into)?;
+        match frame.into_data() {
+            Ok(data) => {
+                if buffered.len() + data.len() > config.max_stored_response_bytes {
+                    buffered.extend_from_slice(&data);
+                    let body = ResponseBody::prefixed(buffered.freeze(), body);
+                    return Ok(Handled::Unretained { parts, body });
+                }
+                buffered.extend_from_slice(&data);
+            }
+            Err(frame) => {
+                if let Ok(frame_trailers) = frame.into_trailers() {
+                    trailers.get_or_insert_with(HeaderMap::new).extend(frame_trailers);
+                }
+            }
+        }
+    }
+    Ok(Handled::Buffered { parts, body: buffered.freeze(), trailers })
+}
+
+fn is_event_stream(headers: &HeaderMap) -> bool {
+    headers
+        .get(CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|value| value.trim_start().to_ascii_lowercase().starts_with("text/event-stream"))
+}
+
+fn stored_response(
+    config: &Config,
+    parts: &http::response::Parts,
+    body: Option<Bytes>,
+    trailers: Option<&HeaderMap>,
+) -> StoredResponse {
+    StoredResponse {
+        status: parts.status,
+        headers: allowed_headers(&parts.headers, &config.replay_headers),
+        body,
+        trailers: trailers.map(|trailers| {
+            trailers
+                .iter()
+                .filter(|(name, _)| is_storable(name))
+                .map(|(name, value)| (name.clone(), value.clone()))
+                .collect()
+        }),
+    }
+}
+
+/// Completes the record, then sends the handler's response. In transaction
+/// mode a failed commit is `503`: the handler's writes did not land. In lease
+/// mode the handler's effects happened whatever the record says, so its
+/// response is sent and the failure logged.
+async fn commit<B, E>(config: &Config, claim: Claim, stored: &StoredResponse, answer: Response<ResponseBody<B>>) -> Answer<B, E> {
+    let completion = tokio::time::timeout(config.store_timeout, claim.complete(stored))
+        .await
+        .unwrap_or(Err(StoreError::Timeout(config.store_timeout)));
+    match (completion, config.mode) {
+        (Ok(Completion::Recorded), _) => {
+            tracing::info!(outcome = "first", status = stored.status.as_u16(), "handled and recorded");
+            Ok(answer)
+        }
+        (Ok(Completion::FencedOut), _) => {
+            tracing::warn!(outcome = "fenced_out", "the claim was taken over before completion; the response was not recorded");
+            Ok(answer)
+        }
+        (Err(error), Mode::Transaction) => {
+            tracing::error!(outcome = "store_error", %error, "the transaction did not commit; the handler's writes were rolled back");
+            Ok(Problem::CommitFailed.response(&format!("the request could not be committed: {error}")))
+        }
+        (Err(error), Mode::Lease { .. }) => {
+            tracing::error!(outcome = "store_error", %error, "the record could not be completed; it is left to its lease");
+            Ok(answer)
+        }
+    }
+}
+
+async fn release(claim: Claim, why: &str) {
+    tracing::info!(outcome = "released", why, "claim released");
+    if let Err(error) = claim.release().await {
+        tracing::warn!(%error, "could not release the claim; it ends with its lease or connection");
+    }
+}

@@ -1,0 +1,215 @@
+//! A bounded in-process store, for tests and single-process services.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use super::{Claim, ClaimOutcome, ClaimRequest, Completed, Completion, Held, Lookup, StoreError};
+use crate::key::RecordKey;
+use crate::policy::Mode;
+use crate::record::StoredResponse;
+
+/// Records in process memory, at most `capacity` of them.
+///
+/// It protects one process only and forgets everything on restart: use it in
+/// tests and single-instance tools, and [`PostgresStore`](crate::PostgresStore)
+/// wherever more than one process serves a route. When full, it first drops
+/// expired records, then refuses new claims with `503` rather than forget a
+/// live key. In transaction mode it holds claims without a lease (there is no
+/// transaction to hand to the handler); a claim is released when its request
+/// fails or is dropped.
+///
+/// ```
+/// use tower_idempotency::{IdempotencyLayer, MemoryStore};
+///
+/// let layer = IdempotencyLayer::new(MemoryStore::new(10_000));
+/// # let _ = layer;
+/// ```
+#[derive(Clone)]
+pub struct MemoryStore {
+    inner: Arc<Mutex<Records>>,
+}
+
+struct Records {
+    capacity: usize,
+    by_key: HashMap<RecordKey, Record>,
+    next_token: u64,
+    /// No record dies before this; lets a full store skip a sweep that
+    /// would find nothing.
+    earliest_death: Option<Instant>,
+}
+
+struct Record {
+    fingerprint: [u8; 32],
+    state: State,
+    expires_at: Instant,
+}
+
+enum State {
+    InProgress { token: u64, locked_until: Option<Instant> },
+    Completed(StoredResponse),
+}
+
+impl Record {
+    fn is_live(&self, now: Instant) -> bool {
+        self.expires_at > now
+            && match &self.state {
+                State::Completed(_) => true,
+                State::InProgress { locked_until, .. } => locked_until.is_none_or(|until| until > now),
+            }
+    }
+
+    /// When the record stops being live unless renewed or completed.
+    fn dies_at(&self) -> Instant {
+        match &self.state {
+            State::InProgress { locked_until: Some(until), .. } => self.expires_at.min(*until),
+            _ => self.expires_at,
+        }
+    }
+
+    fn is_owned_by(&self, claim_token: u64) -> bool {
+        matches!(self.state, State::InProgress { token, .. } if token == claim_token)
+    }
+}
+
+impl fmt::Debug for MemoryStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let records = self.records();
+        f.debug_struct("MemoryStore")
+            .field("capacity", &records.capacity)
+            .field("len", &records.by_key.len())
+            .finish()
+    }
+}
+
+impl MemoryStore {
+    /// An empty store that holds at most `capacity` records.
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            inner: Arc::new(Mutex::new(Records {
+                capacity,
+                by_key: HashMap::new(),
+                next_token: 0,
+                earliest_death: None,
+            })),
+        }
+    }
+
+    /// How many records it holds, expired ones not yet swept included.
+    pub fn len(&self) -> usize {
+        self.records().by_key.len()
+    }
+
+    /// Whether it holds no records.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn records(&self) -> MutexGuard<'_, Records> {
+        // A panic while holding this lock cannot leave the map inconsistent:
+        // every update is a single insert or remove.
+        self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub(super) fn lookup(&self, key: &RecordKey) -> Lookup {
+        let records = self.records();
+        match records.by_key.get(key) {
+            Some(record) if record.is_live(Instant::now()) => found(record),
+            _ => Lookup::Absent,
+        }
+    }
+
+    pub(super) fn claim(&self, request: ClaimRequest) -> Result<ClaimOutcome, StoreError> {
+        let now = Instant::now();
+        let mut records = self.records();
+        if let Some(record) = records.by_key.get(&request.key) {
+            if record.is_live(now) {
+                return Ok(match found(record) {
+                    Lookup::Completed(completed) => ClaimOutcome::Completed(completed),
+                    Lookup::InProgress { fingerprint } => ClaimOutcome::InFlight { fingerprint: Some(fingerprint) },
+                    Lookup::Absent => ClaimOutcome::InFlight { fingerprint: None },
+                });
+            }
+        } else if records.by_key.len() >= records.capacity {
+            records.sweep(now);
+            if records.by_key.len() >= records.capacity {
+                return Err(StoreError::Full);
+            }
+        }
+        records.next_token += 1;
+        let token = records.next_token;
+        let locked_until = match request.mode {
+            Mode::Transaction => None,
+            Mode::Lease { lease, .. } => Some(now + lease),
+        };
+        let record = Record {
+            fingerprint: request.fingerprint,
+            state: State::InProgress { token, locked_until },
+            expires_at: now + request.retention,
+        };
+        records.note_death(record.dies_at());
+        records.by_key.insert(request.key.clone(), record);
+        drop(records);
+        Ok(ClaimOutcome::Claimed(Claim::new(request, Held::Memory { store: self.clone(), token })))
+    }
+
+    pub(super) fn renew(&self, key: &RecordKey, token: u64, lease: Duration) -> bool {
+        let mut records = self.records();
+        let dies_at = match records.by_key.get_mut(key) {
+            Some(record) if record.is_owned_by(token) => {
+                record.state = State::InProgress { token, locked_until: Some(Instant::now() + lease) };
+                record.dies_at()
+            }
+            _ => return false,
+        };
+        records.note_death(dies_at);
+        true
+    }
+
+    pub(super) fn complete(&self, request: &ClaimRequest, token: u64, response: &StoredResponse) -> Completion {
+        let now = Instant::now();
+        let mut records = self.records();
+        let expires_at = now + request.retention;
+        match records.by_key.get_mut(&request.key) {
+            Some(record) if record.is_owned_by(token) => {
+                record.state = State::Completed(response.clone());
+                record.expires_at = expires_at;
+            }
+            _ => return Completion::FencedOut,
+        }
+        records.note_death(expires_at);
+        Completion::Recorded
+    }
+
+    pub(super) fn release(&self, key: &RecordKey, token: u64) {
+        let mut records = self.records();
+        if records.by_key.get(key).is_some_and(|record| record.is_owned_by(token)) {
+            records.by_key.remove(key);
+        }
+    }
+}
+
+impl Records {
+    fn note_death(&mut self, at: Instant) {
+        self.earliest_death = Some(self.earliest_death.map_or(at, |earliest| earliest.min(at)));
+    }
+
+    /// Drops dead records (expired, or claims whose lease ran out).
+    fn sweep(&mut self, now: Instant) {
+        if self.earliest_death.is_some_and(|earliest| earliest > now) {
+            return;
+        }
+        self.by_key.retain(|_, record| record.is_live(now));
+        self.earliest_death = self.by_key.values().map(Record::dies_at).min();
+    }
+}
+
+fn found(record: &Record) -> Lookup {
+    match &record.state {
+        State::Completed(response) => {
+            Lookup::Completed(Completed { fingerprint: record.fingerprint, response: response.clone() })
+        }
+        State::InProgress { .. } => Lookup::InProgress { fingerprint: record.fingerprint },
+    }
+}

@@ -1,0 +1,259 @@
+//! Where records live: [`PostgresStore`] for production, [`MemoryStore`] for
+//! tests and single-process use. A layer takes either through [`Store`].
+
+mod memory;
+mod postgres;
+
+use std::error::Error as _;
+use std::time::Duration;
+
+pub use memory::MemoryStore;
+pub use postgres::{InvalidTableName, PostgresStore, DEFAULT_TABLE};
+
+use crate::key::RecordKey;
+use crate::policy::Mode;
+use crate::record::StoredResponse;
+use crate::tx::IdempotencyTx;
+
+/// The store a layer keeps its records in: a [`PostgresStore`] or a
+/// [`MemoryStore`], converted with `into()`.
+///
+/// ```
+/// use tower_idempotency::{MemoryStore, Store};
+///
+/// let store: Store = MemoryStore::new(10_000).into();
+/// # let _ = store;
+/// ```
+#[derive(Clone, Debug)]
+pub struct Store {
+    backend: Backend,
+}
+
+#[derive(Clone, Debug)]
+enum Backend {
+    Postgres(PostgresStore),
+    Memory(MemoryStore),
+}
+
+impl From<PostgresStore> for Store {
+    fn from(store: PostgresStore) -> Self {
+        Self { backend: Backend::Postgres(store) }
+    }
+}
+
+impl From<MemoryStore> for Store {
+    fn from(store: MemoryStore) -> Self {
+        Self { backend: Backend::Memory(store) }
+    }
+}
+
+/// A completed, unexpired record.
+#[derive(Clone, Debug)]
+pub(crate) struct Completed {
+    pub(crate) fingerprint: [u8; 32],
+    pub(crate) response: StoredResponse,
+}
+
+/// What a plain read of a key finds.
+#[derive(Debug)]
+pub(crate) enum Lookup {
+    /// No live record: absent, expired, or a claim whose lease ran out.
+    Absent,
+    Completed(Completed),
+    /// A lease-mode claim whose lease is still running.
+    InProgress { fingerprint: [u8; 32] },
+}
+
+/// What a claim attempt found.
+#[derive(Debug)]
+pub(crate) enum ClaimOutcome {
+    Claimed(Claim),
+    Completed(Completed),
+    /// Someone else holds the key. The fingerprint is known where the claim
+    /// is a visible row (lease mode).
+    InFlight { fingerprint: Option<[u8; 32]> },
+}
+
+/// What a claim is for.
+#[derive(Clone, Debug)]
+pub(crate) struct ClaimRequest {
+    pub(crate) key: RecordKey,
+    pub(crate) fingerprint: [u8; 32],
+    pub(crate) mode: Mode,
+    pub(crate) retention: Duration,
+}
+
+/// How completing a claim went.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Completion {
+    Recorded,
+    /// The claim had been taken over (its lease ran out); nothing was written.
+    FencedOut,
+}
+
+impl Store {
+    /// The fast path: one plain read, no lock.
+    pub(crate) async fn lookup(&self, key: &RecordKey) -> Result<Lookup, StoreError> {
+        match &self.backend {
+            Backend::Postgres(store) => store.lookup(key).await,
+            Backend::Memory(store) => Ok(store.lookup(key)),
+        }
+    }
+
+    /// Takes the key for this request, or says who has it.
+    pub(crate) async fn claim(&self, request: ClaimRequest) -> Result<ClaimOutcome, StoreError> {
+        match &self.backend {
+            Backend::Postgres(store) => store.claim(request).await,
+            Backend::Memory(store) => store.claim(request),
+        }
+    }
+}
+
+/// A held claim. Dropped without [`Claim::complete`] or [`Claim::release`]
+/// (a cancelled future), it releases itself: a transaction rolls back, a
+/// lease row is deleted in the background (or left to its lease when no
+/// runtime is left), an in-memory claim is removed.
+#[derive(Debug)]
+pub(crate) struct Claim {
+    request: ClaimRequest,
+    held: Option<Held>,
+}
+
+#[derive(Debug)]
+enum Held {
+    PostgresTx { store: PostgresStore, tx: IdempotencyTx },
+    PostgresLease { store: PostgresStore, token: uuid::Uuid },
+    Memory { store: MemoryStore, token: u64 },
+}
+
+impl Claim {
+    fn new(request: ClaimRequest, held: Held) -> Self {
+        Self { request, held: Some(held) }
+    }
+
+    /// The transaction to hand to the handler, in transaction mode on
+    /// Postgres.
+    pub(crate) fn transaction(&self) -> Option<IdempotencyTx> {
+        match &self.held {
+            Some(Held::PostgresTx { tx, .. }) => Some(tx.clone()),
+            _ => None,
+        }
+    }
+
+    /// Extends the lease; `Ok(false)` when the claim was taken over.
+    pub(crate) async fn renew(&self, lease: Duration) -> Result<bool, StoreError> {
+        match &self.held {
+            Some(Held::PostgresLease { store, token }) => store.renew(&self.request.key, *token, lease).await,
+            Some(Held::Memory { store, token }) => Ok(store.renew(&self.request.key, *token, lease)),
+            Some(Held::PostgresTx { .. }) | None => Ok(true),
+        }
+    }
+
+    /// Writes the response into the record (and commits, in transaction
+    /// mode).
+    pub(crate) async fn complete(mut self, response: &StoredResponse) -> Result<Completion, StoreError> {
+        let Some(held) = self.held.take() else {
+            return Err(StoreError::ConnectionGone);
+        };
+        match held {
+            Held::PostgresTx { store, tx } => {
+                let connection = tx.take().map_err(|_| StoreError::TransactionInUse)?;
+                let connection = connection.ok_or(StoreError::ConnectionGone)?;
+                store.complete_transaction(connection, &self.request, response).await?;
+                Ok(Completion::Recorded)
+            }
+            Held::PostgresLease { store, token } => store.complete_lease(&self.request, token, response).await,
+            Held::Memory { store, token } => Ok(store.complete(&self.request, token, response)),
+        }
+    }
+
+    /// Gives the key up so the next delivery runs (rolls back in transaction
+    /// mode).
+    pub(crate) async fn release(mut self) -> Result<(), StoreError> {
+        let Some(held) = self.held.take() else {
+            return Ok(());
+        };
+        match held {
+            Held::PostgresTx { tx, .. } => match tx.take() {
+                Ok(Some(connection)) => connection.rollback().await.map_err(StoreError::from),
+                // The slot's own guard rolls back once the handler lets go.
+                Ok(None) | Err(_) => Ok(()),
+            },
+            Held::PostgresLease { store, token } => store.release_lease(&self.request.key, token).await,
+            Held::Memory { store, token } => {
+                store.release(&self.request.key, token);
+                Ok(())
+            }
+        }
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        match self.held.take() {
+            // Dropping the last handle drops the connection guard, which
+            // rolls back.
+            Some(Held::PostgresTx { .. }) | None => {}
+            Some(Held::PostgresLease { store, token }) => {
+                let key = self.request.key.clone();
+                if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                    runtime.spawn(async move {
+                        if let Err(error) = store.release_lease(&key, token).await {
+                            tracing::warn!(%error, source = %key.source, key = %key.key, "could not release an abandoned claim; it stays until its lease ends");
+                        }
+                    });
+                }
+            }
+            Some(Held::Memory { store, token }) => store.release(&self.request.key, token),
+        }
+    }
+}
+
+/// Why the store could not answer.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// No pooled connection could be had (pool timeout, connect failure).
+    #[error("could not get a database connection: {0}")]
+    Pool(#[from] deadpool_postgres::PoolError),
+    /// A statement failed.
+    #[error("database error: {0}")]
+    Database(#[from] tokio_postgres::Error),
+    /// The store did not answer within the route's store timeout.
+    #[error("the store did not answer within {0:?}")]
+    Timeout(Duration),
+    /// The in-memory store is full of live records.
+    #[error("the in-memory store is full of live records; raise its capacity")]
+    Full,
+    /// A stored record could not be decoded.
+    #[error("a stored record is corrupt: {0}")]
+    Corrupt(String),
+    /// The claim's connection was already gone.
+    #[error("the claim's connection is no longer available")]
+    ConnectionGone,
+    /// The handler kept its transaction past its response.
+    #[error("the handler still holds the request's transaction after answering")]
+    TransactionInUse,
+}
+
+impl StoreError {
+    /// Whether the error came from a connection that died (a restarted
+    /// server, a terminated backend), so a fresh connection may succeed.
+    pub(crate) fn is_connection_lost(&self) -> bool {
+        let database_error = match self {
+            StoreError::Database(error) => error,
+            StoreError::Pool(deadpool_postgres::PoolError::Backend(error)) => error,
+            _ => return false,
+        };
+        if database_error.is_closed() {
+            return true;
+        }
+        if let Some(code) = database_error.code() {
+            // admin_shutdown, crash_shutdown, cannot_connect_now
+            return ["57P01", "57P02", "57P03"].contains(&code.code());
+        }
+        database_error
+            .source()
+            .is_some_and(|source| source.downcast_ref::<std::io::Error>().is_some())
+    }
+}

@@ -1,0 +1,480 @@
+//! The Postgres store: every statement the layer runs, in one place.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use deadpool_postgres::{Object, Pool};
+use http::StatusCode;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::Row;
+
+use super::{Claim, ClaimOutcome, ClaimRequest, Completed, Completion, Held, Lookup, StoreError};
+use crate::key::RecordKey;
+use crate::policy::Mode;
+use crate::record::{decode_headers, encode_headers, StoredResponse};
+use crate::tx::{IdempotencyTx, TxConnection};
+
+/// The default records table.
+pub const DEFAULT_TABLE: &str = "idempotency_records";
+
+/// Record states in the `state` column.
+const IN_PROGRESS: i16 = 1;
+const COMPLETED: i16 = 2;
+
+/// Records in a Postgres table, reached through a deadpool-postgres pool.
+///
+/// ```no_run
+/// use tower_idempotency::PostgresStore;
+///
+/// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+/// let mut config = deadpool_postgres::Config::new();
+/// config.url = Some("postgres://postgres@127.0.0.1:5432/postgres".into());
+/// let pool = config.create_pool(Some(deadpool_postgres::Runtime::Tokio1), tokio_postgres::NoTls)?;
+/// let store = PostgresStore::new(pool).with_table("billing.idempotency_records")?;
+/// store.migrate().await?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct PostgresStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pool: Pool,
+    table: TableName,
+    sql: Statements,
+}
+
+impl fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PostgresStore").field("table", &self.inner.table.display).finish_non_exhaustive()
+    }
+}
+
+impl PostgresStore {
+    /// A store on `pool` using the table `idempotency_records` in the
+    /// connection's default schema.
+    pub fn new(pool: Pool) -> Self {
+        Self::with_table_name(pool, TableName::unqualified(DEFAULT_TABLE))
+    }
+
+    /// Uses another table: `name` or `schema.name`, each an unquoted SQL
+    /// identifier (letters, digits and `_`, not starting with a digit, at
+    /// most 63 bytes).
+    pub fn with_table(self, name: &str) -> Result<Self, InvalidTableName> {
+        let table = TableName::parse(name)?;
+        Ok(Self::with_table_name(self.inner.pool.clone(), table))
+    }
+
+    fn with_table_name(pool: Pool, table: TableName) -> Self {
+        let sql = Statements::new(&table);
+        Self { inner: Arc::new(Inner { pool, table, sql }) }
+    }
+
+    /// The pool the store uses.
+    pub fn pool(&self) -> &Pool {
+        &self.inner.pool
+    }
+
+    /// Creates the schema (if named), the table and its expiry index when
+    /// absent. Safe to run on every start, from many instances at once: the
+    /// statements run in one transaction under an advisory lock.
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        let mut client = self.inner.pool.get().await?;
+        let transaction = client.transaction().await?;
+        let lock_id = RecordKey { source: String::new(), event_type: String::new(), key: String::new() }
+            .lock_id(&format!("migrate {}", self.inner.table.display));
+        transaction.execute("SELECT pg_advisory_xact_lock($1)", &[&lock_id]).await?;
+        transaction.batch_execute(&self.inner.sql.migrate).await?;
+        transaction.commit().await?;
+        Ok(())
+    }
+
+    async fn connection(&self) -> Result<Object, StoreError> {
+        Ok(self.inner.pool.get().await?)
+    }
+
+    pub(super) async fn lookup(&self, key: &RecordKey) -> Result<Lookup, StoreError> {
+        let client = self.connection().await?;
+        let statement = client.prepare_cached(&self.inner.sql.lookup).await?;
+        let row = client.query_opt(&statement, &[&key.source, &key.event_type, &key.key]).await?;
+        row.map_or(Ok(Lookup::Absent), |row| lookup_from_row(&row))
+    }
+
+    pub(super) async fn claim(&self, request: ClaimRequest) -> Result<ClaimOutcome, StoreError> {
+        match request.mode {
+            Mode::Transaction => self.claim_transaction(request).await,
+            Mode::Lease { lease, .. } => self.claim_lease(request, lease).await,
+        }
+    }
+
+    /// One round trip: `BEGIN`, try the key's advisory lock, read the record
+    /// under it. The read is a separate statement so that its snapshot is
+    /// taken after the lock is held.
+    async fn claim_transaction(&self, request: ClaimRequest) -> Result<ClaimOutcome, StoreError> {
+        let client = self.connection().await?;
+        let (try_lock, lookup) = tokio::try_join!(
+            client.prepare_cached(&self.inner.sql.try_lock),
+            client.prepare_cached(&self.inner.sql.lookup),
+        )?;
+        let key = &request.key;
+        let lock_id = key.lock_id(&self.inner.table.display);
+        let connection = TxConnection::new(client);
+        let Some(client) = connection.object() else {
+            return Err(StoreError::ConnectionGone);
+        };
+        let lock_params: [&(dyn ToSql + Sync); 1] = [&lock_id];
+        let key_params: [&(dyn ToSql + Sync); 3] = [&key.source, &key.event_type, &key.key];
+        let pipelined = tokio::try_join!(
+            client.batch_execute("BEGIN ISOLATION LEVEL READ COMMITTED"),
+            client.query_one(&try_lock, &lock_params),
+            client.query_opt(&lookup, &key_params),
+        );
+        let (_, locked, row) = match pipelined {
+            Ok(results) => results,
+            Err(error) => {
+                connection.discard();
+                return Err(error.into());
+            }
+        };
+        let locked: bool = locked.try_get(0)?;
+        let found = row.map_or(Ok(Lookup::Absent), |row| lookup_from_row(&row));
+        if locked && matches!(found, Ok(Lookup::Absent)) {
+            return Ok(ClaimOutcome::Claimed(Claim::new(
+                request,
+                Held::PostgresTx { store: self.clone(), tx: IdempotencyTx::new(connection) },
+            )));
+        }
+        connection.rollback().await?;
+        Ok(match found? {
+            Lookup::Completed(completed) => ClaimOutcome::Completed(completed),
+            Lookup::InProgress { fingerprint } => ClaimOutcome::InFlight { fingerprint: Some(fingerprint) },
+            Lookup::Absent => ClaimOutcome::InFlight { fingerprint: None },
+        })
+    }
+
+    /// One conditional upsert under the key's advisory lock: it inserts a
+    /// claim, or takes over an expired record or an expired lease. When it
+    /// takes nothing, a read says who holds the key.
+    async fn claim_lease(&self, request: ClaimRequest, lease: Duration) -> Result<ClaimOutcome, StoreError> {
+        let client = self.connection().await?;
+        let (claim, lookup) = tokio::try_join!(
+            client.prepare_cached(&self.inner.sql.claim_lease),
+            client.prepare_cached(&self.inner.sql.lookup),
+        )?;
+        let key = &request.key;
+        let lock_id = key.lock_id(&self.inner.table.display);
+        // A record can vanish between the upsert and the read (released or
+        // expired); then the upsert is tried again.
+        for _ in 0..3 {
+            let token = uuid::Uuid::new_v4();
+            let claimed = client
+                .query_opt(
+                    &claim,
+                    &[
+                        &key.source,
+                        &key.event_type,
+                        &key.key,
+                        &&request.fingerprint[..],
+                        &token,
+                        &lease.as_secs_f64(),
+                        &request.retention.as_secs_f64(),
+                        &lock_id,
+                    ],
+                )
+                .await?;
+            if claimed.is_some() {
+                let held = Held::PostgresLease { store: self.clone(), token };
+                return Ok(ClaimOutcome::Claimed(Claim::new(request, held)));
+            }
+            let row = client.query_opt(&lookup, &[&key.source, &key.event_type, &key.key]).await?;
+            match row.map_or(Ok(Lookup::Absent), |row| lookup_from_row(&row))? {
+                Lookup::Completed(completed) => return Ok(ClaimOutcome::Completed(completed)),
+                Lookup::InProgress { fingerprint } => {
+                    return Ok(ClaimOutcome::InFlight { fingerprint: Some(fingerprint) })
+                }
+                Lookup::Absent => continue,
+            }
+        }
+        Ok(ClaimOutcome::InFlight { fingerprint: None })
+    }
+
+    pub(super) async fn renew(&self, key: &RecordKey, token: uuid::Uuid, lease: Duration) -> Result<bool, StoreError> {
+        let client = self.connection().await?;
+        let statement = client.prepare_cached(&self.inner.sql.renew_lease).await?;
+        let updated = client
+            .execute(&statement, &[&key.source, &key.event_type, &key.key, &token, &lease.as_secs_f64()])
+            .await?;
+        Ok(updated == 1)
+    }
+
+    pub(super) async fn complete_lease(
+        &self,
+        request: &ClaimRequest,
+        token: uuid::Uuid,
+        response: &StoredResponse,
+    ) -> Result<Completion, StoreError> {
+        let client = self.connection().await?;
+        let statement = client.prepare_cached(&self.inner.sql.complete_lease).await?;
+        let key = &request.key;
+        let (status, headers, body) = response_columns(response);
+        let updated = client
+            .execute(
+                &statement,
+                &[
+                    &key.source,
+                    &key.event_type,
+                    &key.key,
+                    &token,
+                    &status,
+                    &headers,
+                    &body,
+                    &request.retention.as_secs_f64(),
+                ],
+            )
+            .await?;
+        Ok(if updated == 1 { Completion::Recorded } else { Completion::FencedOut })
+    }
+
+    pub(super) async fn release_lease(&self, key: &RecordKey, token: uuid::Uuid) -> Result<(), StoreError> {
+        let client = self.connection().await?;
+        let statement = client.prepare_cached(&self.inner.sql.release_lease).await?;
+        client.execute(&statement, &[&key.source, &key.event_type, &key.key, &token]).await?;
+        Ok(())
+    }
+
+    /// Writes the record and commits in one pipelined round trip. On any
+    /// error the connection is closed rather than reused, since the
+    /// transaction's state is then unknown.
+    pub(super) async fn complete_transaction(
+        &self,
+        connection: TxConnection,
+        request: &ClaimRequest,
+        response: &StoredResponse,
+    ) -> Result<(), StoreError> {
+        let Some(client) = connection.object() else {
+            return Err(StoreError::ConnectionGone);
+        };
+        let statement = match client.prepare_cached(&self.inner.sql.complete_transaction).await {
+            Ok(statement) => statement,
+            Err(error) => {
+                connection.discard();
+                return Err(error.into());
+            }
+        };
+        let key = &request.key;
+        let (status, headers, body) = response_columns(response);
+        let retention = request.retention.as_secs_f64();
+        let fingerprint = &request.fingerprint[..];
+        let params: [&(dyn ToSql + Sync); 8] =
+            [&key.source, &key.event_type, &key.key, &fingerprint, &status, &headers, &body, &retention];
+        let result = tokio::try_join!(client.execute(&statement, &params), client.batch_execute("COMMIT"));
+        match result {
+            Ok(_) => {
+                connection.closed_cleanly();
+                Ok(())
+            }
+            Err(error) => {
+                connection.discard();
+                Err(error.into())
+            }
+        }
+    }
+}
+
+fn response_columns(response: &StoredResponse) -> (i16, Vec<u8>, Option<&[u8]>) {
+    let status = response.status.as_u16() as i16;
+    let headers = encode_headers(&response.headers, response.trailers.as_deref());
+    (status, headers, response.body.as_deref())
+}
+
+fn lookup_from_row(row: &Row) -> Result<Lookup, StoreError> {
+    let state: i16 = row.try_get("state")?;
+    let fingerprint = fingerprint_from(row.try_get::<_, &[u8]>("fingerprint")?)?;
+    if state != COMPLETED {
+        return Ok(Lookup::InProgress { fingerprint });
+    }
+    let status: i16 = row.try_get("response_status")?;
+    let status = u16::try_from(status)
+        .ok()
+        .and_then(|code| StatusCode::from_u16(code).ok())
+        .ok_or_else(|| StoreError::Corrupt(format!("status {status} is not an HTTP status")))?;
+    let headers: &[u8] = row.try_get("response_headers")?;
+    let (headers, trailers) = decode_headers(headers).map_err(|error| StoreError::Corrupt(error.to_string()))?;
+    let body: Option<&[u8]> = row.try_get("response_body")?;
+    Ok(Lookup::Completed(Completed {
+        fingerprint,
+        response: StoredResponse { status, headers, body: body.map(Bytes::copy_from_slice), trailers },
+    }))
+}
+
+fn fingerprint_from(bytes: &[u8]) -> Result<[u8; 32], StoreError> {
+    bytes
+        .try_into()
+        .map_err(|_| StoreError::Corrupt(format!("fingerprint of {} bytes, expected 32", bytes.len())))
+}
+
+/// A validated, quoted table name.
+#[derive(Clone, Debug)]
+struct TableName {
+    schema: Option<String>,
+    table: String,
+    /// As the user wrote it; also the advisory lock namespace.
+    display: String,
+}
+
+impl TableName {
+    fn unqualified(table: &str) -> Self {
+        Self { schema: None, table: table.to_owned(), display: table.to_owned() }
+    }
+
+    fn parse(name: &str) -> Result<Self, InvalidTableName> {
+        let invalid = || InvalidTableName(name.to_owned());
+        let (schema, table) = match name.split_once('.') {
+            Some((schema, table)) => (Some(schema), table),
+            None => (None, name),
+        };
+        for part in schema.iter().chain([&table]) {
+            let mut chars = part.chars();
+            let starts_well = chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_');
+            let rest_ok = chars.all(|c| c.is_ascii_alphanumeric() || c == '_');
+            if !starts_well || !rest_ok || part.len() > 63 {
+                return Err(invalid());
+            }
+        }
+        Ok(Self { schema: schema.map(str::to_owned), table: table.to_owned(), display: name.to_owned() })
+    }
+
+    fn quoted(&self) -> String {
+        match &self.schema {
+            Some(schema) => format!("\"{schema}\".\"{}\"", self.table),
+            None => format!("\"{}\"", self.table),
+        }
+    }
+}
+
+/// A table name that is not a plain SQL identifier.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("`{0}` is not a valid table name: use `table` or `schema.table` with letters, digits and `_`")]
+pub struct InvalidTableName(String);
+
+/// Every statement, formatted once with the table name.
+struct Statements {
+    migrate: String,
+    try_lock: String,
+    lookup: String,
+    complete_transaction: String,
+    claim_lease: String,
+    renew_lease: String,
+    complete_lease: String,
+    release_lease: String,
+}
+
+impl Statements {
+    fn new(name: &TableName) -> Self {
+        let t = name.quoted();
+        let index = format!("\"{}_expires_at\"", name.table);
+        let create_schema = name
+            .schema
+            .as_ref()
+            .map(|schema| format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\";"))
+            .unwrap_or_default();
+        let key = "source = $1 AND event_type = $2 AND key = $3";
+        Self {
+            migrate: format!(
+                "{create_schema}
+                CREATE TABLE IF NOT EXISTS {t} (
+                    source           text        NOT NULL,
+                    event_type       text        NOT NULL DEFAULT '',
+                    key              text        NOT NULL,
+                    fingerprint      bytea       NOT NULL,
+                    state            smallint    NOT NULL,
+                    claim_token      uuid,
+                    locked_until     timestamptz,
+                    response_status  smallint,
+                    response_headers bytea,
+                    response_body    bytea,
+                    created_at       timestamptz NOT NULL DEFAULT now(),
+                    completed_at     timestamptz,
+                    expires_at       timestamptz NOT NULL,
+                    PRIMARY KEY (source, event_type, key)
+                );
+                CREATE INDEX IF NOT EXISTS {index} ON {t} (expires_at);"
+            ),
+            try_lock: "SELECT pg_try_advisory_xact_lock($1)".to_owned(),
+            // A live record: completed, or in progress with a running lease.
+            lookup: format!(
+                "SELECT state, fingerprint, response_status, response_headers, response_body
+                 FROM {t} WHERE {key}
+                   AND expires_at > now()
+                   AND (state = {COMPLETED} OR locked_until > now())"
+            ),
+            // Written once, at completion; `now()` is the transaction's start,
+            // which is when the claim was taken. An existing row can only be
+            // a dead one: the read under the advisory lock found no live
+            // record, and every claimant takes that lock.
+            complete_transaction: format!(
+                "INSERT INTO {t} AS r (source, event_type, key, fingerprint, state,
+                                       response_status, response_headers, response_body,
+                                       created_at, completed_at, expires_at)
+                 VALUES ($1, $2, $3, $4, {COMPLETED}, $5, $6, $7, now(), clock_timestamp(),
+                         clock_timestamp() + $8 * interval '1 second')
+                 ON CONFLICT (source, event_type, key) DO UPDATE SET
+                     fingerprint = EXCLUDED.fingerprint, state = {COMPLETED},
+                     claim_token = NULL, locked_until = NULL,
+                     response_status = EXCLUDED.response_status,
+                     response_headers = EXCLUDED.response_headers,
+                     response_body = EXCLUDED.response_body,
+                     created_at = EXCLUDED.created_at, completed_at = EXCLUDED.completed_at,
+                     expires_at = EXCLUDED.expires_at"
+            ),
+            // The claim takes the key's advisory lock for the length of this
+            // one statement, so it never slips in while a transaction-mode
+            // claimant holds the key.
+            claim_lease: format!(
+                "INSERT INTO {t} AS r (source, event_type, key, fingerprint, state, claim_token,
+                                       locked_until, created_at, expires_at)
+                 SELECT $1::text, $2::text, $3::text, $4::bytea, {IN_PROGRESS}, $5::uuid,
+                        clock_timestamp() + $6::float8 * interval '1 second', clock_timestamp(),
+                        clock_timestamp() + $7::float8 * interval '1 second'
+                 WHERE pg_try_advisory_xact_lock($8::int8)
+                 ON CONFLICT (source, event_type, key) DO UPDATE SET
+                     fingerprint = EXCLUDED.fingerprint, state = {IN_PROGRESS},
+                     claim_token = EXCLUDED.claim_token, locked_until = EXCLUDED.locked_until,
+                     response_status = NULL, response_headers = NULL, response_body = NULL,
+                     created_at = EXCLUDED.created_at, completed_at = NULL,
+                     expires_at = EXCLUDED.expires_at
+                 WHERE r.expires_at <= now() OR (r.state = {IN_PROGRESS} AND r.locked_until <= now())
+                 RETURNING claim_token"
+            ),
+            renew_lease: format!(
+                "UPDATE {t} SET locked_until = clock_timestamp() + $5 * interval '1 second'
+                 WHERE {key} AND claim_token = $4 AND state = {IN_PROGRESS}"
+            ),
+            complete_lease: format!(
+                "UPDATE {t} SET state = {COMPLETED}, claim_token = NULL, locked_until = NULL,
+                     response_status = $5, response_headers = $6, response_body = $7,
+                     completed_at = clock_timestamp(),
+                     expires_at = clock_timestamp() + $8 * interval '1 second'
+                 WHERE {key} AND claim_token = $4 AND state = {IN_PROGRESS}"
+            ),
+            release_lease: format!("DELETE FROM {t} WHERE {key} AND claim_token = $4 AND state = {IN_PROGRESS}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_names_are_plain_identifiers() {
+        assert!(TableName::parse("idempotency_records").is_ok());
+        assert_eq!(TableName::parse("billing.records").unwrap().quoted(), "\"billing\".\"records\"");
+        for bad in ["", "1abc", "a-b", "a.b.c", "a\"b", "a;drop", &"x".repeat(64)] {
+            assert!(TableName::parse(bad).is_err(), "{bad}");
+        }
+    }
+}
