@@ -92,7 +92,7 @@ mod tx;
 
 pub use body::{BoxError, ResponseBody};
 pub use fingerprint::Fingerprint;
-pub use key::{Extractor, InvalidJsonPath, KeyError};
+pub use key::{Extractor, InvalidJsonPath, KeyError, RecordKey};
 pub use layer::{
     IdempotencyLayer, DEFAULT_MAX_KEY_BYTES, DEFAULT_MAX_REQUEST_BYTES, DEFAULT_MAX_STORED_RESPONSE_BYTES,
     DEFAULT_RETENTION, DEFAULT_STORE_TIMEOUT,

@@ -444,6 +444,7 @@ where
     if let Some(transaction) = claim.transaction() {
         request.extensions_mut().insert(transaction);
     }
+    request.extensions_mut().insert(claim.key().clone());
     let handled = AssertUnwindSafe(async {
         let response = with_renewal(config, &claim, inner.call(request)).await?;
         Ok(classify(config, response).await)

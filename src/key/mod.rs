@@ -287,14 +287,42 @@ pub enum KeyError {
 }
 
 /// The identity of a record: (source, event type, key), byte-exact.
+///
+/// The layer puts it in the request's extensions before calling a protected
+/// handler, so the handler can log or store the event id it was called for.
+///
+/// ```
+/// use axum::Extension;
+/// use tower_idempotency::RecordKey;
+///
+/// async fn handler(Extension(record): Extension<RecordKey>) -> String {
+///     format!("processing {} event {}", record.source(), record.key())
+/// }
+/// # let _ = handler;
+/// ```
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub(crate) struct RecordKey {
+pub struct RecordKey {
     pub(crate) source: String,
     pub(crate) event_type: String,
     pub(crate) key: String,
 }
 
 impl RecordKey {
+    /// The source (scope) of the route.
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    /// The event type; empty when the route reads none.
+    pub fn event_type(&self) -> &str {
+        &self.event_type
+    }
+
+    /// The key (the event id or the client's `Idempotency-Key`), byte-exact.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
     /// A 64-bit advisory lock id for this key inside `namespace` (the table).
     /// A collision only serialises two unrelated keys; the primary key keeps
     /// records apart.

@@ -131,6 +131,10 @@ impl Claim {
         Self { request, held: Some(held) }
     }
 
+    pub(crate) fn key(&self) -> &RecordKey {
+        &self.request.key
+    }
+
     /// The transaction to hand to the handler, in transaction mode on
     /// Postgres.
     pub(crate) fn transaction(&self) -> Option<IdempotencyTx> {
