@@ -34,17 +34,23 @@ pin_project! {
 
 impl<B> ResponseBody<B> {
     pub(crate) fn inner(body: B) -> Self {
-        Self { kind: Kind::Inner { body } }
+        Self {
+            kind: Kind::Inner { body },
+        }
     }
 
     pub(crate) fn buffered(data: Bytes, trailers: Option<HeaderMap>) -> Self {
         let data = (!data.is_empty()).then_some(data);
-        Self { kind: Kind::Buffered { data, trailers } }
+        Self {
+            kind: Kind::Buffered { data, trailers },
+        }
     }
 
     pub(crate) fn prefixed(prefix: Bytes, rest: Pin<Box<B>>) -> Self {
         let prefix = (!prefix.is_empty()).then_some(prefix);
-        Self { kind: Kind::Prefixed { prefix, rest } }
+        Self {
+            kind: Kind::Prefixed { prefix, rest },
+        }
     }
 }
 
@@ -120,7 +126,8 @@ mod tests {
     async fn buffered_bodies_yield_data_then_trailers() {
         let mut trailers = HeaderMap::new();
         trailers.insert("grpc-status", "0".parse().unwrap());
-        let body: ResponseBody<Full<Bytes>> = ResponseBody::buffered(Bytes::from_static(b"abc"), Some(trailers.clone()));
+        let body: ResponseBody<Full<Bytes>> =
+            ResponseBody::buffered(Bytes::from_static(b"abc"), Some(trailers.clone()));
         let collected = body.collect().await.unwrap();
         assert_eq!(collected.trailers(), Some(&trailers));
         assert_eq!(collected.to_bytes(), Bytes::from_static(b"abc"));
@@ -128,7 +135,10 @@ mod tests {
 
     #[tokio::test]
     async fn prefixed_bodies_yield_the_prefix_then_the_rest() {
-        let body = ResponseBody::prefixed(Bytes::from_static(b"ab"), Box::pin(Full::new(Bytes::from_static(b"cd"))));
+        let body = ResponseBody::prefixed(
+            Bytes::from_static(b"ab"),
+            Box::pin(Full::new(Bytes::from_static(b"cd"))),
+        );
         assert_eq!(body.size_hint().exact(), Some(4));
         assert_eq!(body.collect().await.unwrap().to_bytes(), Bytes::from_static(b"abcd"));
     }

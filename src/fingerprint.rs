@@ -46,7 +46,9 @@ impl Fingerprint {
     /// Method, path with query string, and the body as canonical JSON: object
     /// keys sorted, no insignificant whitespace.
     pub fn canonical_json() -> Self {
-        Self { body: BodyPart::CanonicalJson }
+        Self {
+            body: BodyPart::CanonicalJson,
+        }
     }
 
     /// Method, path with query string, and the canonical JSON of the listed
@@ -61,7 +63,9 @@ impl Fingerprint {
             .into_iter()
             .map(|path| JsonPointer::parse(path.as_ref()))
             .collect::<Result<_, _>>()?;
-        Ok(Self { body: BodyPart::Fields(pointers) })
+        Ok(Self {
+            body: BodyPart::Fields(pointers),
+        })
     }
 
     pub(crate) fn reads_json(&self) -> bool {
@@ -143,7 +147,13 @@ mod tests {
     use http::Request;
 
     fn digest(fingerprint: &Fingerprint, method: &str, uri: &str, body: &'static str) -> [u8; 32] {
-        let parts = Request::builder().method(method).uri(uri).body(()).unwrap().into_parts().0;
+        let parts = Request::builder()
+            .method(method)
+            .uri(uri)
+            .body(())
+            .unwrap()
+            .into_parts()
+            .0;
         let body = Bytes::from_static(body.as_bytes());
         let mut json = JsonBody::new(&body);
         fingerprint.digest(&parts, &body, &mut json).unwrap()
@@ -166,7 +176,10 @@ mod tests {
             digest(&f, "POST", "/a", r#"{"b": 1, "a": {"y": [1, 2], "x": "s"}}"#),
             digest(&f, "POST", "/a", r#"{"a":{"x":"s","y":[1,2]},"b":1}"#)
         );
-        assert_ne!(digest(&f, "POST", "/a", r#"{"a": 1}"#), digest(&f, "POST", "/a", r#"{"a": 2}"#));
+        assert_ne!(
+            digest(&f, "POST", "/a", r#"{"a": 1}"#),
+            digest(&f, "POST", "/a", r#"{"a": 2}"#)
+        );
     }
 
     #[test]
@@ -176,6 +189,9 @@ mod tests {
             digest(&f, "POST", "/a", r#"{"amount": 5, "note": "x"}"#),
             digest(&f, "POST", "/a", r#"{"note": "y", "amount": 5}"#)
         );
-        assert_ne!(digest(&f, "POST", "/a", r#"{"amount": 5}"#), digest(&f, "POST", "/a", r#"{"amount": 6}"#));
+        assert_ne!(
+            digest(&f, "POST", "/a", r#"{"amount": 5}"#),
+            digest(&f, "POST", "/a", r#"{"amount": 6}"#)
+        );
     }
 }

@@ -33,7 +33,11 @@ impl LocalInFlight {
         }
         let (sender, receiver) = watch::channel(());
         holders.insert(key.clone(), receiver);
-        Entry::Holder(HolderGuard { registry: Arc::clone(self), key: key.clone(), _sender: sender })
+        Entry::Holder(HolderGuard {
+            registry: Arc::clone(self),
+            key: key.clone(),
+            _sender: sender,
+        })
     }
 
     #[cfg(test)]
@@ -51,7 +55,11 @@ pub(crate) struct HolderGuard {
 
 impl Drop for HolderGuard {
     fn drop(&mut self) {
-        let mut holders = self.registry.holders.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut holders = self
+            .registry
+            .holders
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         holders.remove(&self.key);
     }
 }
@@ -61,14 +69,22 @@ mod tests {
     use super::*;
 
     fn key(name: &str) -> RecordKey {
-        RecordKey { source: "s".into(), event_type: String::new(), key: name.into() }
+        RecordKey {
+            source: "s".into(),
+            event_type: String::new(),
+            key: name.into(),
+        }
     }
 
     #[tokio::test]
     async fn waiters_wake_when_the_holder_finishes_and_the_entry_goes() {
         let registry = Arc::new(LocalInFlight::default());
-        let Entry::Holder(holder) = registry.enter(&key("a")) else { panic!("first must hold") };
-        let Entry::Waiter(mut waiter) = registry.enter(&key("a")) else { panic!("second must wait") };
+        let Entry::Holder(holder) = registry.enter(&key("a")) else {
+            panic!("first must hold")
+        };
+        let Entry::Waiter(mut waiter) = registry.enter(&key("a")) else {
+            panic!("second must wait")
+        };
         assert!(matches!(registry.enter(&key("b")), Entry::Holder(_)));
         drop(holder);
         assert!(waiter.changed().await.is_err());

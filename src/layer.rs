@@ -121,7 +121,11 @@ impl IdempotencyLayer {
     /// limits, 255-byte keys, 30 days' retention, handlers detached from
     /// client disconnects, failing closed when the store is down.
     pub fn new(store: impl Into<Store>) -> Self {
-        Self { store: store.into(), config: Arc::new(Config::default()), in_flight: Arc::default() }
+        Self {
+            store: store.into(),
+            config: Arc::new(Config::default()),
+            in_flight: Arc::default(),
+        }
     }
 
     fn with(mut self, change: impl FnOnce(&mut Config)) -> Self {

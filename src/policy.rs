@@ -41,7 +41,10 @@ pub enum Mode {
 impl Mode {
     /// Lease mode with the given lease, renewed every third of it.
     pub fn lease(lease: Duration) -> Self {
-        Mode::Lease { lease, renew_every: lease / 3 }
+        Mode::Lease {
+            lease,
+            renew_every: lease / 3,
+        }
     }
 }
 

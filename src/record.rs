@@ -117,7 +117,8 @@ fn read_list(input: &mut &[u8], absent: Option<u32>) -> Result<Option<Vec<(Heade
         let name_len = u16::from_be_bytes(take_array(input)?) as usize;
         let name = HeaderName::from_bytes(take(input, name_len)?).map_err(|_| CorruptRecord("invalid header name"))?;
         let value_len = read_u32(input)? as usize;
-        let value = HeaderValue::from_bytes(take(input, value_len)?).map_err(|_| CorruptRecord("invalid header value"))?;
+        let value =
+            HeaderValue::from_bytes(take(input, value_len)?).map_err(|_| CorruptRecord("invalid header value"))?;
         list.push((name, value));
     }
     Ok(Some(list))
@@ -153,7 +154,11 @@ mod tests {
 
     #[test]
     fn headers_and_trailers_round_trip_in_order() {
-        let headers = vec![pair("content-type", "application/json"), pair("x-a", "1"), pair("x-a", "2")];
+        let headers = vec![
+            pair("content-type", "application/json"),
+            pair("x-a", "1"),
+            pair("x-a", "2"),
+        ];
         let trailers = vec![pair("grpc-status", "0")];
         let encoded = encode_headers(&headers, Some(&trailers));
         assert_eq!(decode_headers(&encoded).unwrap(), (headers.clone(), Some(trailers)));
@@ -163,7 +168,10 @@ mod tests {
 
     #[test]
     fn non_utf8_header_values_round_trip() {
-        let headers = vec![(HeaderName::from_static("x-bin"), HeaderValue::from_bytes(b"\xff\x80").unwrap())];
+        let headers = vec![(
+            HeaderName::from_static("x-bin"),
+            HeaderValue::from_bytes(b"\xff\x80").unwrap(),
+        )];
         assert_eq!(decode_headers(&encode_headers(&headers, None)).unwrap().0, headers);
     }
 
@@ -184,6 +192,9 @@ mod tests {
         headers.append(header::SET_COOKIE, HeaderValue::from_static("s=1"));
         headers.append("x-other", HeaderValue::from_static("1"));
         let kept = allowed_headers(&headers, &[header::CONTENT_TYPE, header::SET_COOKIE]);
-        assert_eq!(kept, vec![(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"))]);
+        assert_eq!(
+            kept,
+            vec![(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"))]
+        );
     }
 }

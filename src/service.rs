@@ -55,7 +55,14 @@ struct Shared {
 
 impl<S> IdempotencyService<S> {
     pub(crate) fn new(inner: S, store: Store, config: Arc<Config>, in_flight: Arc<LocalInFlight>) -> Self {
-        Self { inner, shared: Arc::new(Shared { store, config, in_flight }) }
+        Self {
+            inner,
+            shared: Arc::new(Shared {
+                store,
+                config,
+                in_flight,
+            }),
+        }
     }
 
     /// The wrapped service.
@@ -83,9 +90,11 @@ impl<S: fmt::Debug> fmt::Debug for IdempotencyService<S> {
     }
 }
 
+type BoxAnswerFuture<B, E> = Pin<Box<dyn Future<Output = Answer<B, E>> + Send>>;
+
 /// The future of [`IdempotencyService`].
 pub struct ResponseFuture<B, E> {
-    inner: Pin<Box<dyn Future<Output = Result<Response<ResponseBody<B>>, E>> + Send>>,
+    inner: BoxAnswerFuture<B, E>,
 }
 
 impl<B, E> Future for ResponseFuture<B, E> {
@@ -125,7 +134,9 @@ where
         // Use the service that was polled ready; leave a fresh clone behind.
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
-        ResponseFuture { inner: Box::pin(handle(self.shared.clone(), inner, request)) }
+        ResponseFuture {
+            inner: Box::pin(handle(self.shared.clone(), inner, request)),
+        }
     }
 }
 
@@ -137,7 +148,11 @@ struct Identity {
     fingerprint: [u8; 32],
 }
 
-async fn handle<S, ReqBody, ResBody>(shared: Arc<Shared>, inner: S, request: Request<ReqBody>) -> Answer<ResBody, S::Error>
+async fn handle<S, ReqBody, ResBody>(
+    shared: Arc<Shared>,
+    inner: S,
+    request: Request<ReqBody>,
+) -> Answer<ResBody, S::Error>
 where
     S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>> + Send + 'static,
     S::Future: Send + 'static,
@@ -159,7 +174,10 @@ where
     let identity = match identify(config, &parts, &body) {
         Ok(Some(identity)) => identity,
         Ok(None) => {
-            tracing::info!(outcome = "missing_key", "request without a key passed through unprotected");
+            tracing::info!(
+                outcome = "missing_key",
+                "request without a key passed through unprotected"
+            );
             let request = Request::from_parts(parts, Either::Left(Full::new(body)));
             return pass_through(inner, request).await;
         }
@@ -199,7 +217,10 @@ async fn pass_through<S, B, ResBody>(mut inner: S, request: Request<B>) -> Answe
 where
     S: Service<Request<B>, Response = Response<ResBody>>,
 {
-    inner.call(request).await.map(|response| response.map(ResponseBody::inner))
+    inner
+        .call(request)
+        .await
+        .map(|response| response.map(ResponseBody::inner))
 }
 
 /// Buffers the request body up to the limit: `413` past it, `400` when the
@@ -209,7 +230,12 @@ where
     B: Body<Data = Bytes>,
     B::Error: Into<BoxError>,
 {
-    let too_large = || (Problem::PayloadTooLarge, format!("the request body is larger than {limit} bytes"));
+    let too_large = || {
+        (
+            Problem::PayloadTooLarge,
+            format!("the request body is larger than {limit} bytes"),
+        )
+    };
     let declared = parts
         .headers
         .get(CONTENT_LENGTH)
@@ -221,7 +247,10 @@ where
     match Limited::new(body, limit).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(error) if error.downcast_ref::<LengthLimitError>().is_some() => Err(too_large()),
-        Err(error) => Err((Problem::BodyUnreadable, format!("the request body could not be read: {error}"))),
+        Err(error) => Err((
+            Problem::BodyUnreadable,
+            format!("the request body could not be read: {error}"),
+        )),
     }
 }
 
@@ -235,7 +264,9 @@ fn identify(config: &Config, parts: &Parts, body: &Bytes) -> Result<Option<Ident
     let source = config.source.resolve(parts)?;
     key::validate("source", &source, config.max_key_bytes, false)?;
     let event_type = match &config.event_type {
-        Some(extractor) => extractor.extract(Role::EventType, parts, body, &mut json)?.unwrap_or_default(),
+        Some(extractor) => extractor
+            .extract(Role::EventType, parts, body, &mut json)?
+            .unwrap_or_default(),
         None => String::new(),
     };
     key::validate("event type", &event_type, config.max_key_bytes, true)?;
@@ -249,7 +280,14 @@ fn identify(config: &Config, parts: &Parts, body: &Bytes) -> Result<Option<Ident
     };
     key::validate("key", &key, config.max_key_bytes, false)?;
     let fingerprint = config.fingerprint.digest(parts, body, &mut json)?;
-    Ok(Some(Identity { key: RecordKey { source, event_type, key }, fingerprint }))
+    Ok(Some(Identity {
+        key: RecordKey {
+            source,
+            event_type,
+            key,
+        },
+        fingerprint,
+    }))
 }
 
 /// How the search for a claim ended.
@@ -366,11 +404,15 @@ where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, StoreError>>,
 {
-    let attempt = tokio::time::timeout(timeout, step()).await.map_err(|_| StoreError::Timeout(timeout))?;
+    let attempt = tokio::time::timeout(timeout, step())
+        .await
+        .map_err(|_| StoreError::Timeout(timeout))?;
     match attempt {
         Err(error) if error.is_connection_lost() => {
             tracing::debug!(%error, "store step failed on a dead connection; retrying on a fresh one");
-            tokio::time::timeout(timeout, step()).await.map_err(|_| StoreError::Timeout(timeout))?
+            tokio::time::timeout(timeout, step())
+                .await
+                .map_err(|_| StoreError::Timeout(timeout))?
         }
         other => other,
     }
@@ -394,7 +436,10 @@ fn mismatch<B>(identity: &Identity) -> Response<ResponseBody<B>> {
 
 fn in_flight<B>(identity: &Identity) -> Response<ResponseBody<B>> {
     tracing::debug!(outcome = "conflict", "a request with this key is in flight");
-    Problem::InFlight.response(&format!("a request with the key `{}` is being processed", identity.key.key))
+    Problem::InFlight.response(&format!(
+        "a request with the key `{}` is being processed",
+        identity.key.key
+    ))
 }
 
 /// The stored response, marked as a replay.
@@ -422,9 +467,16 @@ fn header_map(pairs: Vec<(HeaderName, HeaderValue)>) -> HeaderMap {
 /// What the handler produced.
 enum Handled<B> {
     /// Commit with the body fully buffered.
-    Buffered { parts: http::response::Parts, body: Bytes, trailers: Option<HeaderMap> },
+    Buffered {
+        parts: http::response::Parts,
+        body: Bytes,
+        trailers: Option<HeaderMap>,
+    },
     /// Commit without keeping the body: larger than the limit, or a stream.
-    Unretained { parts: http::response::Parts, body: ResponseBody<B> },
+    Unretained {
+        parts: http::response::Parts,
+        body: ResponseBody<B>,
+    },
     /// Release the claim and send this response.
     Released(Response<B>),
 }
@@ -493,7 +545,9 @@ async fn with_renewal<F: Future>(config: &Config, claim: &Claim, handler: F) -> 
             tokio::time::sleep(renew_every).await;
             match tokio::time::timeout(config.store_timeout, claim.renew(lease)).await {
                 Ok(Ok(true)) => {}
-                Ok(Ok(false)) => tracing::warn!("the lease was taken over while the handler ran; its result will not be recorded"),
+                Ok(Ok(false)) => {
+                    tracing::warn!("the lease was taken over while the handler ran; its result will not be recorded")
+                }
                 Ok(Err(error)) => tracing::warn!(%error, "could not renew the lease"),
                 Err(_) => tracing::warn!("renewing the lease timed out"),
             }
@@ -512,19 +566,26 @@ where
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    let decision = response.extensions().get::<ResponseDecision>().copied().unwrap_or_else(|| {
-        if config.commit_when.commits(response.status()) {
-            ResponseDecision::Commit
-        } else {
-            ResponseDecision::Release
-        }
-    });
+    let decision = response
+        .extensions()
+        .get::<ResponseDecision>()
+        .copied()
+        .unwrap_or_else(|| {
+            if config.commit_when.commits(response.status()) {
+                ResponseDecision::Commit
+            } else {
+                ResponseDecision::Release
+            }
+        });
     if decision == ResponseDecision::Release {
         return Ok(Handled::Released(response));
     }
     let (parts, body) = response.into_parts();
     if is_event_stream(&parts.headers) {
-        return Ok(Handled::Unretained { parts, body: ResponseBody::inner(body) });
+        return Ok(Handled::Unretained {
+            parts,
+            body: ResponseBody::inner(body),
+        });
     }
     let mut body = Box::pin(body);
     let mut buffered = BytesMut::new();
@@ -547,7 +608,11 @@ where
             }
         }
     }
-    Ok(Handled::Buffered { parts, body: buffered.freeze(), trailers })
+    Ok(Handled::Buffered {
+        parts,
+        body: buffered.freeze(),
+        trailers,
+    })
 }
 
 fn is_event_stream(headers: &HeaderMap) -> bool {
@@ -581,17 +646,29 @@ fn stored_response(
 /// mode a failed commit is `503`: the handler's writes did not land. In lease
 /// mode the handler's effects happened whatever the record says, so its
 /// response is sent and the failure logged.
-async fn commit<B, E>(config: &Config, claim: Claim, stored: &StoredResponse, answer: Response<ResponseBody<B>>) -> Answer<B, E> {
+async fn commit<B, E>(
+    config: &Config,
+    claim: Claim,
+    stored: &StoredResponse,
+    answer: Response<ResponseBody<B>>,
+) -> Answer<B, E> {
     let completion = tokio::time::timeout(config.store_timeout, claim.complete(stored))
         .await
         .unwrap_or(Err(StoreError::Timeout(config.store_timeout)));
     match (completion, config.mode) {
         (Ok(Completion::Recorded), _) => {
-            tracing::info!(outcome = "first", status = stored.status.as_u16(), "handled and recorded");
+            tracing::info!(
+                outcome = "first",
+                status = stored.status.as_u16(),
+                "handled and recorded"
+            );
             Ok(answer)
         }
         (Ok(Completion::FencedOut), _) => {
-            tracing::warn!(outcome = "fenced_out", "the claim was taken over before completion; the response was not recorded");
+            tracing::warn!(
+                outcome = "fenced_out",
+                "the claim was taken over before completion; the response was not recorded"
+            );
             Ok(answer)
         }
         (Err(error), Mode::Transaction) => {

@@ -127,7 +127,9 @@ pub struct IdempotencyTx {
 
 impl IdempotencyTx {
     pub(crate) fn new(connection: TxConnection) -> Self {
-        Self { slot: Arc::new(Mutex::new(Some(connection))) }
+        Self {
+            slot: Arc::new(Mutex::new(Some(connection))),
+        }
     }
 
     /// Waits for the transaction and locks it for this caller.
@@ -169,9 +171,11 @@ pub struct Tx {
 
 impl Tx {
     fn from_guard(guard: OwnedMutexGuard<Option<TxConnection>>) -> Result<Self, TxError> {
-        OwnedMutexGuard::try_map(guard, |slot| slot.as_mut().and_then(|connection| connection.object.as_mut()))
-            .map(|guard| Tx { guard })
-            .map_err(|_| TxError::Finished)
+        OwnedMutexGuard::try_map(guard, |slot| {
+            slot.as_mut().and_then(|connection| connection.object.as_mut())
+        })
+        .map(|guard| Tx { guard })
+        .map_err(|_| TxError::Finished)
     }
 }
 
@@ -217,7 +221,10 @@ mod axum_extractor {
         type Rejection = TxError;
 
         async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, TxError> {
-            let handle = parts.extensions.get::<IdempotencyTx>().ok_or(TxError::NotInTransactionMode)?;
+            let handle = parts
+                .extensions
+                .get::<IdempotencyTx>()
+                .ok_or(TxError::NotInTransactionMode)?;
             handle.try_lock()
         }
     }

@@ -126,10 +126,7 @@ mod tests {
     #[test]
     fn dotted_paths_become_pointers() {
         assert_eq!(JsonPointer::parse("$.data.id").unwrap().as_str(), "/data/id");
-        assert_eq!(
-            JsonPointer::parse("$.items[0].id").unwrap().as_str(),
-            "/items/0/id"
-        );
+        assert_eq!(JsonPointer::parse("$.items[0].id").unwrap().as_str(), "/items/0/id");
         assert_eq!(JsonPointer::parse("$.a/b.c~d").unwrap().as_str(), "/a~1b/c~0d");
         assert_eq!(JsonPointer::parse("$['x']").unwrap().as_str(), "/x");
     }
@@ -150,9 +147,6 @@ mod tests {
     #[test]
     fn a_malformed_body_is_an_error() {
         let raw = Bytes::from_static(b"{\"id\":");
-        assert!(matches!(
-            JsonBody::new(&raw).value(),
-            Err(KeyError::MalformedJson(_))
-        ));
+        assert!(matches!(JsonBody::new(&raw).value(), Err(KeyError::MalformedJson(_))));
     }
 }

@@ -57,8 +57,8 @@ impl Extractor {
     /// Panics if `name` is not a valid header name; names are fixed at
     /// configuration time, so a typo shows up at start-up.
     pub fn header(name: &str) -> Self {
-        let name = HeaderName::from_bytes(name.as_bytes())
-            .unwrap_or_else(|_| panic!("`{name}` is not a valid header name"));
+        let name =
+            HeaderName::from_bytes(name.as_bytes()).unwrap_or_else(|_| panic!("`{name}` is not a valid header name"));
         Self::single(ExtractorPart::Header(name))
     }
 
@@ -87,9 +87,7 @@ impl Extractor {
 
     /// Whether any part reads the body as JSON.
     pub(crate) fn reads_json(&self) -> bool {
-        self.parts
-            .iter()
-            .any(|part| matches!(part, ExtractorPart::Json(_)))
+        self.parts.iter().any(|part| matches!(part, ExtractorPart::Json(_)))
     }
 
     /// The first value a part yields; `None` when no part does.
@@ -155,11 +153,7 @@ fn header_value(role: Role, parts: &Parts, name: &HeaderName) -> Result<Option<S
     }
 }
 
-fn json_value(
-    role: Role,
-    json: &mut JsonBody<'_>,
-    pointer: &JsonPointer,
-) -> Result<Option<String>, KeyError> {
+fn json_value(role: Role, json: &mut JsonBody<'_>, pointer: &JsonPointer) -> Result<Option<String>, KeyError> {
     let Some(document) = json.value()? else {
         return Ok(None);
     };
@@ -339,11 +333,14 @@ impl RecordKey {
     }
 }
 
+/// Derives a request's source from its head.
+pub(crate) type DeriveSource = Arc<dyn Fn(&Parts) -> Option<String> + Send + Sync>;
+
 /// The source (scope) of a route: fixed, or derived from each request.
 #[derive(Clone)]
 pub(crate) enum Source {
     Fixed(String),
-    PerRequest(Arc<dyn Fn(&Parts) -> Option<String> + Send + Sync>),
+    PerRequest(DeriveSource),
 }
 
 impl fmt::Debug for Source {
@@ -377,7 +374,12 @@ mod tests {
         builder.body(()).unwrap().into_parts().0
     }
 
-    fn extract(extractor: &Extractor, role: Role, headers: &[(&str, &[u8])], body: &'static str) -> Result<Option<String>, KeyError> {
+    fn extract(
+        extractor: &Extractor,
+        role: Role,
+        headers: &[(&str, &[u8])],
+        body: &'static str,
+    ) -> Result<Option<String>, KeyError> {
         let body = Bytes::from_static(body.as_bytes());
         let mut json = JsonBody::new(&body);
         extractor.extract(role, &parts(headers), &body, &mut json)
@@ -385,7 +387,12 @@ mod tests {
 
     #[test]
     fn header_values_are_kept_byte_exact() {
-        let got = extract(&Extractor::header("idempotency-key"), Role::Key, &[("Idempotency-Key", b"\"AbC\"")], "");
+        let got = extract(
+            &Extractor::header("idempotency-key"),
+            Role::Key,
+            &[("Idempotency-Key", b"\"AbC\"")],
+            "",
+        );
         assert_eq!(got.unwrap().as_deref(), Some("\"AbC\""));
     }
 
@@ -404,9 +411,14 @@ mod tests {
     #[test]
     fn integer_json_ids_use_their_decimal_form() {
         let id = Extractor::json("/id").unwrap();
-        assert_eq!(extract(&id, Role::Key, &[], r#"{"id": 42}"#).unwrap().as_deref(), Some("42"));
         assert_eq!(
-            extract(&id, Role::Key, &[], r#"{"id": 18446744073709551615}"#).unwrap().as_deref(),
+            extract(&id, Role::Key, &[], r#"{"id": 42}"#).unwrap().as_deref(),
+            Some("42")
+        );
+        assert_eq!(
+            extract(&id, Role::Key, &[], r#"{"id": 18446744073709551615}"#)
+                .unwrap()
+                .as_deref(),
             Some("18446744073709551615")
         );
     }
@@ -414,8 +426,17 @@ mod tests {
     #[test]
     fn other_json_id_types_are_refused() {
         let id = Extractor::json("/id").unwrap();
-        for body in [r#"{"id": 1.5}"#, r#"{"id": true}"#, r#"{"id": null}"#, r#"{"id": []}"#, r#"{"id": {}}"#] {
-            assert!(matches!(extract(&id, Role::Key, &[], body), Err(KeyError::WrongJsonType { .. })), "{body}");
+        for body in [
+            r#"{"id": 1.5}"#,
+            r#"{"id": true}"#,
+            r#"{"id": null}"#,
+            r#"{"id": []}"#,
+            r#"{"id": {}}"#,
+        ] {
+            assert!(
+                matches!(extract(&id, Role::Key, &[], body), Err(KeyError::WrongJsonType { .. })),
+                "{body}"
+            );
         }
     }
 
@@ -429,7 +450,12 @@ mod tests {
     #[test]
     fn the_first_extractor_that_yields_wins() {
         let chain = Extractor::json("/id").unwrap().or(Extractor::body_sha256());
-        assert_eq!(extract(&chain, Role::Key, &[], r#"{"id": "evt_1"}"#).unwrap().as_deref(), Some("evt_1"));
+        assert_eq!(
+            extract(&chain, Role::Key, &[], r#"{"id": "evt_1"}"#)
+                .unwrap()
+                .as_deref(),
+            Some("evt_1")
+        );
         let hashed = extract(&chain, Role::Key, &[], r#"{"other": 1}"#).unwrap().unwrap();
         assert_eq!(hashed, body_sha256_hex(br#"{"other": 1}"#));
     }
@@ -446,8 +472,16 @@ mod tests {
 
     #[test]
     fn lock_ids_separate_the_parts_of_a_key() {
-        let a = RecordKey { source: "ab".into(), event_type: String::new(), key: "c".into() };
-        let b = RecordKey { source: "a".into(), event_type: String::new(), key: "bc".into() };
+        let a = RecordKey {
+            source: "ab".into(),
+            event_type: String::new(),
+            key: "c".into(),
+        };
+        let b = RecordKey {
+            source: "a".into(),
+            event_type: String::new(),
+            key: "bc".into(),
+        };
         assert_ne!(a.lock_id("t"), b.lock_id("t"));
         assert_ne!(a.lock_id("t"), a.lock_id("u"));
     }

@@ -63,7 +63,10 @@ impl Record {
     /// When the record stops being live unless renewed or completed.
     fn dies_at(&self) -> Instant {
         match &self.state {
-            State::InProgress { locked_until: Some(until), .. } => self.expires_at.min(*until),
+            State::InProgress {
+                locked_until: Some(until),
+                ..
+            } => self.expires_at.min(*until),
             _ => self.expires_at,
         }
     }
@@ -127,7 +130,9 @@ impl MemoryStore {
             if record.is_live(now) {
                 return Ok(match found(record) {
                     Lookup::Completed(completed) => ClaimOutcome::Completed(completed),
-                    Lookup::InProgress { fingerprint } => ClaimOutcome::InFlight { fingerprint: Some(fingerprint) },
+                    Lookup::InProgress { fingerprint } => ClaimOutcome::InFlight {
+                        fingerprint: Some(fingerprint),
+                    },
                     Lookup::Absent => ClaimOutcome::InFlight { fingerprint: None },
                 });
             }
@@ -151,14 +156,23 @@ impl MemoryStore {
         records.note_death(record.dies_at());
         records.by_key.insert(request.key.clone(), record);
         drop(records);
-        Ok(ClaimOutcome::Claimed(Claim::new(request, Held::Memory { store: self.clone(), token })))
+        Ok(ClaimOutcome::Claimed(Claim::new(
+            request,
+            Held::Memory {
+                store: self.clone(),
+                token,
+            },
+        )))
     }
 
     pub(super) fn renew(&self, key: &RecordKey, token: u64, lease: Duration) -> bool {
         let mut records = self.records();
         let dies_at = match records.by_key.get_mut(key) {
             Some(record) if record.is_owned_by(token) => {
-                record.state = State::InProgress { token, locked_until: Some(Instant::now() + lease) };
+                record.state = State::InProgress {
+                    token,
+                    locked_until: Some(Instant::now() + lease),
+                };
                 record.dies_at()
             }
             _ => return false,
@@ -207,9 +221,12 @@ impl Records {
 
 fn found(record: &Record) -> Lookup {
     match &record.state {
-        State::Completed(response) => {
-            Lookup::Completed(Completed { fingerprint: record.fingerprint, response: response.clone() })
-        }
-        State::InProgress { .. } => Lookup::InProgress { fingerprint: record.fingerprint },
+        State::Completed(response) => Lookup::Completed(Completed {
+            fingerprint: record.fingerprint,
+            response: response.clone(),
+        }),
+        State::InProgress { .. } => Lookup::InProgress {
+            fingerprint: record.fingerprint,
+        },
     }
 }

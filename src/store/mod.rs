@@ -37,13 +37,17 @@ enum Backend {
 
 impl From<PostgresStore> for Store {
     fn from(store: PostgresStore) -> Self {
-        Self { backend: Backend::Postgres(store) }
+        Self {
+            backend: Backend::Postgres(store),
+        }
     }
 }
 
 impl From<MemoryStore> for Store {
     fn from(store: MemoryStore) -> Self {
-        Self { backend: Backend::Memory(store) }
+        Self {
+            backend: Backend::Memory(store),
+        }
     }
 }
 
@@ -61,7 +65,9 @@ pub(crate) enum Lookup {
     Absent,
     Completed(Completed),
     /// A lease-mode claim whose lease is still running.
-    InProgress { fingerprint: [u8; 32] },
+    InProgress {
+        fingerprint: [u8; 32],
+    },
 }
 
 /// What a claim attempt found.
@@ -71,7 +77,9 @@ pub(crate) enum ClaimOutcome {
     Completed(Completed),
     /// Someone else holds the key. The fingerprint is known where the claim
     /// is a visible row (lease mode).
-    InFlight { fingerprint: Option<[u8; 32]> },
+    InFlight {
+        fingerprint: Option<[u8; 32]>,
+    },
 }
 
 /// What a claim is for.
@@ -128,7 +136,10 @@ enum Held {
 
 impl Claim {
     fn new(request: ClaimRequest, held: Held) -> Self {
-        Self { request, held: Some(held) }
+        Self {
+            request,
+            held: Some(held),
+        }
     }
 
     pub(crate) fn key(&self) -> &RecordKey {

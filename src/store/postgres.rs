@@ -49,7 +49,9 @@ struct Inner {
 
 impl fmt::Debug for PostgresStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("PostgresStore").field("table", &self.inner.table.display).finish_non_exhaustive()
+        f.debug_struct("PostgresStore")
+            .field("table", &self.inner.table.display)
+            .finish_non_exhaustive()
     }
 }
 
@@ -70,7 +72,9 @@ impl PostgresStore {
 
     fn with_table_name(pool: Pool, table: TableName) -> Self {
         let sql = Statements::new(&table);
-        Self { inner: Arc::new(Inner { pool, table, sql }) }
+        Self {
+            inner: Arc::new(Inner { pool, table, sql }),
+        }
     }
 
     /// The pool the store uses.
@@ -84,9 +88,15 @@ impl PostgresStore {
     pub async fn migrate(&self) -> Result<(), StoreError> {
         let mut client = self.inner.pool.get().await?;
         let transaction = client.transaction().await?;
-        let lock_id = RecordKey { source: String::new(), event_type: String::new(), key: String::new() }
-            .lock_id(&format!("migrate {}", self.inner.table.display));
-        transaction.execute("SELECT pg_advisory_xact_lock($1)", &[&lock_id]).await?;
+        let lock_id = RecordKey {
+            source: String::new(),
+            event_type: String::new(),
+            key: String::new(),
+        }
+        .lock_id(&format!("migrate {}", self.inner.table.display));
+        transaction
+            .execute("SELECT pg_advisory_xact_lock($1)", &[&lock_id])
+            .await?;
         transaction.batch_execute(&self.inner.sql.migrate).await?;
         transaction.commit().await?;
         Ok(())
@@ -99,7 +109,9 @@ impl PostgresStore {
     pub(super) async fn lookup(&self, key: &RecordKey) -> Result<Lookup, StoreError> {
         let client = self.connection().await?;
         let statement = client.prepare_cached(&self.inner.sql.lookup).await?;
-        let row = client.query_opt(&statement, &[&key.source, &key.event_type, &key.key]).await?;
+        let row = client
+            .query_opt(&statement, &[&key.source, &key.event_type, &key.key])
+            .await?;
         row.map_or(Ok(Lookup::Absent), |row| lookup_from_row(&row))
     }
 
@@ -144,13 +156,18 @@ impl PostgresStore {
         if locked && matches!(found, Ok(Lookup::Absent)) {
             return Ok(ClaimOutcome::Claimed(Claim::new(
                 request,
-                Held::PostgresTx { store: self.clone(), tx: IdempotencyTx::new(connection) },
+                Held::PostgresTx {
+                    store: self.clone(),
+                    tx: IdempotencyTx::new(connection),
+                },
             )));
         }
         connection.rollback().await?;
         Ok(match found? {
             Lookup::Completed(completed) => ClaimOutcome::Completed(completed),
-            Lookup::InProgress { fingerprint } => ClaimOutcome::InFlight { fingerprint: Some(fingerprint) },
+            Lookup::InProgress { fingerprint } => ClaimOutcome::InFlight {
+                fingerprint: Some(fingerprint),
+            },
             Lookup::Absent => ClaimOutcome::InFlight { fingerprint: None },
         })
     }
@@ -186,14 +203,21 @@ impl PostgresStore {
                 )
                 .await?;
             if claimed.is_some() {
-                let held = Held::PostgresLease { store: self.clone(), token };
+                let held = Held::PostgresLease {
+                    store: self.clone(),
+                    token,
+                };
                 return Ok(ClaimOutcome::Claimed(Claim::new(request, held)));
             }
-            let row = client.query_opt(&lookup, &[&key.source, &key.event_type, &key.key]).await?;
+            let row = client
+                .query_opt(&lookup, &[&key.source, &key.event_type, &key.key])
+                .await?;
             match row.map_or(Ok(Lookup::Absent), |row| lookup_from_row(&row))? {
                 Lookup::Completed(completed) => return Ok(ClaimOutcome::Completed(completed)),
                 Lookup::InProgress { fingerprint } => {
-                    return Ok(ClaimOutcome::InFlight { fingerprint: Some(fingerprint) })
+                    return Ok(ClaimOutcome::InFlight {
+                        fingerprint: Some(fingerprint),
+                    })
                 }
                 Lookup::Absent => continue,
             }
@@ -205,7 +229,10 @@ impl PostgresStore {
         let client = self.connection().await?;
         let statement = client.prepare_cached(&self.inner.sql.renew_lease).await?;
         let updated = client
-            .execute(&statement, &[&key.source, &key.event_type, &key.key, &token, &lease.as_secs_f64()])
+            .execute(
+                &statement,
+                &[&key.source, &key.event_type, &key.key, &token, &lease.as_secs_f64()],
+            )
             .await?;
         Ok(updated == 1)
     }
@@ -235,13 +262,19 @@ impl PostgresStore {
                 ],
             )
             .await?;
-        Ok(if updated == 1 { Completion::Recorded } else { Completion::FencedOut })
+        Ok(if updated == 1 {
+            Completion::Recorded
+        } else {
+            Completion::FencedOut
+        })
     }
 
     pub(super) async fn release_lease(&self, key: &RecordKey, token: uuid::Uuid) -> Result<(), StoreError> {
         let client = self.connection().await?;
         let statement = client.prepare_cached(&self.inner.sql.release_lease).await?;
-        client.execute(&statement, &[&key.source, &key.event_type, &key.key, &token]).await?;
+        client
+            .execute(&statement, &[&key.source, &key.event_type, &key.key, &token])
+            .await?;
         Ok(())
     }
 
@@ -268,8 +301,16 @@ impl PostgresStore {
         let (status, headers, body) = response_columns(response);
         let retention = request.retention.as_secs_f64();
         let fingerprint = &request.fingerprint[..];
-        let params: [&(dyn ToSql + Sync); 8] =
-            [&key.source, &key.event_type, &key.key, &fingerprint, &status, &headers, &body, &retention];
+        let params: [&(dyn ToSql + Sync); 8] = [
+            &key.source,
+            &key.event_type,
+            &key.key,
+            &fingerprint,
+            &status,
+            &headers,
+            &body,
+            &retention,
+        ];
         let result = tokio::try_join!(client.execute(&statement, &params), client.batch_execute("COMMIT"));
         match result {
             Ok(_) => {
@@ -306,7 +347,12 @@ fn lookup_from_row(row: &Row) -> Result<Lookup, StoreError> {
     let body: Option<&[u8]> = row.try_get("response_body")?;
     Ok(Lookup::Completed(Completed {
         fingerprint,
-        response: StoredResponse { status, headers, body: body.map(Bytes::copy_from_slice), trailers },
+        response: StoredResponse {
+            status,
+            headers,
+            body: body.map(Bytes::copy_from_slice),
+            trailers,
+        },
     }))
 }
 
@@ -327,7 +373,11 @@ struct TableName {
 
 impl TableName {
     fn unqualified(table: &str) -> Self {
-        Self { schema: None, table: table.to_owned(), display: table.to_owned() }
+        Self {
+            schema: None,
+            table: table.to_owned(),
+            display: table.to_owned(),
+        }
     }
 
     fn parse(name: &str) -> Result<Self, InvalidTableName> {
@@ -344,7 +394,11 @@ impl TableName {
                 return Err(invalid());
             }
         }
-        Ok(Self { schema: schema.map(str::to_owned), table: table.to_owned(), display: name.to_owned() })
+        Ok(Self {
+            schema: schema.map(str::to_owned),
+            table: table.to_owned(),
+            display: name.to_owned(),
+        })
     }
 
     fn quoted(&self) -> String {
@@ -472,7 +526,10 @@ mod tests {
     #[test]
     fn table_names_are_plain_identifiers() {
         assert!(TableName::parse("idempotency_records").is_ok());
-        assert_eq!(TableName::parse("billing.records").unwrap().quoted(), "\"billing\".\"records\"");
+        assert_eq!(
+            TableName::parse("billing.records").unwrap().quoted(),
+            "\"billing\".\"records\""
+        );
         for bad in ["", "1abc", "a-b", "a.b.c", "a\"b", "a;drop", &"x".repeat(64)] {
             assert!(TableName::parse(bad).is_err(), "{bad}");
         }

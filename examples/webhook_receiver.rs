@@ -1,0 +1,695 @@
+//! An idempotent webhook receiver: Stripe, GitHub and Standard Webhooks
+//! deliveries and `Idempotency-Key` payments, each handled exactly once,
+//! backed by Postgres.
+//!
+//! ```text
+//! cargo run --release --example webhook_receiver
+//! cargo run --release --example webhook_receiver -- --help
+//! ```
+//!
+//! Every protected route writes one row into its own `ledger_entries` table
+//! through the request's transaction ([`Tx`]); the layer commits that row
+//! together with the idempotency record, or rolls both back. Deliver the same
+//! event twice and the second delivery is answered from the record, marked
+//! `Idempotent-Replayed: true`, without a second ledger row:
+//!
+//! ```text
+//! curl -i localhost:3000/webhooks/stripe -d '{"id":"evt_1","type":"charge.succeeded","data":{"object":{"amount":500}}}'
+//! curl -i localhost:3000/webhooks/stripe -d '{"id":"evt_1","type":"charge.succeeded","data":{"object":{"amount":500}}}'
+//! curl -i localhost:3000/payments -H 'Idempotency-Key: order-42' -d '{"amount":1999}'
+//! ```
+//!
+//! `DEMO_FAILURE_RATE` makes handlers fail after writing their row, to show
+//! that a failed delivery leaves nothing behind and its retry runs afresh;
+//! `DEMO_HANDLER_DELAY_MS` keeps handlers busy so that concurrent duplicates
+//! can be watched waiting (webhooks) or refused with `409` (payments).
+//! `POST /baseline` runs the same business logic without the layer, so the
+//! layer's cost can be measured against it in one run of one server.
+//!
+//! Its routes, settings and answers are a stable contract, checked end to
+//! end by `tests/webhook_receiver.rs`.
+
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::str::FromStr;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::header::{CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Extension, Router};
+use bytes::Bytes;
+use deadpool_postgres::{ClientWrapper, Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use serde_json::Value;
+use tokio::net::TcpListener;
+use tokio_postgres::NoTls;
+use tower_idempotency::{Extractor, IdempotencyLayer, InFlight, InvalidJsonPath, PostgresStore, RecordKey, Tx};
+
+const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+const DEFAULT_BIND: &str = "127.0.0.1:3000";
+const DEFAULT_MAX_BODY_BYTES: &str = "1048576";
+const DEFAULT_POOL_SIZE: &str = "32";
+
+/// How long opening a database connection may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a request waits for a free pooled connection before it is 503.
+const POOL_WAIT_TIMEOUT: Duration = Duration::from_secs(2);
+/// The server cancels any statement running longer than this.
+const STATEMENT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long `/healthz` gives the database to answer.
+const HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a webhook duplicate waits for an in-flight first delivery.
+const WEBHOOK_WAIT: Duration = Duration::from_secs(10);
+/// `Retry-After` of this example's own 503s, in seconds.
+const RETRY_AFTER_SECONDS: u32 = 1;
+
+/// Serialises concurrent creations of `ledger_entries`: two instances
+/// starting at once would otherwise race in `CREATE TABLE IF NOT EXISTS`.
+const LEDGER_MIGRATION_LOCK: i64 = 0x7765_6268_6f6f_6b31;
+
+const CREATE_LEDGER: &str = "CREATE TABLE IF NOT EXISTS ledger_entries (
+    id bigserial primary key, source text not null,
+    event_id text not null, event_type text not null default '',
+    amount_cents bigint not null default 0,
+    created_at timestamptz not null default now())";
+
+const INSERT_LEDGER_ENTRY: &str =
+    "INSERT INTO ledger_entries (source, event_id, event_type, amount_cents) VALUES ($1, $2, $3, $4) RETURNING id";
+
+fn usage() -> String {
+    format!(
+        "webhook_receiver: an idempotent webhook receiver backed by Postgres
+
+Usage: webhook_receiver [--help]
+
+Routes:
+  POST /webhooks/stripe    keyed by JSON /id, event type JSON /type
+  POST /webhooks/github    keyed by X-GitHub-Delivery, event type X-GitHub-Event
+  POST /webhooks/standard  keyed by webhook-id, event type JSON /type
+  POST /payments           keyed by Idempotency-Key (required); 201
+  POST /baseline           the Stripe handler without the layer
+  GET  /healthz            200 when the database answers
+
+Environment (all optional; an empty value counts as unset):
+  DATABASE_URL           Postgres for the idempotency records and the ledger
+                         [default: {DEFAULT_DATABASE_URL}]
+  BIND                   listen address, IP:port (port 0 picks a free one)
+                         [default: {DEFAULT_BIND}]
+  MAX_BODY_BYTES         request body limit; larger bodies get 413
+                         [default: {DEFAULT_MAX_BODY_BYTES}]
+  DEMO_FAILURE_RATE      probability (0 to 1) that a handler answers 503 after
+                         writing its ledger row [default: 0]
+  DEMO_HANDLER_DELAY_MS  how long a handler sleeps after writing its ledger row
+                         [default: 0]
+  POOL_SIZE              database connections in the pool; every in-flight
+                         protected request holds one for its handler's duration
+                         [default: {DEFAULT_POOL_SIZE}]
+
+Database timeouts: connect {connect}s, pool wait {wait}s (then 503 with
+Retry-After), statement {statement}s.
+",
+        connect = CONNECT_TIMEOUT.as_secs(),
+        wait = POOL_WAIT_TIMEOUT.as_secs(),
+        statement = STATEMENT_TIMEOUT.as_secs(),
+    )
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let mut args = std::env::args().skip(1);
+    match args.next().as_deref() {
+        None => {}
+        Some("-h" | "--help") => {
+            print!("{}", usage());
+            return ExitCode::SUCCESS;
+        }
+        Some(other) => {
+            eprintln!("webhook_receiver: unexpected argument `{other}`; it is configured by environment variables, see --help");
+            return ExitCode::from(2);
+        }
+    }
+
+    let settings = match Settings::from_env() {
+        Ok(settings) => settings,
+        Err(error) => {
+            eprintln!("webhook_receiver: {error}\nrun with --help for the list of settings");
+            return ExitCode::from(2);
+        }
+    };
+
+    // Logs go to stderr: stdout carries only the `listening on` line, which
+    // scripts and tests wait for.
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_max_level(tracing::Level::INFO)
+        .init();
+
+    match run(settings).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("webhook_receiver: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Everything read from the environment, checked before anything starts.
+struct Settings {
+    database: tokio_postgres::Config,
+    bind: SocketAddr,
+    max_body_bytes: usize,
+    pool_size: usize,
+    demo: Demo,
+}
+
+impl Settings {
+    fn from_env() -> Result<Self, String> {
+        // Parsed apart so that an error never echoes a password in the URL.
+        let database_url = setting("DATABASE_URL", DEFAULT_DATABASE_URL, |text| Ok(text.to_owned()))?;
+        let database = tokio_postgres::Config::from_str(&database_url)
+            .map_err(|error| format!("invalid DATABASE_URL: {error}"))?;
+        let bind = setting("BIND", DEFAULT_BIND, |text| {
+            text.parse()
+                .map_err(|_| "expected an IP address and port, such as 127.0.0.1:3000".to_owned())
+        })?;
+        let max_body_bytes = setting("MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES, positive)?;
+        let pool_size = setting("POOL_SIZE", DEFAULT_POOL_SIZE, positive)?;
+        let failure_rate = setting("DEMO_FAILURE_RATE", "0", |text| match text.parse::<f64>() {
+            Ok(rate) if (0.0..=1.0).contains(&rate) => Ok(rate),
+            _ => Err("expected a probability between 0 and 1".to_owned()),
+        })?;
+        let delay_ms = setting("DEMO_HANDLER_DELAY_MS", "0", |text| {
+            text.parse::<u64>()
+                .map_err(|_| "expected a whole number of milliseconds".to_owned())
+        })?;
+        let demo = Demo {
+            failure_rate,
+            handler_delay: Duration::from_millis(delay_ms),
+        };
+        Ok(Self {
+            database,
+            bind,
+            max_body_bytes,
+            pool_size,
+            demo,
+        })
+    }
+}
+
+/// Parses an environment variable, or `default` when it is unset or empty.
+fn setting<T>(name: &str, default: &str, parse: impl FnOnce(&str) -> Result<T, String>) -> Result<T, String> {
+    let text = match std::env::var(name) {
+        Ok(text) if !text.is_empty() => text,
+        Ok(_) | Err(std::env::VarError::NotPresent) => default.to_owned(),
+        Err(std::env::VarError::NotUnicode(_)) => return Err(format!("invalid {name}: not valid UTF-8")),
+    };
+    parse(&text).map_err(|why| format!("invalid {name}={text:?}: {why}"))
+}
+
+fn positive(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(value) if value > 0 => Ok(value),
+        _ => Err("expected a whole number greater than 0".to_owned()),
+    }
+}
+
+/// The fault-injection knobs, applied after a handler writes its ledger row.
+#[derive(Clone, Copy, Debug)]
+struct Demo {
+    failure_rate: f64,
+    handler_delay: Duration,
+}
+
+impl Demo {
+    /// Sleeps the configured delay, then says whether to fail this request.
+    async fn after_write(&self) -> bool {
+        if !self.handler_delay.is_zero() {
+            tokio::time::sleep(self.handler_delay).await;
+        }
+        self.failure_rate > 0.0 && fastrand::f64() < self.failure_rate
+    }
+}
+
+/// What the handlers share.
+#[derive(Clone)]
+struct App {
+    pool: Pool,
+    demo: Demo,
+    max_body_bytes: usize,
+}
+
+async fn run(settings: Settings) -> Result<(), String> {
+    let target = describe_database(&settings.database);
+    let pool = connection_pool(settings.database, settings.pool_size)?;
+
+    let store = PostgresStore::new(pool.clone());
+    store.migrate().await.map_err(|error| {
+        format!(
+            "cannot use the database {target} named by DATABASE_URL: {}",
+            error_chain(&error)
+        )
+    })?;
+    create_ledger(&pool).await.map_err(|error| {
+        format!(
+            "cannot create ledger_entries in the database {target} named by DATABASE_URL: {}",
+            error_chain(&*error)
+        )
+    })?;
+
+    let app = App {
+        pool,
+        demo: settings.demo,
+        max_body_bytes: settings.max_body_bytes,
+    };
+    let router = router(app, &store).map_err(|error| format!("invalid route configuration: {error}"))?;
+
+    let listener = TcpListener::bind(settings.bind)
+        .await
+        .map_err(|error| format!("cannot listen on BIND={}: {error}", settings.bind))?;
+    let address = listener
+        .local_addr()
+        .map_err(|error| format!("cannot read the bound address: {error}"))?;
+    println!(
+        "listening on {address} (pool {} connections, connect timeout {}s, pool wait {}s, statement timeout {}s)",
+        settings.pool_size,
+        CONNECT_TIMEOUT.as_secs(),
+        POOL_WAIT_TIMEOUT.as_secs(),
+        STATEMENT_TIMEOUT.as_secs(),
+    );
+    // Whoever started us waits for that line; don't leave it in a buffer.
+    std::io::stdout()
+        .flush()
+        .map_err(|error| format!("cannot write to stdout: {error}"))?;
+
+    axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .map_err(|error| format!("server error: {error}"))
+}
+
+/// The pool every request draws from. Each timeout is explicit so that a
+/// slow or absent database turns into a prompt 503, never a hung request.
+fn connection_pool(mut database: tokio_postgres::Config, size: usize) -> Result<Pool, String> {
+    // Keep options the URL may carry (a search_path, say) and add ours.
+    let statement_timeout = format!("-c statement_timeout={}", STATEMENT_TIMEOUT.as_millis());
+    let options = match database.get_options() {
+        Some(existing) if !existing.trim().is_empty() => format!("{existing} {statement_timeout}"),
+        _ => statement_timeout,
+    };
+    database.options(options);
+    database.connect_timeout(CONNECT_TIMEOUT);
+
+    let manager = Manager::from_config(
+        database,
+        NoTls,
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    Pool::builder(manager)
+        .max_size(size)
+        .wait_timeout(Some(POOL_WAIT_TIMEOUT))
+        .create_timeout(Some(CONNECT_TIMEOUT))
+        .recycle_timeout(Some(CONNECT_TIMEOUT))
+        .runtime(Runtime::Tokio1)
+        .build()
+        .map_err(|error| format!("cannot build the connection pool: {error}"))
+}
+
+/// `user@host:port/dbname`, for error messages: the URL itself may hold a
+/// password.
+fn describe_database(database: &tokio_postgres::Config) -> String {
+    use tokio_postgres::config::Host;
+
+    let port = database.get_ports().first().copied().unwrap_or(5432);
+    let hosts: Vec<String> = database
+        .get_hosts()
+        .iter()
+        .map(|host| match host {
+            Host::Tcp(name) => format!("{name}:{port}"),
+            #[cfg(unix)]
+            Host::Unix(path) => path.display().to_string(),
+        })
+        .collect();
+    let mut text = String::new();
+    if let Some(user) = database.get_user() {
+        let _ = write!(text, "{user}@");
+    }
+    text.push_str(&hosts.join(","));
+    if let Some(dbname) = database.get_dbname() {
+        let _ = write!(text, "/{dbname}");
+    }
+    text
+}
+
+/// An error with its causes, each once: most errors here repeat their
+/// source's text, but the root cause (say, "connection refused") often is
+/// only in the chain.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            let _ = write!(text, ": {cause_text}");
+        }
+        source = cause.source();
+    }
+    text
+}
+
+async fn create_ledger(pool: &Pool) -> Result<(), Box<dyn std::error::Error>> {
+    let mut client = pool.get().await?;
+    let transaction = client.transaction().await?;
+    transaction
+        .execute("SELECT pg_advisory_xact_lock($1)", &[&LEDGER_MIGRATION_LOCK])
+        .await?;
+    transaction.batch_execute(CREATE_LEDGER).await?;
+    transaction.commit().await?;
+    Ok(())
+}
+
+/// Each protected route gets a layer of its own: its source, where its key
+/// and event type come from, and what a concurrent duplicate gets.
+fn router(app: App, store: &PostgresStore) -> Result<Router, InvalidJsonPath> {
+    let layer = |source: &str| {
+        IdempotencyLayer::new(store.clone())
+            .source(source)
+            .max_request_bytes(app.max_body_bytes)
+    };
+    // Providers retry on 409 anyway, but waiting answers them at once.
+    let webhook = |source: &str| layer(source).in_flight(InFlight::Wait(WEBHOOK_WAIT));
+
+    let stripe = webhook("stripe")
+        .key(Extractor::json("/id")?)
+        .event_type(Extractor::json("/type")?)
+        .json_body(true);
+    let github = webhook("github")
+        .key(Extractor::header("X-GitHub-Delivery"))
+        .event_type(Extractor::header("X-GitHub-Event"));
+    let standard = webhook("standard")
+        .key(Extractor::header("webhook-id"))
+        .event_type(Extractor::json("/type")?)
+        .json_body(true);
+    // API clients are told to retry a 409; holding their request open would
+    // only tie up a connection. The body must be JSON even though the key is
+    // a header: the handler reads `/amount`.
+    let payments = layer("payments")
+        .key(Extractor::header("Idempotency-Key"))
+        .in_flight(InFlight::Conflict)
+        .json_body(true);
+
+    Ok(Router::new()
+        .route("/webhooks/stripe", post(stripe_webhook).route_layer(stripe))
+        .route("/webhooks/github", post(github_webhook).route_layer(github))
+        .route("/webhooks/standard", post(standard_webhook).route_layer(standard))
+        .route("/payments", post(create_payment).route_layer(payments))
+        .route("/baseline", post(baseline))
+        .route("/healthz", get(healthz))
+        // The layer enforces MAX_BODY_BYTES with a problem+json 413, and
+        // /baseline does the same by hand; axum's own limit would answer in
+        // plain text, or refuse a body the layer had accepted.
+        .layer(DefaultBodyLimit::disable())
+        .with_state(app))
+}
+
+async fn stripe_webhook(
+    State(app): State<App>,
+    tx: Tx,
+    Extension(record): Extension<RecordKey>,
+    body: Bytes,
+) -> Response {
+    let amount = amount_at(&body, "/data/object/amount");
+    process(&app.demo, &tx, LedgerEntry::for_record(&record, amount), StatusCode::OK).await
+}
+
+async fn github_webhook(State(app): State<App>, tx: Tx, Extension(record): Extension<RecordKey>) -> Response {
+    process(&app.demo, &tx, LedgerEntry::for_record(&record, 0), StatusCode::OK).await
+}
+
+async fn standard_webhook(State(app): State<App>, tx: Tx, Extension(record): Extension<RecordKey>) -> Response {
+    process(&app.demo, &tx, LedgerEntry::for_record(&record, 0), StatusCode::OK).await
+}
+
+async fn create_payment(
+    State(app): State<App>,
+    tx: Tx,
+    Extension(record): Extension<RecordKey>,
+    body: Bytes,
+) -> Response {
+    let amount = amount_at(&body, "/amount");
+    process(
+        &app.demo,
+        &tx,
+        LedgerEntry::for_record(&record, amount),
+        StatusCode::CREATED,
+    )
+    .await
+}
+
+/// The Stripe handler without the layer: no key check, no record, and its
+/// `INSERT` autocommits, so nothing undoes it when the handler then fails.
+async fn baseline(State(app): State<App>, headers: HeaderMap, body: Body) -> Response {
+    let body = match read_limited(&headers, body, app.max_body_bytes).await {
+        Ok(body) => body,
+        Err(response) => return response,
+    };
+    let event: Value = match serde_json::from_slice(&body) {
+        Ok(event) => event,
+        Err(error) => {
+            let detail = format!("the request body is not valid JSON: {error}");
+            return problem(
+                StatusCode::BAD_REQUEST,
+                "malformed-json",
+                "Request body is not valid JSON",
+                &detail,
+            );
+        }
+    };
+    let entry = LedgerEntry {
+        source: "baseline",
+        event_id: id_text(event.pointer("/id")),
+        event_type: event
+            .pointer("/type")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned(),
+        amount_cents: event
+            .pointer("/data/object/amount")
+            .and_then(Value::as_i64)
+            .unwrap_or(0),
+    };
+    let client = match app.pool.get().await {
+        Ok(client) => client,
+        Err(error) => return database_unavailable(&error),
+    };
+    process(&app.demo, &client, entry, StatusCode::OK).await
+}
+
+/// 200 when a `SELECT 1` comes back in time.
+async fn healthz(State(app): State<App>) -> Response {
+    let check = async {
+        let client = app.pool.get().await.map_err(|error| error.to_string())?;
+        client.simple_query("SELECT 1").await.map_err(|error| error.to_string())
+    };
+    match tokio::time::timeout(HEALTH_TIMEOUT, check).await {
+        Ok(Ok(_)) => json_response(StatusCode::OK, r#"{"status":"ok"}"#.to_owned()),
+        Ok(Err(error)) => unavailable(&format!("the database did not answer: {error}")),
+        Err(_) => unavailable(&format!(
+            "the database did not answer within {}s",
+            HEALTH_TIMEOUT.as_secs()
+        )),
+    }
+}
+
+/// The row each run of a handler writes: no unique constraint on the event,
+/// so that every run shows.
+struct LedgerEntry<'a> {
+    source: &'a str,
+    event_id: String,
+    event_type: String,
+    amount_cents: i64,
+}
+
+impl<'a> LedgerEntry<'a> {
+    /// The entry for a protected request: the layer has already read and
+    /// checked the key and event type.
+    fn for_record(record: &'a RecordKey, amount_cents: i64) -> Self {
+        Self {
+            source: record.source(),
+            event_id: record.key().to_owned(),
+            event_type: record.event_type().to_owned(),
+            amount_cents,
+        }
+    }
+}
+
+/// Writes the ledger row through `client` (the request's transaction, or an
+/// autocommitting connection for /baseline), then applies the demo knobs
+/// and answers.
+async fn process(demo: &Demo, client: &ClientWrapper, entry: LedgerEntry<'_>, success: StatusCode) -> Response {
+    let id = match insert_ledger_entry(client, &entry).await {
+        Ok(id) => id,
+        Err(error) => return database_unavailable(&error),
+    };
+    if demo.after_write().await {
+        // Behind the layer this 503 rolls the row back and leaves the key
+        // free for the provider's retry.
+        return problem_with_retry(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "injected-failure",
+            "Injected failure",
+            "DEMO_FAILURE_RATE made this request fail after it wrote its ledger row",
+        );
+    }
+    let body = format!(
+        r#"{{"ledger_entry_id":{id},"event_id":{}}}"#,
+        Value::String(entry.event_id)
+    );
+    json_response(success, body)
+}
+
+async fn insert_ledger_entry(client: &ClientWrapper, entry: &LedgerEntry<'_>) -> Result<i64, tokio_postgres::Error> {
+    let statement = client.prepare_cached(INSERT_LEDGER_ENTRY).await?;
+    let row = client
+        .query_one(
+            &statement,
+            &[&entry.source, &entry.event_id, &entry.event_type, &entry.amount_cents],
+        )
+        .await?;
+    row.try_get(0)
+}
+
+/// The integer at `pointer` in a JSON body; 0 when absent or not an integer.
+fn amount_at(body: &[u8], pointer: &str) -> i64 {
+    serde_json::from_slice::<Value>(body)
+        .ok()
+        .and_then(|event| event.pointer(pointer).and_then(Value::as_i64))
+        .unwrap_or(0)
+}
+
+/// An event id as text: a string as it is, an integer in decimal, anything
+/// else empty.
+fn id_text(id: Option<&Value>) -> String {
+    match id {
+        Some(Value::String(text)) => text.clone(),
+        Some(Value::Number(number)) if number.is_i64() || number.is_u64() => number.to_string(),
+        _ => String::new(),
+    }
+}
+
+/// Reads a body of at most `limit` bytes; 413 past it, as the layer does.
+async fn read_limited(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, Response> {
+    let too_large = || {
+        let detail = format!("the request body is larger than {limit} bytes");
+        problem(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload-too-large",
+            "Request body too large",
+            &detail,
+        )
+    };
+    // Refuse a declared oversize body without reading it.
+    let declared = headers
+        .get(CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<u64>().ok());
+    if declared.is_some_and(|length| length > limit as u64) {
+        return Err(too_large());
+    }
+    match Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(error) if error.downcast_ref::<LengthLimitError>().is_some() => Err(too_large()),
+        Err(error) => {
+            let detail = format!("the request body could not be read: {error}");
+            Err(problem(
+                StatusCode::BAD_REQUEST,
+                "body-unreadable",
+                "Request body could not be read",
+                &detail,
+            ))
+        }
+    }
+}
+
+fn json_response(status: StatusCode, body: String) -> Response {
+    (
+        status,
+        [(CONTENT_TYPE, HeaderValue::from_static("application/json"))],
+        body,
+    )
+        .into_response()
+}
+
+fn database_unavailable(error: &dyn std::fmt::Display) -> Response {
+    tracing::error!(%error, "database unavailable");
+    unavailable(&format!("the database is unavailable: {error}"))
+}
+
+fn unavailable(detail: &str) -> Response {
+    problem_with_retry(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "database-unavailable",
+        "Database unavailable",
+        detail,
+    )
+}
+
+/// An RFC 9457 `application/problem+json` response.
+fn problem(status: StatusCode, kind: &str, title: &str, detail: &str) -> Response {
+    let document = serde_json::json!({
+        "type": format!("urn:webhook-receiver:{kind}"),
+        "title": title,
+        "status": status.as_u16(),
+        "detail": detail,
+    });
+    let content_type = HeaderValue::from_static("application/problem+json");
+    (status, [(CONTENT_TYPE, content_type)], document.to_string()).into_response()
+}
+
+/// A problem the client may retry shortly.
+fn problem_with_retry(status: StatusCode, kind: &str, title: &str, detail: &str) -> Response {
+    let mut response = problem(status, kind, title, detail);
+    response
+        .headers_mut()
+        .insert(RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECONDS));
+    response
+}
+
+/// Resolves on ctrl-c or SIGTERM; in-flight requests then finish, so their
+/// transactions commit or roll back rather than being cut off.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(error) = tokio::signal::ctrl_c().await {
+            tracing::warn!(%error, "cannot listen for ctrl-c");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut terminate) => {
+                terminate.recv().await;
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+
+    tokio::select! {
+        () = ctrl_c => {}
+        () = terminate => {}
+    }
+    tracing::info!("shutting down: finishing in-flight requests");
+}
