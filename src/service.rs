@@ -344,7 +344,11 @@ async fn acquire<B>(shared: &Shared, identity: &Identity) -> Acquired<B> {
     let mut holder: Option<HolderGuard> = None;
     let mut backoff = Duration::from_millis(5);
     loop {
-        match store_step(config.store_timeout, || shared.store.lookup(&identity.key)).await {
+        match store_step(&shared.store, config.store_timeout, || {
+            shared.store.lookup(&identity.key)
+        })
+        .await
+        {
             Err(error) => return Acquired::StoreFailed(error),
             Ok(Lookup::Completed(completed)) => return Acquired::Answer(replay_or_mismatch(completed, identity)),
             Ok(Lookup::InProgress { fingerprint }) if fingerprint != identity.fingerprint => {
@@ -374,7 +378,11 @@ async fn acquire<B>(shared: &Shared, identity: &Identity) -> Acquired<B> {
             mode: config.mode,
             retention: config.retention,
         };
-        match store_step(config.store_timeout, || shared.store.claim(request.clone())).await {
+        match store_step(&shared.store, config.store_timeout, || {
+            shared.store.claim(request.clone())
+        })
+        .await
+        {
             Err(error) => return Acquired::StoreFailed(error),
             Ok(ClaimOutcome::Claimed(claim)) => return Acquired::Claim(claim, holder),
             Ok(ClaimOutcome::Completed(completed)) => return Acquired::Answer(replay_or_mismatch(completed, identity)),
@@ -399,7 +407,7 @@ async fn acquire<B>(shared: &Shared, identity: &Identity) -> Acquired<B> {
 
 /// Runs one store step under the route's timeout; a step that failed on a
 /// dead connection is tried once more on a fresh one.
-async fn store_step<T, F, Fut>(timeout: Duration, mut step: F) -> Result<T, StoreError>
+async fn store_step<T, F, Fut>(store: &Store, timeout: Duration, mut step: F) -> Result<T, StoreError>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, StoreError>>,
@@ -410,6 +418,9 @@ where
     match attempt {
         Err(error) if error.is_connection_lost() => {
             tracing::debug!(%error, "store step failed on a dead connection; retrying on a fresh one");
+            // One dead connection usually means a restarted server: the idle
+            // ones are dead too, and the retry must not pick one of them.
+            store.forget_idle_connections();
             tokio::time::timeout(timeout, step())
                 .await
                 .map_err(|_| StoreError::Timeout(timeout))?

@@ -28,8 +28,14 @@ async fn duplicate_is_replayed_without_running_the_handler(ctx: Ctx) {
     let replayable: Vec<_> = second.headers.get_all("x-replayable").iter().collect();
     assert_eq!(replayable, ["a", "b"], "repeated allow-listed headers keep their order");
     assert!(second.headers.get("set-cookie").is_none(), "set-cookie is never stored");
-    assert!(second.headers.get("x-not-listed").is_none(), "headers not allow-listed are not replayed");
-    assert!(first.headers.get("set-cookie").is_some(), "the first response is sent whole");
+    assert!(
+        second.headers.get("x-not-listed").is_none(),
+        "headers not allow-listed are not replayed"
+    );
+    assert!(
+        first.headers.get("set-cookie").is_some(),
+        "the first response is sent whole"
+    );
     assert_eq!(ctx.ledger_rows().await.unwrap_or(1), 1);
     ctx.finish().await;
 }
@@ -186,12 +192,26 @@ async fn the_commit_predicate_and_response_decisions_choose_what_is_recorded(ctx
     send(&app, request(Some("b"), "{}", &[("x-test-decision", "release")])).await;
     let rerun = send(&app, request(Some("b"), "{}", &[])).await;
     // ...and a server error the handler marks `Commit` is.
-    send(&app, request(Some("c"), "{}", &[("x-test-status", "502"), ("x-test-decision", "commit")])).await;
+    send(
+        &app,
+        request(
+            Some("c"),
+            "{}",
+            &[("x-test-status", "502"), ("x-test-decision", "commit")],
+        ),
+    )
+    .await;
     let replayed_502 = send(&app, request(Some("c"), "{}", &[])).await;
 
-    assert_eq!((replayed_404.status, replayed_404.replayed()), (StatusCode::NOT_FOUND, true));
+    assert_eq!(
+        (replayed_404.status, replayed_404.replayed()),
+        (StatusCode::NOT_FOUND, true)
+    );
     assert!(!rerun.replayed());
-    assert_eq!((replayed_502.status, replayed_502.replayed()), (StatusCode::BAD_GATEWAY, true));
+    assert_eq!(
+        (replayed_502.status, replayed_502.replayed()),
+        (StatusCode::BAD_GATEWAY, true)
+    );
     assert_eq!(probe.runs(), 4);
     ctx.finish().await;
 }
@@ -214,15 +234,39 @@ async fn bad_input_never_reaches_the_handler(ctx: Ctx) {
         (None, r#"{"id": 1.5}"#.into(), StatusCode::BAD_REQUEST, "invalid-key"),
         (None, r#"{"id": true}"#.into(), StatusCode::BAD_REQUEST, "invalid-key"),
         (None, r#"{"id": null}"#.into(), StatusCode::BAD_REQUEST, "invalid-key"),
-        (None, r#"{"id": {"x": 1}}"#.into(), StatusCode::BAD_REQUEST, "invalid-key"),
-        (Some("k"), r#"{"type": 7}"#.into(), StatusCode::BAD_REQUEST, "invalid-key"),
-        (Some("k"), r#"{"id": "#.into(), StatusCode::BAD_REQUEST, "malformed-json"),
-        (Some("k"), format!(r#"{{"pad": "{}"}}"#, "x".repeat(64)), StatusCode::PAYLOAD_TOO_LARGE, "payload-too-large"),
+        (
+            None,
+            r#"{"id": {"x": 1}}"#.into(),
+            StatusCode::BAD_REQUEST,
+            "invalid-key",
+        ),
+        (
+            Some("k"),
+            r#"{"type": 7}"#.into(),
+            StatusCode::BAD_REQUEST,
+            "invalid-key",
+        ),
+        (
+            Some("k"),
+            r#"{"id": "#.into(),
+            StatusCode::BAD_REQUEST,
+            "malformed-json",
+        ),
+        (
+            Some("k"),
+            format!(r#"{{"pad": "{}"}}"#, "x".repeat(64)),
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload-too-large",
+        ),
     ];
     for (key, body, status, kind) in cases {
         let reply = send(&app, request(key, &body, &[])).await;
         assert_eq!(reply.status, status, "key {key:?} body {body}: {reply:?}");
-        assert_eq!(reply.problem_type(), format!("urn:tower-idempotency:{kind}"), "key {key:?} body {body}");
+        assert_eq!(
+            reply.problem_type(),
+            format!("urn:tower-idempotency:{kind}"),
+            "key {key:?} body {body}"
+        );
     }
     // A key that is not UTF-8.
     let mut not_utf8 = request(None, "{}", &[]);
@@ -232,14 +276,22 @@ async fn bad_input_never_reaches_the_handler(ctx: Ctx) {
     assert_eq!(send(&app, not_utf8).await.status, StatusCode::BAD_REQUEST);
     // A header sent twice.
     let mut twice = request(Some("a"), "{}", &[]);
-    twice.headers_mut().append("idempotency-key", http::HeaderValue::from_static("b"));
+    twice
+        .headers_mut()
+        .append("idempotency-key", http::HeaderValue::from_static("b"));
     assert_eq!(send(&app, twice).await.status, StatusCode::BAD_REQUEST);
 
     assert_eq!(probe.runs(), 0);
     assert_eq!(ctx.ledger_rows().await.unwrap_or(0), 0);
     // A JSON integer id is its decimal text, and a 255-byte key is fine.
-    assert_eq!(send(&app, request(None, r#"{"id": 12345}"#, &[])).await.status, StatusCode::OK);
-    assert_eq!(send(&app, request(Some(&"k".repeat(255)), "{}", &[])).await.status, StatusCode::OK);
+    assert_eq!(
+        send(&app, request(None, r#"{"id": 12345}"#, &[])).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        send(&app, request(Some(&"k".repeat(255)), "{}", &[])).await.status,
+        StatusCode::OK
+    );
     ctx.finish().await;
 }
 both_stores!(bad_input_never_reaches_the_handler);
@@ -312,7 +364,10 @@ both_stores!(a_dropped_request_lets_the_detached_handler_finish_and_commit);
 
 async fn a_dropped_request_releases_the_key_when_not_detached(ctx: Ctx) {
     let probe = Probe::default();
-    let layer = ctx.layer().detach_on_disconnect(false).in_flight(InFlight::Wait(Duration::from_secs(30)));
+    let layer = ctx
+        .layer()
+        .detach_on_disconnect(false)
+        .in_flight(InFlight::Wait(Duration::from_secs(30)));
     let app = probe.app(layer);
 
     let abandoned = tokio::spawn({
@@ -328,7 +383,11 @@ async fn a_dropped_request_releases_the_key_when_not_detached(ctx: Ctx) {
     assert_eq!(retry.status, StatusCode::OK);
     assert!(!retry.replayed(), "the cut-off run must not count as processed");
     assert_eq!(probe.runs(), 2);
-    assert_eq!(ctx.ledger_rows().await.unwrap_or(1), 1, "the cut-off run's write rolled back");
+    assert_eq!(
+        ctx.ledger_rows().await.unwrap_or(1),
+        1,
+        "the cut-off run's write rolled back"
+    );
     ctx.finish().await;
 }
 both_stores!(a_dropped_request_releases_the_key_when_not_detached);
@@ -354,7 +413,10 @@ async fn a_stale_lease_holder_cannot_overwrite_the_new_owner(ctx: Ctx) {
     // first claimant is still running when the second, on another instance
     // (a layer of its own), takes over. On one instance the local in-flight
     // table keeps a live handler's key from being taken over at all.
-    let mode = Mode::Lease { lease: Duration::ZERO, renew_every: Duration::from_secs(3600) };
+    let mode = Mode::Lease {
+        lease: Duration::ZERO,
+        renew_every: Duration::from_secs(3600),
+    };
     let probe = Probe::default();
     let instance_a = probe.app(ctx.layer().mode(mode));
     let app = probe.app(ctx.layer().mode(mode));
@@ -373,7 +435,11 @@ async fn a_stale_lease_holder_cannot_overwrite_the_new_owner(ctx: Ctx) {
     let (stale, owner) = (stale.await.unwrap(), owner.await.unwrap());
     let replay = send(&app, request(Some("k"), "{}", &[])).await;
 
-    assert_eq!(stale.status, StatusCode::OK, "the fenced-out run still answers its client");
+    assert_eq!(
+        stale.status,
+        StatusCode::OK,
+        "the fenced-out run still answers its client"
+    );
     assert_eq!(owner.status, StatusCode::OK);
     assert_eq!(probe.runs(), 2, "lease mode is at-least-once once a lease runs out");
     assert!(replay.replayed());

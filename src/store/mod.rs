@@ -108,6 +108,13 @@ impl Store {
         }
     }
 
+    /// Closes the pool's idle connections, after one turned out dead.
+    pub(crate) fn forget_idle_connections(&self) {
+        if let Backend::Postgres(store) = &self.backend {
+            store.pool().retain(|_, _| false);
+        }
+    }
+
     /// Takes the key for this request, or says who has it.
     pub(crate) async fn claim(&self, request: ClaimRequest) -> Result<ClaimOutcome, StoreError> {
         match &self.backend {
@@ -232,7 +239,7 @@ pub enum StoreError {
     #[error("could not get a database connection: {0}")]
     Pool(#[from] deadpool_postgres::PoolError),
     /// A statement failed.
-    #[error("database error: {0}")]
+    #[error("database error: {}", describe(.0))]
     Database(#[from] tokio_postgres::Error),
     /// The store did not answer within the route's store timeout.
     #[error("the store did not answer within {0:?}")]
@@ -249,6 +256,16 @@ pub enum StoreError {
     /// The handler kept its transaction past its response.
     #[error("the handler still holds the request's transaction after answering")]
     TransactionInUse,
+}
+
+/// tokio-postgres' own message is terse ("db error"); the server's message
+/// or the I/O cause says what happened.
+fn describe(error: &tokio_postgres::Error) -> String {
+    match (error.as_db_error(), error.source()) {
+        (Some(db), _) => format!("{}: {}", db.code().code(), db.message()),
+        (None, Some(source)) => format!("{error}: {source}"),
+        (None, None) => error.to_string(),
+    }
 }
 
 impl StoreError {

@@ -38,7 +38,9 @@ impl TestDb {
     pub async fn new(name: &str) -> Self {
         // Identifiers stop at 63 bytes: keep a readable prefix and a hash
         // of the whole name.
-        let hash = name.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+        let hash = name.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+        });
         let prefix: String = name.chars().take(32).collect();
         let schema = format!("t_{prefix}_{:08x}_{}", hash as u32, std::process::id()).to_lowercase();
         let admin = connect().await;
@@ -90,7 +92,11 @@ impl TestDb {
                      WHERE application_name = $1 AND state LIKE 'idle in transaction%'";
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         loop {
-            let idle: i64 = admin.query_one(query, &[&self.schema]).await.expect("pg_stat_activity").get(0);
+            let idle: i64 = admin
+                .query_one(query, &[&self.schema])
+                .await
+                .expect("pg_stat_activity")
+                .get(0);
             if idle == 0 {
                 return;
             }
@@ -106,7 +112,9 @@ impl TestDb {
     pub async fn drop_schema(self) {
         self.pool.close();
         let admin = connect().await;
-        let _ = admin.batch_execute(&format!("DROP SCHEMA IF EXISTS {} CASCADE", self.schema)).await;
+        let _ = admin
+            .batch_execute(&format!("DROP SCHEMA IF EXISTS {} CASCADE", self.schema))
+            .await;
     }
 }
 
@@ -116,7 +124,13 @@ fn pool_for(schema: &str, size: usize) -> Pool {
         .unwrap_or_else(|error| panic!("DATABASE_URL is not a valid Postgres URL: {error}"));
     config.options(format!("-c search_path={schema}"));
     config.application_name(schema);
-    let manager = Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+    let manager = Manager::from_config(
+        config,
+        NoTls,
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
     Pool::builder(manager)
         .max_size(size)
         .wait_timeout(Some(Duration::from_secs(10)))
@@ -149,7 +163,10 @@ impl Ctx {
     }
 
     pub fn memory() -> Self {
-        Self { store: MemoryStore::new(10_000).into(), db: None }
+        Self {
+            store: MemoryStore::new(10_000).into(),
+            db: None,
+        }
     }
 
     pub fn layer(&self) -> IdempotencyLayer {
@@ -234,7 +251,10 @@ impl Probe {
 
     /// An axum app with the probe handler at `/r` behind `layer`.
     pub fn app(&self, layer: IdempotencyLayer) -> Router {
-        Router::new().route("/r", post(probe_handler)).route_layer(layer).with_state(self.clone())
+        Router::new()
+            .route("/r", post(probe_handler))
+            .route_layer(layer)
+            .with_state(self.clone())
     }
 }
 
@@ -338,5 +358,9 @@ pub async fn send(app: &Router, request: Request<Body>) -> Reply {
 pub async fn read(response: Response) -> Reply {
     let (parts, body) = response.into_parts();
     let body = body.collect().await.expect("response body").to_bytes();
-    Reply { status: parts.status, headers: parts.headers, body }
+    Reply {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    }
 }

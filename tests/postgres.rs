@@ -1,0 +1,393 @@
+//! What only the Postgres store does: transactions shared with the handler,
+//! advisory locks, several instances on one database, failures of the
+//! database itself.
+
+mod support;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::future::join_all;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use sha2::{Digest, Sha256};
+use support::{request, send, Probe, TestDb};
+use tokio::sync::Barrier;
+use tower::{service_fn, Layer, ServiceExt};
+use tower_idempotency::{IdempotencyLayer, InFlight, MemoryStore, Mode, PostgresStore, RequestBody};
+
+#[tokio::test]
+async fn the_handlers_writes_and_the_record_commit_together_or_not_at_all() {
+    let db = TestDb::new("commit_together").await;
+    let probe = Probe::default();
+    let app = probe.app(IdempotencyLayer::new(db.store().await).source("test"));
+
+    let failed = send(&app, request(Some("k"), "{}", &[("x-test-status", "503")])).await;
+    assert_eq!(failed.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        (db.ledger_rows().await, db.records().await),
+        (0, 0),
+        "a release rolls back both"
+    );
+
+    let done = send(&app, request(Some("k"), "{}", &[])).await;
+    assert_eq!(done.status, StatusCode::OK);
+    assert_eq!((db.ledger_rows().await, db.records().await), (1, 1));
+    let row = db
+        .client()
+        .await
+        .query_one(
+            "SELECT state, response_status, created_at <= completed_at, completed_at < expires_at,
+                    expires_at > now() + interval '29 days'
+             FROM idempotency_records WHERE source = 'test' AND event_type = '' AND key = 'k'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, i16>(0), 2, "completed");
+    assert_eq!(row.get::<_, i16>(1), 200);
+    assert!(
+        row.get::<_, bool>(2) && row.get::<_, bool>(3) && row.get::<_, bool>(4),
+        "audit timestamps"
+    );
+    db.assert_no_idle_transactions().await;
+    db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn a_failed_commit_persists_neither_the_handlers_write_nor_the_record() {
+    let db = TestDb::new("failed_commit").await;
+    // A deferred constraint fails at COMMIT, after the handler has answered.
+    db.client()
+        .await
+        .batch_execute(
+            "ALTER TABLE ledger ADD CONSTRAINT one_row_per_body UNIQUE (body) DEFERRABLE INITIALLY DEFERRED;
+             INSERT INTO ledger (body) VALUES ('{}');",
+        )
+        .await
+        .unwrap();
+    let probe = Probe::default();
+    let app = probe.app(IdempotencyLayer::new(db.store().await).source("test"));
+
+    let reply = send(&app, request(Some("k"), "{}", &[])).await;
+
+    assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE, "never the handler's 200");
+    assert_eq!(reply.problem_type(), "urn:tower-idempotency:commit-failed");
+    assert!(reply.headers.contains_key("retry-after"));
+    assert_eq!(db.ledger_rows().await, 1, "only the row that was there before");
+    assert_eq!(db.records().await, 0);
+    db.assert_no_idle_transactions().await;
+    db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn two_instances_with_separate_pools_never_both_run_a_key() {
+    const PER_INSTANCE: usize = 25;
+    let db = TestDb::new("two_instances").await;
+    let probe = Probe::default();
+    let wait = InFlight::Wait(Duration::from_secs(30));
+    let instances = [
+        probe.app(IdempotencyLayer::new(db.store().await).source("test").in_flight(wait)),
+        probe.app(
+            IdempotencyLayer::new(PostgresStore::new(db.another_pool()))
+                .source("test")
+                .in_flight(wait),
+        ),
+    ];
+    let barrier = Arc::new(Barrier::new(2 * PER_INSTANCE));
+    let tasks: Vec<_> = instances
+        .iter()
+        .flat_map(|app| std::iter::repeat_n(app.clone(), PER_INSTANCE))
+        .map(|app| {
+            let barrier = barrier.clone();
+            tokio::spawn(async move {
+                barrier.wait().await;
+                send(&app, request(Some("shared"), "{}", &[])).await
+            })
+        })
+        .collect();
+    let replies: Vec<_> = join_all(tasks).await.into_iter().map(Result::unwrap).collect();
+
+    assert!(replies.iter().all(|r| r.status == StatusCode::OK), "{replies:?}");
+    assert_eq!(replies.iter().filter(|r| !r.replayed()).count(), 1);
+    assert_eq!(probe.runs(), 1);
+    assert_eq!(db.ledger_rows().await, 1);
+    db.assert_no_idle_transactions().await;
+    db.drop_schema().await;
+}
+
+/// The advisory lock id the store uses for a key in the default table.
+fn lock_id(source: &str, event_type: &str, key: &str) -> i64 {
+    let mut hasher = Sha256::new();
+    for part in ["idempotency_records", source, event_type, key] {
+        hasher.update((part.len() as u64).to_be_bytes());
+        hasher.update(part.as_bytes());
+    }
+    i64::from_be_bytes(hasher.finalize()[..8].try_into().unwrap())
+}
+
+#[tokio::test]
+async fn claims_take_the_keys_advisory_lock_and_replays_do_not() {
+    let db = TestDb::new("advisory_lock").await;
+    let probe = Probe::default();
+    let app = probe.app(IdempotencyLayer::new(db.store().await).source("test"));
+    let other_session = db.another_pool().get().await.unwrap();
+    let hold = "SELECT pg_advisory_lock($1)";
+    let free = "SELECT pg_advisory_unlock($1)";
+    let id = lock_id("test", "", "k");
+
+    other_session.execute(hold, &[&id]).await.unwrap();
+    let blocked = send(&app, request(Some("k"), "{}", &[])).await;
+    other_session.execute(free, &[&id]).await.unwrap();
+    let first = send(&app, request(Some("k"), "{}", &[])).await;
+    other_session.execute(hold, &[&id]).await.unwrap();
+    let replay = send(&app, request(Some("k"), "{}", &[])).await;
+
+    assert_eq!(blocked.status, StatusCode::CONFLICT, "a held lock means in flight");
+    assert_eq!(first.status, StatusCode::OK);
+    assert!(
+        replay.replayed(),
+        "a completed key is answered by a plain read, without the lock"
+    );
+    assert_eq!(probe.runs(), 1);
+    drop(other_session);
+    db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn in_transaction_mode_another_payload_in_flight_gets_the_in_flight_answer() {
+    let db = TestDb::new("tx_mismatch_in_flight").await;
+    let probe = Probe::default();
+    let app = probe.app(IdempotencyLayer::new(db.store().await).source("test"));
+    let first = tokio::spawn({
+        let app = app.clone();
+        async move { send(&app, request(Some("k"), r#"{"a":1}"#, &[("x-test-block", "1")])).await }
+    });
+    probe.started().await;
+    // Another instance cannot see the uncommitted claim, so it cannot compare
+    // fingerprints yet: it answers 409 rather than 422.
+    let other_instance = probe.app(IdempotencyLayer::new(db.store().await).source("test"));
+    let other = send(&other_instance, request(Some("k"), r#"{"a":2}"#, &[])).await;
+    probe.open_gate();
+    first.await.unwrap();
+    let after = send(&other_instance, request(Some("k"), r#"{"a":2}"#, &[])).await;
+
+    assert_eq!(other.status, StatusCode::CONFLICT);
+    assert_eq!(after.status, StatusCode::UNPROCESSABLE_ENTITY);
+    db.assert_no_idle_transactions().await;
+    db.drop_schema().await;
+}
+
+fn unreachable_store() -> PostgresStore {
+    let mut config = deadpool_postgres::Config::new();
+    config.url = Some("postgres://postgres@127.0.0.1:1/postgres".into());
+    config.connect_timeout = Some(Duration::from_secs(1));
+    let pool = config
+        .create_pool(Some(deadpool_postgres::Runtime::Tokio1), tokio_postgres::NoTls)
+        .unwrap();
+    PostgresStore::new(pool)
+}
+
+#[tokio::test]
+async fn the_store_down_gives_503_and_the_handler_does_not_run() {
+    let probe = Probe::default();
+    let app = probe.app(IdempotencyLayer::new(unreachable_store()));
+
+    let reply = send(&app, request(Some("k"), "{}", &[])).await;
+
+    assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(reply.problem_type(), "urn:tower-idempotency:store-unavailable");
+    assert_eq!(reply.headers["retry-after"], "2");
+    assert_eq!(probe.runs(), 0);
+}
+
+#[tokio::test]
+async fn fail_open_runs_the_handler_unprotected_when_the_store_is_down() {
+    let probe = Probe::default();
+    let app = probe.app(IdempotencyLayer::new(unreachable_store()).fail_open(true));
+
+    let reply = send(&app, request(Some("k"), "{}", &[])).await;
+
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(probe.runs(), 1);
+}
+
+#[tokio::test]
+async fn a_store_that_does_not_answer_in_time_gives_503() {
+    let db = TestDb::new("store_timeout").await;
+    let store = db.store().await;
+    // A pool of one whose only connection is taken: every store step waits.
+    let mut config = deadpool_postgres::Config::new();
+    config.url = Some(support::database_url());
+    config.pool = Some(deadpool_postgres::PoolConfig::new(1));
+    let tiny = config
+        .create_pool(Some(deadpool_postgres::Runtime::Tokio1), tokio_postgres::NoTls)
+        .unwrap();
+    let busy = tiny.get().await.unwrap();
+    let probe = Probe::default();
+    let app =
+        probe.app(IdempotencyLayer::new(PostgresStore::new(tiny.clone())).store_timeout(Duration::from_millis(200)));
+
+    let reply = send(&app, request(Some("k"), "{}", &[])).await;
+
+    assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(probe.runs(), 0);
+    drop((busy, store));
+    db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn dead_pooled_connections_are_replaced_without_a_failed_request() {
+    let db = TestDb::new("dead_connections").await;
+    let probe = Probe::default();
+    let app = probe.app(IdempotencyLayer::new(db.store().await).source("test"));
+    // Fill the pool with idle connections, then kill them all server-side.
+    let warm: Vec<_> = join_all((0..4).map(|_| db.pool.get())).await;
+    drop(warm);
+    let admin = support::connect().await;
+    admin
+        .execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
+            &[&db.schema],
+        )
+        .await
+        .unwrap();
+
+    let reply = send(&app, request(Some("k"), "{}", &[])).await;
+
+    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    assert_eq!(probe.runs(), 1);
+    db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn the_lease_is_renewed_while_the_handler_runs() {
+    let db = TestDb::new("lease_renewal").await;
+    let probe = Probe::default();
+    let mode = Mode::Lease {
+        lease: Duration::from_secs(60),
+        renew_every: Duration::from_millis(20),
+    };
+    let app = probe.app(IdempotencyLayer::new(db.store().await).source("test").mode(mode));
+    let running = tokio::spawn({
+        let app = app.clone();
+        async move { send(&app, request(Some("k"), "{}", &[("x-test-block", "1")])).await }
+    });
+    probe.started().await;
+    let client = db.client().await;
+    let locked_until = "SELECT locked_until FROM idempotency_records WHERE key = 'k'";
+    let first: std::time::SystemTime = client.query_one(locked_until, &[]).await.unwrap().get(0);
+
+    // Renewals happen on their own schedule: watch the column move.
+    let renewed = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let now: std::time::SystemTime = client.query_one(locked_until, &[]).await.unwrap().get(0);
+            if now > first {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    probe.open_gate();
+    let reply = running.await.unwrap();
+
+    assert!(renewed.is_ok(), "locked_until never moved while the handler ran");
+    assert_eq!(reply.status, StatusCode::OK);
+    let state: i16 = client
+        .query_one("SELECT state FROM idempotency_records WHERE key = 'k'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(state, 2);
+    drop(client);
+    db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn an_inner_service_error_releases_the_key() {
+    let db = TestDb::new("inner_error").await;
+    let calls = Arc::new(AtomicUsize::new(0));
+    let service = IdempotencyLayer::new(db.store().await)
+        .source("test")
+        .layer(service_fn({
+            let calls = calls.clone();
+            move |_: Request<RequestBody<Full<Bytes>>>| {
+                let call = calls.fetch_add(1, Ordering::SeqCst);
+                async move {
+                    if call == 0 {
+                        Err("the inner service failed")
+                    } else {
+                        Ok(Response::new(Full::new(Bytes::from_static(b"ok"))))
+                    }
+                }
+            }
+        }));
+    let request = || {
+        Request::post("/x")
+            .header("idempotency-key", "k")
+            .body(Full::new(Bytes::from_static(b"{}")))
+            .unwrap()
+    };
+
+    let failed = service.clone().oneshot(request()).await;
+    let retried = service.clone().oneshot(request()).await.unwrap();
+    let replayed = service.clone().oneshot(request()).await.unwrap();
+
+    assert_eq!(failed.unwrap_err(), "the inner service failed");
+    assert!(!retried.headers().contains_key("idempotent-replayed"));
+    assert_eq!(replayed.headers()["idempotent-replayed"], "true");
+    assert_eq!(replayed.into_body().collect().await.unwrap().to_bytes(), "ok");
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    db.assert_no_idle_transactions().await;
+    db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn migrate_is_idempotent_and_safe_from_many_instances_at_once() {
+    let db = TestDb::new("migrate").await;
+    let store = PostgresStore::new(db.pool.clone())
+        .with_table("migrated.records")
+        .unwrap();
+    support::connect()
+        .await
+        .batch_execute("DROP SCHEMA IF EXISTS migrated CASCADE")
+        .await
+        .unwrap();
+
+    let results = join_all((0..8).map(|_| {
+        let store = store.clone();
+        async move { store.migrate().await }
+    }))
+    .await;
+    store.migrate().await.expect("and once more");
+
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
+    let probe = Probe::default();
+    let app = probe.app(IdempotencyLayer::new(store));
+    send(&app, request(Some("k"), "{}", &[])).await;
+    assert_eq!(db.count("SELECT count(*) FROM migrated.records").await, 1);
+    support::connect()
+        .await
+        .batch_execute("DROP SCHEMA migrated CASCADE")
+        .await
+        .unwrap();
+    db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn a_handler_asking_for_a_transaction_without_one_gets_500() {
+    let probe = Probe::default();
+    let app = axum::Router::new()
+        .route(
+            "/r",
+            axum::routing::post(|_tx: tower_idempotency::Tx| async { "unreachable" }),
+        )
+        .route_layer(IdempotencyLayer::new(MemoryStore::new(10)));
+    let reply = send(&app, request(Some("k"), "{}", &[])).await;
+    assert_eq!(reply.status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(reply.problem_type(), "urn:tower-idempotency:handler-failed");
+    drop(probe);
+}
