@@ -118,10 +118,11 @@ async fn two_instances_with_separate_pools_never_both_run_a_key() {
     db.drop_schema().await;
 }
 
-/// The advisory lock id the store uses for a key in the default table.
-fn lock_id(source: &str, event_type: &str, key: &str) -> i64 {
+/// The advisory lock id the store uses for a key in `schema`'s default table.
+fn lock_id(schema: &str, source: &str, event_type: &str, key: &str) -> i64 {
     let mut hasher = Sha256::new();
-    for part in ["idempotency_records", source, event_type, key] {
+    let namespace = format!("{schema}.idempotency_records");
+    for part in [namespace.as_str(), source, event_type, key] {
         hasher.update((part.len() as u64).to_be_bytes());
         hasher.update(part.as_bytes());
     }
@@ -136,7 +137,7 @@ async fn claims_take_the_keys_advisory_lock_and_replays_do_not() {
     let other_session = db.another_pool().get().await.unwrap();
     let hold = "SELECT pg_advisory_lock($1)";
     let free = "SELECT pg_advisory_unlock($1)";
-    let id = lock_id("test", "", "k");
+    let id = lock_id(&db.schema, "test", "", "k");
 
     other_session.execute(hold, &[&id]).await.unwrap();
     let blocked = send(&app, request(Some("k"), "{}", &[])).await;
@@ -390,4 +391,30 @@ async fn a_handler_asking_for_a_transaction_without_one_gets_500() {
     assert_eq!(reply.status, StatusCode::INTERNAL_SERVER_ERROR);
     assert_eq!(reply.problem_type(), "urn:tower-idempotency:handler-failed");
     drop(probe);
+}
+
+#[tokio::test]
+async fn same_named_tables_in_other_schemas_do_not_share_locks() {
+    let (db_a, db_b) = (TestDb::new("lock_ns_a").await, TestDb::new("lock_ns_b").await);
+    let probe_a = Probe::default();
+    let app_a = probe_a.app(IdempotencyLayer::new(db_a.store().await).source("test"));
+    let probe_b = Probe::default();
+    let app_b = probe_b.app(IdempotencyLayer::new(db_b.store().await).source("test"));
+    let in_flight_in_a = tokio::spawn({
+        let app_a = app_a.clone();
+        async move { send(&app_a, request(Some("k"), "{}", &[("x-test-block", "1")])).await }
+    });
+    probe_a.started().await;
+
+    let in_b = send(&app_b, request(Some("k"), "{}", &[])).await;
+    probe_a.open_gate();
+
+    assert_eq!(
+        in_b.status,
+        StatusCode::OK,
+        "a key in flight in schema a must not block schema b"
+    );
+    assert_eq!(in_flight_in_a.await.unwrap().status, StatusCode::OK);
+    db_a.drop_schema().await;
+    db_b.drop_schema().await;
 }

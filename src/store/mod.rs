@@ -250,6 +250,9 @@ pub enum StoreError {
     /// A stored record could not be decoded.
     #[error("a stored record is corrupt: {0}")]
     Corrupt(String),
+    /// The records table does not exist.
+    #[error("the records table `{0}` does not exist: run PostgresStore::migrate() first")]
+    TableMissing(String),
     /// The claim's connection was already gone.
     #[error("the claim's connection is no longer available")]
     ConnectionGone,

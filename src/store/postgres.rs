@@ -7,6 +7,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use deadpool_postgres::{Object, Pool};
 use http::StatusCode;
+use tokio::sync::OnceCell;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::Row;
 
@@ -45,6 +46,10 @@ struct Inner {
     pool: Pool,
     table: TableName,
     sql: Statements,
+    /// The table's schema-qualified name as the server resolves it. Advisory
+    /// locks are database-wide, so two tables of the same name in different
+    /// schemas must not share lock ids.
+    lock_namespace: OnceCell<String>,
 }
 
 impl fmt::Debug for PostgresStore {
@@ -73,7 +78,12 @@ impl PostgresStore {
     fn with_table_name(pool: Pool, table: TableName) -> Self {
         let sql = Statements::new(&table);
         Self {
-            inner: Arc::new(Inner { pool, table, sql }),
+            inner: Arc::new(Inner {
+                pool,
+                table,
+                sql,
+                lock_namespace: OnceCell::new(),
+            }),
         }
     }
 
@@ -106,6 +116,25 @@ impl PostgresStore {
         Ok(self.inner.pool.get().await?)
     }
 
+    /// The advisory lock id of a key, namespaced by the resolved table (one
+    /// round trip, the first time only).
+    async fn lock_id(&self, client: &Object, key: &RecordKey) -> Result<i64, StoreError> {
+        let namespace = self
+            .inner
+            .lock_namespace
+            .get_or_try_init(|| async {
+                let row = client
+                    .query_opt(&self.inner.sql.resolve_table, &[&self.inner.table.quoted()])
+                    .await?;
+                match row {
+                    Some(row) => Ok::<_, StoreError>(row.try_get::<_, String>(0)?),
+                    None => Err(StoreError::TableMissing(self.inner.table.display.clone())),
+                }
+            })
+            .await?;
+        Ok(key.lock_id(namespace))
+    }
+
     pub(super) async fn lookup(&self, key: &RecordKey) -> Result<Lookup, StoreError> {
         let client = self.connection().await?;
         let statement = client.prepare_cached(&self.inner.sql.lookup).await?;
@@ -132,7 +161,7 @@ impl PostgresStore {
             client.prepare_cached(&self.inner.sql.lookup),
         )?;
         let key = &request.key;
-        let lock_id = key.lock_id(&self.inner.table.display);
+        let lock_id = self.lock_id(&client, key).await?;
         let connection = TxConnection::new(client);
         let Some(client) = connection.object() else {
             return Err(StoreError::ConnectionGone);
@@ -182,7 +211,7 @@ impl PostgresStore {
             client.prepare_cached(&self.inner.sql.lookup),
         )?;
         let key = &request.key;
-        let lock_id = key.lock_id(&self.inner.table.display);
+        let lock_id = self.lock_id(&client, key).await?;
         // A record can vanish between the upsert and the read (released or
         // expired); then the upsert is tried again.
         for _ in 0..3 {
@@ -418,6 +447,7 @@ pub struct InvalidTableName(String);
 struct Statements {
     migrate: String,
     try_lock: String,
+    resolve_table: String,
     lookup: String,
     complete_transaction: String,
     claim_lease: String,
@@ -458,6 +488,10 @@ impl Statements {
                 CREATE INDEX IF NOT EXISTS {index} ON {t} (expires_at);"
             ),
             try_lock: "SELECT pg_try_advisory_xact_lock($1)".to_owned(),
+            resolve_table: "SELECT n.nspname || '.' || c.relname
+                            FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                            WHERE c.oid = to_regclass($1)"
+                .to_owned(),
             // A live record: completed, or in progress with a running lease.
             lookup: format!(
                 "SELECT state, fingerprint, response_status, response_headers, response_body
