@@ -101,3 +101,7 @@ pub use policy::{InFlight, MissingKey, Mode, ResponseDecision};
 pub use service::{IdempotencyService, RequestBody, ResponseFuture, REPLAYED_HEADER};
 pub use store::{InvalidTableName, MemoryStore, PostgresStore, Store, StoreError, DEFAULT_TABLE};
 pub use tx::{IdempotencyTx, Tx, TxError};
+
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

@@ -317,7 +317,7 @@ where
             answer
         }
         Acquired::Answer(response) => Ok(response),
-        Acquired::StoreFailed(error) if shared.config.fail_open => {
+        Acquired::StoreFailed(error) if shared.config.fail_open && error.is_unavailable() => {
             tracing::warn!(outcome = "store_error", %error, "store unavailable; running the handler unprotected (fail-open)");
             pass_through(inner, request).await
         }

@@ -47,3 +47,20 @@ async fn a_full_memory_store_evicts_expired_records_first() {
     assert!(kept.replayed(), "the live record was kept");
     assert_eq!(store.len(), 2);
 }
+
+#[tokio::test]
+async fn fail_open_does_not_bypass_a_full_store() {
+    let store = MemoryStore::new(1);
+    let probe = Probe::default();
+    let app = probe.app(IdempotencyLayer::new(store).fail_open(true));
+
+    send(&app, request(Some("a"), "{}", &[])).await;
+    let refused = send(&app, request(Some("b"), "{}", &[])).await;
+
+    assert_eq!(
+        refused.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "a full store is not an outage"
+    );
+    assert_eq!(probe.runs(), 1);
+}

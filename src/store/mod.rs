@@ -272,6 +272,16 @@ fn describe(error: &tokio_postgres::Error) -> String {
 }
 
 impl StoreError {
+    /// Whether the store could not be reached or did not answer in time, as
+    /// opposed to answering with something wrong (a full memory store, a
+    /// corrupt record, a missing table). Only the former fails open.
+    pub(crate) fn is_unavailable(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Pool(_) | StoreError::Database(_) | StoreError::Timeout(_) | StoreError::ConnectionGone
+        )
+    }
+
     /// Whether the error came from a connection that died (a restarted
     /// server, a terminated backend), so a fresh connection may succeed.
     pub(crate) fn is_connection_lost(&self) -> bool {
