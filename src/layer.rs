@@ -14,6 +14,7 @@ use crate::inflight::LocalInFlight;
 use crate::key::{Extractor, Source};
 use crate::policy::{CommitWhen, InFlight, MissingKey, Mode};
 use crate::service::IdempotencyService;
+use crate::signature::VerifySignature;
 use crate::store::Store;
 
 /// Default request body limit: 1 MiB.
@@ -76,6 +77,8 @@ pub(crate) struct Config {
     pub(crate) require_json: bool,
     pub(crate) methods: Option<Vec<Method>>,
     pub(crate) store_timeout: Duration,
+    pub(crate) grpc_methods: Vec<String>,
+    pub(crate) signature: Option<Arc<dyn VerifySignature>>,
 }
 
 impl Default for Config {
@@ -99,6 +102,8 @@ impl Default for Config {
             require_json: false,
             methods: None,
             store_timeout: DEFAULT_STORE_TIMEOUT,
+            grpc_methods: Vec::new(),
+            signature: None,
         }
     }
 }
@@ -269,6 +274,34 @@ impl IdempotencyLayer {
     /// before the request fails with `503` (default 5 s).
     pub fn store_timeout(self, timeout: Duration) -> Self {
         self.with(|config| config.store_timeout = timeout)
+    }
+}
+
+impl IdempotencyLayer {
+    /// Protects these gRPC methods (`/package.Service/Method`), which must be
+    /// unary; every other gRPC request, streaming ones included, passes
+    /// through untouched (default: none).
+    ///
+    /// ```
+    /// # use tower_idempotency::{IdempotencyLayer, MemoryStore};
+    /// let layer = IdempotencyLayer::new(MemoryStore::new(100))
+    ///     .grpc_unary_methods(["/payments.v1.Payments/CreatePayment"]);
+    /// # let _ = layer;
+    /// ```
+    pub fn grpc_unary_methods<I, M>(self, methods: I) -> Self
+    where
+        I: IntoIterator<Item = M>,
+        M: Into<String>,
+    {
+        let methods: Vec<String> = methods.into_iter().map(Into::into).collect();
+        self.with(|config| config.grpc_methods = methods)
+    }
+
+    /// Verifies each request's signature on its raw body before the key is
+    /// read or claimed; a refused request gets `401` and leaves no record.
+    pub fn verify_signature(self, verifier: impl VerifySignature) -> Self {
+        let verifier: Arc<dyn VerifySignature> = Arc::new(verifier);
+        self.with(|config| config.signature = Some(verifier))
     }
 }
 

@@ -87,6 +87,7 @@ mod policy;
 mod problem;
 mod record;
 mod service;
+mod signature;
 mod store;
 mod tx;
 
@@ -99,6 +100,7 @@ pub use layer::{
 };
 pub use policy::{InFlight, MissingKey, Mode, ResponseDecision};
 pub use service::{IdempotencyService, RequestBody, ResponseFuture, REPLAYED_HEADER};
+pub use signature::{SignatureError, VerifySignature};
 pub use store::{InvalidTableName, MemoryStore, PostgresStore, Store, StoreError, DEFAULT_TABLE};
 pub use tx::{IdempotencyTx, Tx, TxError};
 

@@ -1,9 +1,11 @@
-//! The layer's own error responses: RFC 9457 `application/problem+json`.
+//! The layer's own error responses: RFC 9457 `application/problem+json` for
+//! HTTP, trailers-only responses with a `grpc-status` for gRPC.
 //!
-//! Each kind of error has a stable `type` URI; clients may match on it.
+//! Each kind of error has a stable `type` URI and gRPC code; clients may
+//! match on them.
 
 use bytes::Bytes;
-use http::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER};
+use http::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE, RETRY_AFTER};
 use http::{Response, StatusCode};
 
 use crate::body::ResponseBody;
@@ -17,6 +19,8 @@ pub(crate) enum Problem {
     BodyUnreadable,
     /// 400: the body is not valid JSON on a route that reads JSON.
     MalformedJson,
+    /// 401: the request's signature is missing, stale or wrong.
+    InvalidSignature,
     /// 400: no key on a route that requires one.
     MissingKey,
     /// 400: the key, event type or source is invalid.
@@ -37,6 +41,42 @@ pub(crate) enum Problem {
     CorruptRecord,
 }
 
+/// The protocol a request speaks, which decides the shape of an error.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Protocol {
+    Http,
+    Grpc,
+}
+
+impl Protocol {
+    /// gRPC is `application/grpc`, alone or followed by `+codec` or
+    /// parameters; `application/grpc-web` is not gRPC (its trailers live in
+    /// the body).
+    pub(crate) fn of(headers: &HeaderMap) -> Self {
+        let is_grpc = headers
+            .get(CONTENT_TYPE)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.strip_prefix("application/grpc"))
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('+') || rest.starts_with(';'));
+        if is_grpc {
+            Protocol::Grpc
+        } else {
+            Protocol::Http
+        }
+    }
+}
+
+/// gRPC status codes the layer answers with.
+pub(crate) mod grpc_code {
+    pub(crate) const INVALID_ARGUMENT: u16 = 3;
+    pub(crate) const RESOURCE_EXHAUSTED: u16 = 8;
+    pub(crate) const FAILED_PRECONDITION: u16 = 9;
+    pub(crate) const ABORTED: u16 = 10;
+    pub(crate) const INTERNAL: u16 = 13;
+    pub(crate) const UNAVAILABLE: u16 = 14;
+    pub(crate) const UNAUTHENTICATED: u16 = 16;
+}
+
 /// Seconds a client should wait before retrying an in-flight key.
 pub(crate) const IN_FLIGHT_RETRY_AFTER: u32 = 1;
 /// Seconds a client should wait before retrying when the store is down.
@@ -49,10 +89,27 @@ impl Problem {
             Problem::BodyUnreadable | Problem::MalformedJson | Problem::MissingKey | Problem::InvalidKey => {
                 StatusCode::BAD_REQUEST
             }
+            Problem::InvalidSignature => StatusCode::UNAUTHORIZED,
             Problem::InFlight => StatusCode::CONFLICT,
             Problem::FingerprintMismatch => StatusCode::UNPROCESSABLE_ENTITY,
             Problem::StoreUnavailable | Problem::CommitFailed | Problem::StoreFull => StatusCode::SERVICE_UNAVAILABLE,
             Problem::HandlerFailed | Problem::CorruptRecord => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The gRPC status code of this kind.
+    pub(crate) fn grpc_code(self) -> u16 {
+        use grpc_code::*;
+        match self {
+            Problem::PayloadTooLarge => RESOURCE_EXHAUSTED,
+            Problem::BodyUnreadable | Problem::MalformedJson | Problem::MissingKey | Problem::InvalidKey => {
+                INVALID_ARGUMENT
+            }
+            Problem::InvalidSignature => UNAUTHENTICATED,
+            Problem::InFlight => ABORTED,
+            Problem::FingerprintMismatch => FAILED_PRECONDITION,
+            Problem::StoreUnavailable | Problem::CommitFailed | Problem::StoreFull => UNAVAILABLE,
+            Problem::HandlerFailed | Problem::CorruptRecord => INTERNAL,
         }
     }
 
@@ -62,6 +119,7 @@ impl Problem {
             Problem::PayloadTooLarge => "urn:tower-idempotency:payload-too-large",
             Problem::BodyUnreadable => "urn:tower-idempotency:body-unreadable",
             Problem::MalformedJson => "urn:tower-idempotency:malformed-json",
+            Problem::InvalidSignature => "urn:tower-idempotency:invalid-signature",
             Problem::MissingKey => "urn:tower-idempotency:missing-key",
             Problem::InvalidKey => "urn:tower-idempotency:invalid-key",
             Problem::InFlight => "urn:tower-idempotency:in-flight",
@@ -79,6 +137,7 @@ impl Problem {
             Problem::PayloadTooLarge => "Request body too large",
             Problem::BodyUnreadable => "Request body could not be read",
             Problem::MalformedJson => "Request body is not valid JSON",
+            Problem::InvalidSignature => "Request signature invalid",
             Problem::MissingKey => "Idempotency key missing",
             Problem::InvalidKey => "Idempotency key invalid",
             Problem::InFlight => "A request with this key is in progress",
@@ -110,8 +169,39 @@ impl Problem {
         Bytes::from(document.to_string())
     }
 
+    /// The full response in the request's protocol.
+    pub(crate) fn response<B>(self, protocol: Protocol, detail: &str) -> Response<ResponseBody<B>> {
+        match protocol {
+            Protocol::Http => self.http_response(detail),
+            Protocol::Grpc => self.grpc_response(detail),
+        }
+    }
+
+    /// A trailers-only gRPC response: HTTP 200 and the status in the
+    /// headers, as `tonic::Status::into_http` makes it.
+    fn grpc_response<B>(self, detail: &str) -> Response<ResponseBody<B>> {
+        let mut response = Response::new(ResponseBody::buffered(Bytes::new(), None));
+        let headers = response.headers_mut();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+        headers.insert(
+            HeaderName::from_static("grpc-status"),
+            HeaderValue::from(self.grpc_code()),
+        );
+        if let Ok(message) = HeaderValue::from_str(&percent_encode(detail)) {
+            headers.insert(HeaderName::from_static("grpc-message"), message);
+        }
+        if let Some(seconds) = self.retry_after() {
+            headers.insert(RETRY_AFTER, HeaderValue::from(seconds));
+            headers.insert(
+                HeaderName::from_static("grpc-retry-pushback-ms"),
+                HeaderValue::from(u64::from(seconds) * 1000),
+            );
+        }
+        response
+    }
+
     /// The full response, with `Retry-After` where a retry may succeed.
-    pub(crate) fn response<B>(self, detail: &str) -> Response<ResponseBody<B>> {
+    fn http_response<B>(self, detail: &str) -> Response<ResponseBody<B>> {
         let mut response = Response::new(ResponseBody::buffered(self.body(detail), None));
         *response.status_mut() = self.status();
         let headers = response.headers_mut();
@@ -123,9 +213,47 @@ impl Problem {
     }
 }
 
+/// Percent-encodes a `grpc-message` as the gRPC spec asks: every byte
+/// outside printable ASCII, and `%` itself.
+fn percent_encode(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    for byte in message.bytes() {
+        if (0x20..=0x7e).contains(&byte) && byte != b'%' {
+            out.push(byte as char);
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn grpc_problems_are_trailers_only_responses() {
+        let response = Problem::FingerprintMismatch.response::<()>(Protocol::Grpc, "key `k` reused: 100%");
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(response.headers()["grpc-status"], "9");
+        assert_eq!(response.headers()["grpc-message"], "key `k` reused: 100%25");
+        assert_eq!(response.headers()[CONTENT_TYPE], "application/grpc");
+    }
+
+    #[test]
+    fn only_application_grpc_content_types_are_grpc() {
+        let mut headers = HeaderMap::new();
+        for (value, expected) in [
+            ("application/grpc", Protocol::Grpc),
+            ("application/grpc+proto", Protocol::Grpc),
+            ("application/grpc;charset=utf-8", Protocol::Grpc),
+            ("application/grpc-web", Protocol::Http),
+            ("application/json", Protocol::Http),
+        ] {
+            headers.insert(CONTENT_TYPE, HeaderValue::from_static(value));
+            assert_eq!(Protocol::of(&headers), expected, "{value}");
+        }
+    }
 
     #[test]
     fn problems_are_rfc9457_documents() {
@@ -134,7 +262,7 @@ mod tests {
         assert_eq!(value["type"], "urn:tower-idempotency:in-flight");
         assert_eq!(value["status"], 409);
         assert_eq!(value["detail"], "key k is in flight");
-        let response = Problem::InFlight.response::<()>("x");
+        let response = Problem::InFlight.response::<()>(Protocol::Http, "x");
         assert_eq!(response.headers()[CONTENT_TYPE], "application/problem+json");
         assert_eq!(response.headers()[RETRY_AFTER], "1");
     }

@@ -28,7 +28,7 @@ use crate::inflight::{Entry, HolderGuard, LocalInFlight};
 use crate::key::{self, JsonBody, KeyError, RecordKey, Role};
 use crate::layer::Config;
 use crate::policy::{InFlight, MissingKey, Mode, ResponseDecision};
-use crate::problem::Problem;
+use crate::problem::{Problem, Protocol};
 use crate::record::{allowed_headers, is_storable, StoredResponse};
 use crate::store::{Claim, ClaimOutcome, ClaimRequest, Completed, Completion, Lookup, Store, StoreError};
 
@@ -146,6 +146,7 @@ type Answer<B, E> = Result<Response<ResponseBody<B>>, E>;
 struct Identity {
     key: RecordKey,
     fingerprint: [u8; 32],
+    protocol: Protocol,
 }
 
 async fn handle<S, ReqBody, ResBody>(
@@ -163,14 +164,26 @@ where
     ResBody::Error: Into<BoxError>,
 {
     let config = &shared.config;
-    if !config.protects(request.method()) {
+    let protocol = Protocol::of(request.headers());
+    let is_protected = match protocol {
+        // Streaming RPCs must never be buffered: only listed unary methods.
+        Protocol::Grpc => config.grpc_methods.iter().any(|method| method == request.uri().path()),
+        Protocol::Http => config.protects(request.method()),
+    };
+    if !is_protected {
         return pass_through(inner, request.map(Either::Right)).await;
     }
     let (parts, body) = request.into_parts();
     let body = match read_body(&parts, body, config.max_request_bytes).await {
         Ok(body) => body,
-        Err((problem, detail)) => return Ok(problem.response(&detail)),
+        Err((problem, detail)) => return Ok(problem.response(protocol, &detail)),
     };
+    if let Some(verifier) = &config.signature {
+        if let Err(error) = verifier.verify(&parts, &body, std::time::SystemTime::now()) {
+            tracing::info!(outcome = "signature_rejected", %error, "request refused before the claim");
+            return Ok(Problem::InvalidSignature.response(protocol, &error.to_string()));
+        }
+    }
     let identity = match identify(config, &parts, &body) {
         Ok(Some(identity)) => identity,
         Ok(None) => {
@@ -188,7 +201,7 @@ where
                 _ => Problem::InvalidKey,
             };
             tracing::debug!(outcome = "rejected", %error, "request refused before the claim");
-            return Ok(problem.response(&error.to_string()));
+            return Ok(problem.response(protocol, &error.to_string()));
         }
     };
     let span = tracing::info_span!(
@@ -208,7 +221,7 @@ where
         Ok(answer) => answer,
         Err(error) => {
             tracing::error!(%error, "the idempotency task did not finish");
-            Ok(Problem::HandlerFailed.response("the request was cancelled before it finished"))
+            Ok(Problem::HandlerFailed.response(protocol, "the request was cancelled before it finished"))
         }
     }
 }
@@ -287,6 +300,7 @@ fn identify(config: &Config, parts: &Parts, body: &Bytes) -> Result<Option<Ident
             key,
         },
         fingerprint,
+        protocol: Protocol::of(&parts.headers),
     }))
 }
 
@@ -328,7 +342,7 @@ where
                 StoreError::Corrupt(_) => Problem::CorruptRecord,
                 _ => Problem::StoreUnavailable,
             };
-            Ok(problem.response(&error.to_string()))
+            Ok(problem.response(identity.protocol, &error.to_string()))
         }
     }
 }
@@ -439,18 +453,21 @@ fn replay_or_mismatch<B>(completed: Completed, identity: &Identity) -> Response<
 
 fn mismatch<B>(identity: &Identity) -> Response<ResponseBody<B>> {
     tracing::info!(outcome = "mismatch", "key reused with a different request");
-    Problem::FingerprintMismatch.response(&format!(
-        "the key `{}` was already used with a different request",
-        identity.key.key
-    ))
+    Problem::FingerprintMismatch.response(
+        identity.protocol,
+        &format!(
+            "the key `{}` was already used with a different request",
+            identity.key.key
+        ),
+    )
 }
 
 fn in_flight<B>(identity: &Identity) -> Response<ResponseBody<B>> {
     tracing::debug!(outcome = "conflict", "a request with this key is in flight");
-    Problem::InFlight.response(&format!(
-        "a request with the key `{}` is being processed",
-        identity.key.key
-    ))
+    Problem::InFlight.response(
+        identity.protocol,
+        &format!("a request with the key `{}` is being processed", identity.key.key),
+    )
 }
 
 /// The stored response, marked as a replay.
@@ -490,6 +507,14 @@ enum Handled<B> {
     },
     /// Release the claim and send this response.
     Released(Response<B>),
+    /// Release the claim and send this already-read response.
+    ReleasedBuffered {
+        parts: http::response::Parts,
+        body: Bytes,
+        trailers: Option<HeaderMap>,
+    },
+    /// Release the claim and send this partly read response.
+    ReleasedStream(Response<ResponseBody<B>>),
 }
 
 /// Runs the handler under the claim, then commits or releases.
@@ -504,13 +529,14 @@ where
     ResBody: Body<Data = Bytes> + Send + 'static,
     ResBody::Error: Into<BoxError>,
 {
+    let protocol = Protocol::of(request.headers());
     if let Some(transaction) = claim.transaction() {
         request.extensions_mut().insert(transaction);
     }
     request.extensions_mut().insert(claim.key().clone());
     let handled = AssertUnwindSafe(async {
         let response = with_renewal(config, &claim, inner.call(request)).await?;
-        Ok(classify(config, response).await)
+        Ok(classify(config, protocol, response).await)
     })
     .catch_unwind()
     .await;
@@ -522,11 +548,13 @@ where
         }
         Ok(Ok(Err(error))) => {
             release(claim, "the response body failed").await;
-            return Ok(Problem::HandlerFailed.response(&format!("the response body could not be read: {error}")));
+            return Ok(
+                Problem::HandlerFailed.response(protocol, &format!("the response body could not be read: {error}"))
+            );
         }
         Err(_panic) => {
             release(claim, "the handler panicked").await;
-            return Ok(Problem::HandlerFailed.response("the handler panicked"));
+            return Ok(Problem::HandlerFailed.response(protocol, "the handler panicked"));
         }
     };
     match handled {
@@ -534,14 +562,22 @@ where
             release(claim, "the response does not commit").await;
             Ok(response.map(ResponseBody::inner))
         }
+        Handled::ReleasedBuffered { parts, body, trailers } => {
+            release(claim, "the response does not commit").await;
+            Ok(Response::from_parts(parts, ResponseBody::buffered(body, trailers)))
+        }
+        Handled::ReleasedStream(response) => {
+            release(claim, "the response could not be judged").await;
+            Ok(response)
+        }
         Handled::Buffered { parts, body, trailers } => {
             let stored = stored_response(config, &parts, Some(body.clone()), trailers.as_ref());
             let answer = Response::from_parts(parts, ResponseBody::buffered(body, trailers));
-            commit(config, claim, &stored, answer).await
+            commit(config, protocol, claim, &stored, answer).await
         }
         Handled::Unretained { parts, body } => {
             let stored = stored_response(config, &parts, None, None);
-            commit(config, claim, &stored, Response::from_parts(parts, body)).await
+            commit(config, protocol, claim, &stored, Response::from_parts(parts, body)).await
         }
     }
 }
@@ -572,23 +608,20 @@ async fn with_renewal<F: Future>(config: &Config, claim: &Claim, handler: F) -> 
 
 /// Decides commit or release and, to commit, buffers the body up to the
 /// storage limit.
-async fn classify<B>(config: &Config, response: Response<B>) -> Result<Handled<B>, BoxError>
+async fn classify<B>(config: &Config, protocol: Protocol, response: Response<B>) -> Result<Handled<B>, BoxError>
 where
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    let decision = response
-        .extensions()
-        .get::<ResponseDecision>()
-        .copied()
-        .unwrap_or_else(|| {
-            if config.commit_when.commits(response.status()) {
-                ResponseDecision::Commit
-            } else {
-                ResponseDecision::Release
-            }
-        });
-    if decision == ResponseDecision::Release {
+    let decided = response.extensions().get::<ResponseDecision>().copied();
+    if protocol == Protocol::Grpc {
+        return classify_grpc(config, decided, response).await;
+    }
+    let commits = decided.map_or_else(
+        || config.commit_when.commits(response.status()),
+        |d| d == ResponseDecision::Commit,
+    );
+    if !commits {
         return Ok(Handled::Released(response));
     }
     let (parts, body) = response.into_parts();
@@ -598,6 +631,66 @@ where
             body: ResponseBody::inner(body),
         });
     }
+    Ok(match buffer(body, config.max_stored_response_bytes).await? {
+        Buffered::Whole { body, trailers } => Handled::Buffered { parts, body, trailers },
+        Buffered::TooLarge(body) => Handled::Unretained { parts, body },
+    })
+}
+
+/// A gRPC response succeeds with HTTP 200 and `grpc-status: 0`, in the
+/// headers of a trailers-only response or else in the trailers, so the body
+/// is read before deciding.
+async fn classify_grpc<B>(
+    config: &Config,
+    decided: Option<ResponseDecision>,
+    response: Response<B>,
+) -> Result<Handled<B>, BoxError>
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    if response.status() != http::StatusCode::OK || decided == Some(ResponseDecision::Release) {
+        return Ok(Handled::Released(response));
+    }
+    let (parts, body) = response.into_parts();
+    match buffer(body, config.max_stored_response_bytes).await? {
+        Buffered::Whole { body, trailers } => {
+            let status = grpc_status(&parts.headers).or_else(|| trailers.as_ref().and_then(grpc_status));
+            let commits = decided == Some(ResponseDecision::Commit) || status == Some(0);
+            Ok(if commits {
+                Handled::Buffered { parts, body, trailers }
+            } else {
+                Handled::ReleasedBuffered { parts, body, trailers }
+            })
+        }
+        Buffered::TooLarge(body) => {
+            // Its status is in trailers not yet read: it cannot be judged
+            // without buffering it whole, so it is not protected.
+            tracing::warn!("a gRPC response over the storage limit passes through; its claim is released");
+            Ok(Handled::ReleasedStream(Response::from_parts(parts, body)))
+        }
+    }
+}
+
+fn grpc_status(headers: &HeaderMap) -> Option<u32> {
+    headers.get("grpc-status")?.to_str().ok()?.parse().ok()
+}
+
+/// A response body read up to a bound.
+enum Buffered<B> {
+    Whole {
+        body: Bytes,
+        trailers: Option<HeaderMap>,
+    },
+    /// What was read, then the rest still streaming.
+    TooLarge(ResponseBody<B>),
+}
+
+async fn buffer<B>(body: B, limit: usize) -> Result<Buffered<B>, BoxError>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
     let mut body = Box::pin(body);
     let mut buffered = BytesMut::new();
     let mut trailers: Option<HeaderMap> = None;
@@ -605,12 +698,10 @@ where
         let frame = frame.map_err(Into::into)?;
         match frame.into_data() {
             Ok(data) => {
-                if buffered.len() + data.len() > config.max_stored_response_bytes {
-                    buffered.extend_from_slice(&data);
-                    let body = ResponseBody::prefixed(buffered.freeze(), body);
-                    return Ok(Handled::Unretained { parts, body });
-                }
                 buffered.extend_from_slice(&data);
+                if buffered.len() > limit {
+                    return Ok(Buffered::TooLarge(ResponseBody::prefixed(buffered.freeze(), body)));
+                }
             }
             Err(frame) => {
                 if let Ok(frame_trailers) = frame.into_trailers() {
@@ -619,8 +710,7 @@ where
             }
         }
     }
-    Ok(Handled::Buffered {
-        parts,
+    Ok(Buffered::Whole {
         body: buffered.freeze(),
         trailers,
     })
@@ -659,6 +749,7 @@ fn stored_response(
 /// response is sent and the failure logged.
 async fn commit<B, E>(
     config: &Config,
+    protocol: Protocol,
     claim: Claim,
     stored: &StoredResponse,
     answer: Response<ResponseBody<B>>,
@@ -684,7 +775,7 @@ async fn commit<B, E>(
         }
         (Err(error), Mode::Transaction) => {
             tracing::error!(outcome = "store_error", %error, "the transaction did not commit; the handler's writes were rolled back");
-            Ok(Problem::CommitFailed.response(&format!("the request could not be committed: {error}")))
+            Ok(Problem::CommitFailed.response(protocol, &format!("the request could not be committed: {error}")))
         }
         (Err(error), Mode::Lease { .. }) => {
             tracing::error!(outcome = "store_error", %error, "the record could not be completed; it is left to its lease");

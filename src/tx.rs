@@ -212,7 +212,7 @@ pub enum TxError {
 #[cfg(feature = "axum")]
 mod axum_extractor {
     use super::{IdempotencyTx, Tx, TxError};
-    use crate::problem::Problem;
+    use crate::problem::{Problem, Protocol};
     use axum_core::extract::FromRequestParts;
     use axum_core::response::{IntoResponse, Response};
     use http::request::Parts;
@@ -233,7 +233,7 @@ mod axum_extractor {
     impl IntoResponse for TxError {
         fn into_response(self) -> Response {
             Problem::HandlerFailed
-                .response::<axum_core::body::Body>(&self.to_string())
+                .response::<axum_core::body::Body>(Protocol::Http, &self.to_string())
                 .map(axum_core::body::Body::new)
         }
     }
