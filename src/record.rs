@@ -46,6 +46,16 @@ pub(crate) fn allowed_headers(headers: &HeaderMap, allow: &[HeaderName]) -> Vec<
         .collect()
 }
 
+/// Every storable header of `headers`, in order (the `date` of the first
+/// response is not replayed either).
+pub(crate) fn storable_headers(headers: &HeaderMap) -> Vec<(HeaderName, HeaderValue)> {
+    headers
+        .iter()
+        .filter(|(name, _)| is_storable(name) && *name != header::DATE)
+        .map(|(name, value)| (name.clone(), value.clone()))
+        .collect()
+}
+
 /// Format version of the encoded header block.
 const FORMAT: u8 = 1;
 /// Marks "no trailers" where a trailer count would stand.

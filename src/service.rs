@@ -29,7 +29,7 @@ use crate::key::{self, JsonBody, KeyError, RecordKey, Role};
 use crate::layer::Config;
 use crate::policy::{InFlight, MissingKey, Mode, ResponseDecision};
 use crate::problem::{Problem, Protocol};
-use crate::record::{allowed_headers, is_storable, StoredResponse};
+use crate::record::{allowed_headers, storable_headers, StoredResponse};
 use crate::store::{Claim, ClaimOutcome, ClaimRequest, Completed, Completion, Lookup, Store, StoreError};
 
 /// The request body the inner service receives: the buffered body of a
@@ -571,12 +571,12 @@ where
             Ok(response)
         }
         Handled::Buffered { parts, body, trailers } => {
-            let stored = stored_response(config, &parts, Some(body.clone()), trailers.as_ref());
+            let stored = stored_response(config, protocol, &parts, Some(body.clone()), trailers.as_ref());
             let answer = Response::from_parts(parts, ResponseBody::buffered(body, trailers));
             commit(config, protocol, claim, &stored, answer).await
         }
         Handled::Unretained { parts, body } => {
-            let stored = stored_response(config, &parts, None, None);
+            let stored = stored_response(config, protocol, &parts, None, None);
             commit(config, protocol, claim, &stored, Response::from_parts(parts, body)).await
         }
     }
@@ -723,23 +723,26 @@ fn is_event_stream(headers: &HeaderMap) -> bool {
         .is_some_and(|value| value.trim_start().to_ascii_lowercase().starts_with("text/event-stream"))
 }
 
+/// What a record keeps of a response. An HTTP response keeps its
+/// allow-listed headers; a gRPC response keeps all its metadata (headers and
+/// trailers), which is part of what a generated client reads, less what is
+/// never stored.
 fn stored_response(
     config: &Config,
+    protocol: Protocol,
     parts: &http::response::Parts,
     body: Option<Bytes>,
     trailers: Option<&HeaderMap>,
 ) -> StoredResponse {
+    let headers = match protocol {
+        Protocol::Http => allowed_headers(&parts.headers, &config.replay_headers),
+        Protocol::Grpc => storable_headers(&parts.headers),
+    };
     StoredResponse {
         status: parts.status,
-        headers: allowed_headers(&parts.headers, &config.replay_headers),
+        headers,
         body,
-        trailers: trailers.map(|trailers| {
-            trailers
-                .iter()
-                .filter(|(name, _)| is_storable(name))
-                .map(|(name, value)| (name.clone(), value.clone()))
-                .collect()
-        }),
+        trailers: trailers.map(storable_headers),
     }
 }
 

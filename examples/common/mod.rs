@@ -1,0 +1,226 @@
+//! What the example servers share: settings from the environment, the
+//! connection pool, the ledger table, fault injection and shutdown.
+#![allow(dead_code)]
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use deadpool_postgres::{ClientWrapper, Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use tokio_postgres::NoTls;
+
+pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+pub const DEFAULT_POOL_SIZE: &str = "32";
+
+/// How long opening a database connection may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a request waits for a free pooled connection before it fails.
+pub const POOL_WAIT_TIMEOUT: Duration = Duration::from_secs(2);
+/// The server cancels any statement running longer than this.
+pub const STATEMENT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Serialises concurrent creations of `ledger_entries`: two instances
+/// starting at once would otherwise race in `CREATE TABLE IF NOT EXISTS`.
+const LEDGER_MIGRATION_LOCK: i64 = 0x7765_6268_6f6f_6b31;
+
+const CREATE_LEDGER: &str = "CREATE TABLE IF NOT EXISTS ledger_entries (
+    id bigserial primary key, source text not null,
+    event_id text not null, event_type text not null default '',
+    amount_cents bigint not null default 0,
+    created_at timestamptz not null default now())";
+
+const INSERT_LEDGER_ENTRY: &str =
+    "INSERT INTO ledger_entries (source, event_id, event_type, amount_cents) VALUES ($1, $2, $3, $4) RETURNING id";
+
+/// Parses an environment variable, or `default` when it is unset or empty.
+pub fn setting<T>(name: &str, default: &str, parse: impl FnOnce(&str) -> Result<T, String>) -> Result<T, String> {
+    let text = match std::env::var(name) {
+        Ok(text) if !text.is_empty() => text,
+        Ok(_) | Err(std::env::VarError::NotPresent) => default.to_owned(),
+        Err(std::env::VarError::NotUnicode(_)) => return Err(format!("invalid {name}: not valid UTF-8")),
+    };
+    parse(&text).map_err(|why| format!("invalid {name}={text:?}: {why}"))
+}
+
+pub fn positive(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(value) if value > 0 => Ok(value),
+        _ => Err("expected a whole number greater than 0".to_owned()),
+    }
+}
+
+/// `DATABASE_URL`, parsed apart so that an error never echoes a password.
+pub fn database_setting() -> Result<tokio_postgres::Config, String> {
+    let url = setting("DATABASE_URL", DEFAULT_DATABASE_URL, |text| Ok(text.to_owned()))?;
+    url.parse().map_err(|error| format!("invalid DATABASE_URL: {error}"))
+}
+
+/// The fault-injection knobs, applied after a handler writes its ledger row.
+#[derive(Clone, Copy, Debug)]
+pub struct Demo {
+    pub failure_rate: f64,
+    pub handler_delay: Duration,
+}
+
+impl Demo {
+    /// `DEMO_FAILURE_RATE` and `DEMO_HANDLER_DELAY_MS`.
+    pub fn from_env() -> Result<Self, String> {
+        let failure_rate = setting("DEMO_FAILURE_RATE", "0", |text| match text.parse::<f64>() {
+            Ok(rate) if (0.0..=1.0).contains(&rate) => Ok(rate),
+            _ => Err("expected a probability between 0 and 1".to_owned()),
+        })?;
+        let delay_ms = setting("DEMO_HANDLER_DELAY_MS", "0", |text| {
+            text.parse::<u64>()
+                .map_err(|_| "expected a whole number of milliseconds".to_owned())
+        })?;
+        Ok(Self {
+            failure_rate,
+            handler_delay: Duration::from_millis(delay_ms),
+        })
+    }
+
+    /// Sleeps the configured delay, then says whether to fail this request.
+    pub async fn after_write(&self) -> bool {
+        if !self.handler_delay.is_zero() {
+            tokio::time::sleep(self.handler_delay).await;
+        }
+        self.failure_rate > 0.0 && fastrand::f64() < self.failure_rate
+    }
+}
+
+/// The pool every request draws from. Each timeout is explicit so that a
+/// slow or absent database turns into a prompt error, never a hung request.
+pub fn connection_pool(mut database: tokio_postgres::Config, size: usize) -> Result<Pool, String> {
+    // Keep options the URL may carry (a search_path, say) and add ours.
+    let statement_timeout = format!("-c statement_timeout={}", STATEMENT_TIMEOUT.as_millis());
+    let options = match database.get_options() {
+        Some(existing) if !existing.trim().is_empty() => format!("{existing} {statement_timeout}"),
+        _ => statement_timeout,
+    };
+    database.options(options);
+    database.connect_timeout(CONNECT_TIMEOUT);
+    let manager = Manager::from_config(
+        database,
+        NoTls,
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    Pool::builder(manager)
+        .max_size(size)
+        .wait_timeout(Some(POOL_WAIT_TIMEOUT))
+        .create_timeout(Some(CONNECT_TIMEOUT))
+        .recycle_timeout(Some(CONNECT_TIMEOUT))
+        .runtime(Runtime::Tokio1)
+        .build()
+        .map_err(|error| format!("cannot build the connection pool: {error}"))
+}
+
+/// The pool's timeouts, for the startup line.
+pub fn pool_summary(size: usize) -> String {
+    format!(
+        "pool {size} connections, connect timeout {}s, pool wait {}s, statement timeout {}s",
+        CONNECT_TIMEOUT.as_secs(),
+        POOL_WAIT_TIMEOUT.as_secs(),
+        STATEMENT_TIMEOUT.as_secs(),
+    )
+}
+
+/// `user@host:port/dbname`, for error messages: the URL itself may hold a
+/// password.
+pub fn describe_database(database: &tokio_postgres::Config) -> String {
+    use tokio_postgres::config::Host;
+
+    let port = database.get_ports().first().copied().unwrap_or(5432);
+    let hosts: Vec<String> = database
+        .get_hosts()
+        .iter()
+        .map(|host| match host {
+            Host::Tcp(name) => format!("{name}:{port}"),
+            #[cfg(unix)]
+            Host::Unix(path) => path.display().to_string(),
+        })
+        .collect();
+    let mut text = String::new();
+    if let Some(user) = database.get_user() {
+        let _ = write!(text, "{user}@");
+    }
+    text.push_str(&hosts.join(","));
+    if let Some(dbname) = database.get_dbname() {
+        let _ = write!(text, "/{dbname}");
+    }
+    text
+}
+
+/// An error with its causes, each once: the root cause (say, "connection
+/// refused") often is only in the chain.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            let _ = write!(text, ": {cause_text}");
+        }
+        source = cause.source();
+    }
+    text
+}
+
+/// Creates `ledger_entries` when absent.
+pub async fn create_ledger(pool: &Pool) -> Result<(), Box<dyn std::error::Error>> {
+    let mut client = pool.get().await?;
+    let transaction = client.transaction().await?;
+    transaction
+        .execute("SELECT pg_advisory_xact_lock($1)", &[&LEDGER_MIGRATION_LOCK])
+        .await?;
+    transaction.batch_execute(CREATE_LEDGER).await?;
+    transaction.commit().await?;
+    Ok(())
+}
+
+/// One business effect: a ledger row. Returns its id.
+pub async fn insert_ledger_entry(
+    client: &ClientWrapper,
+    source: &str,
+    event_id: &str,
+    event_type: &str,
+    amount_cents: i64,
+) -> Result<i64, tokio_postgres::Error> {
+    let statement = client.prepare_cached(INSERT_LEDGER_ENTRY).await?;
+    let row = client
+        .query_one(&statement, &[&source, &event_id, &event_type, &amount_cents])
+        .await?;
+    row.try_get(0)
+}
+
+/// Resolves on ctrl-c or SIGTERM; in-flight requests then finish, so their
+/// transactions commit or roll back rather than being cut off.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(error) = tokio::signal::ctrl_c().await {
+            tracing::warn!(%error, "cannot listen for ctrl-c");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut terminate) => {
+                terminate.recv().await;
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+
+    tokio::select! {
+        () = ctrl_c => {}
+        () = terminate => {}
+    }
+    tracing::info!("shutting down: finishing in-flight requests");
+}
