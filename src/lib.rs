@@ -83,6 +83,7 @@ mod fingerprint;
 mod inflight;
 mod key;
 mod layer;
+mod metrics;
 mod policy;
 mod problem;
 mod record;
@@ -101,7 +102,9 @@ pub use layer::{
 pub use policy::{InFlight, MissingKey, Mode, ResponseDecision};
 pub use service::{IdempotencyService, RequestBody, ResponseFuture, REPLAYED_HEADER};
 pub use signature::{SignatureError, VerifySignature};
-pub use store::{InvalidTableName, MemoryStore, PostgresStore, Store, StoreError, DEFAULT_TABLE};
+pub use store::{
+    InvalidTableName, MemoryStore, PostgresStore, RecordView, Released, Store, StoreError, StoreStats, DEFAULT_TABLE,
+};
 pub use tx::{IdempotencyTx, Tx, TxError};
 
 #[cfg(doctest)]

@@ -25,8 +25,10 @@ use tracing::Instrument;
 
 use crate::body::{BoxError, ResponseBody};
 use crate::inflight::{Entry, HolderGuard, LocalInFlight};
+use crate::key::Source;
 use crate::key::{self, JsonBody, KeyError, RecordKey, Role};
 use crate::layer::Config;
+use crate::metrics::{self, Outcome};
 use crate::policy::{InFlight, MissingKey, Mode, ResponseDecision};
 use crate::problem::{Problem, Protocol};
 use crate::record::{allowed_headers, storable_headers, StoredResponse};
@@ -176,21 +178,23 @@ where
     let (parts, body) = request.into_parts();
     let body = match read_body(&parts, body, config.max_request_bytes).await {
         Ok(body) => body,
-        Err((problem, detail)) => return Ok(problem.response(protocol, &detail)),
+        Err((problem, detail)) => {
+            metrics::count(source_label(config), Outcome::Rejected);
+            return Ok(problem.response(protocol, &detail));
+        }
     };
     if let Some(verifier) = &config.signature {
         if let Err(error) = verifier.verify(&parts, &body, std::time::SystemTime::now()) {
-            tracing::info!(outcome = "signature_rejected", %error, "request refused before the claim");
+            tracing::info!(%error, "signature refused before the claim");
+            metrics::count(source_label(config), Outcome::SignatureRejected);
             return Ok(Problem::InvalidSignature.response(protocol, &error.to_string()));
         }
     }
     let identity = match identify(config, &parts, &body) {
         Ok(Some(identity)) => identity,
         Ok(None) => {
-            tracing::info!(
-                outcome = "missing_key",
-                "request without a key passed through unprotected"
-            );
+            tracing::info!("request without a key passed through unprotected");
+            metrics::count(source_label(config), Outcome::MissingKey);
             let request = Request::from_parts(parts, Either::Left(Full::new(body)));
             return pass_through(inner, request).await;
         }
@@ -200,7 +204,13 @@ where
                 KeyError::Missing => Problem::MissingKey,
                 _ => Problem::InvalidKey,
             };
-            tracing::debug!(outcome = "rejected", %error, "request refused before the claim");
+            tracing::debug!(%error, "request refused before the claim");
+            let outcome = if problem == Problem::MissingKey {
+                Outcome::MissingKey
+            } else {
+                Outcome::Rejected
+            };
+            metrics::count(source_label(config), outcome);
             return Ok(problem.response(protocol, &error.to_string()));
         }
     };
@@ -209,6 +219,7 @@ where
         source = %identity.key.source,
         event_type = %identity.key.event_type,
         key = %identity.key.key,
+        outcome = tracing::field::Empty,
     );
     let request = Request::from_parts(parts, Either::Left(Full::new(body)));
     let protected = protected(shared.clone(), inner, request, identity).instrument(span);
@@ -223,6 +234,14 @@ where
             tracing::error!(%error, "the idempotency task did not finish");
             Ok(Problem::HandlerFailed.response(protocol, "the request was cancelled before it finished"))
         }
+    }
+}
+
+/// The source label of requests refused before their source is resolved.
+fn source_label(config: &Config) -> &str {
+    match &config.source {
+        Source::Fixed(name) => name,
+        Source::PerRequest(_) => "per-request",
     }
 }
 
@@ -332,11 +351,13 @@ where
         }
         Acquired::Answer(response) => Ok(response),
         Acquired::StoreFailed(error) if shared.config.fail_open && error.is_unavailable() => {
-            tracing::warn!(outcome = "store_error", %error, "store unavailable; running the handler unprotected (fail-open)");
+            tracing::warn!(%error, "store unavailable; running the handler unprotected (fail-open)");
+            metrics::count(&identity.key.source, Outcome::StoreError);
             pass_through(inner, request).await
         }
         Acquired::StoreFailed(error) => {
-            tracing::error!(outcome = "store_error", %error, "store unavailable; request refused");
+            tracing::error!(%error, "store unavailable; request refused");
+            metrics::count(&identity.key.source, Outcome::StoreError);
             let problem = match error {
                 StoreError::Full => Problem::StoreFull,
                 StoreError::Corrupt(_) => Problem::CorruptRecord,
@@ -357,14 +378,17 @@ async fn acquire<B>(shared: &Shared, identity: &Identity) -> Acquired<B> {
     };
     let mut holder: Option<HolderGuard> = None;
     let mut backoff = Duration::from_millis(5);
+    let mut waiting = Waiting::new(identity);
     loop {
-        match store_step(&shared.store, config.store_timeout, || {
+        match store_step(&shared.store, "lookup", config.store_timeout, || {
             shared.store.lookup(&identity.key)
         })
         .await
         {
             Err(error) => return Acquired::StoreFailed(error),
-            Ok(Lookup::Completed(completed)) => return Acquired::Answer(replay_or_mismatch(completed, identity)),
+            Ok(Lookup::Completed(completed)) => {
+                return Acquired::Answer(replay_or_mismatch(completed, identity, waiting.finish()))
+            }
             Ok(Lookup::InProgress { fingerprint }) if fingerprint != identity.fingerprint => {
                 return Acquired::Answer(mismatch(identity));
             }
@@ -377,11 +401,13 @@ async fn acquire<B>(shared: &Shared, identity: &Identity) -> Acquired<B> {
                     let Some(deadline) = deadline else {
                         return Acquired::Answer(in_flight(identity));
                     };
+                    waiting.start();
                     // The holder's guard drops when its record is final.
                     if tokio::time::timeout_at(deadline, finished.changed()).await.is_err() {
+                        waiting.finish();
                         return Acquired::Answer(in_flight(identity));
                     }
-                    tracing::debug!(outcome = "waited", "a local duplicate finished; looking again");
+                    tracing::debug!("a local duplicate finished; looking again");
                     continue;
                 }
             }
@@ -392,14 +418,19 @@ async fn acquire<B>(shared: &Shared, identity: &Identity) -> Acquired<B> {
             mode: config.mode,
             retention: config.retention,
         };
-        match store_step(&shared.store, config.store_timeout, || {
+        match store_step(&shared.store, "claim", config.store_timeout, || {
             shared.store.claim(request.clone())
         })
         .await
         {
             Err(error) => return Acquired::StoreFailed(error),
-            Ok(ClaimOutcome::Claimed(claim)) => return Acquired::Claim(claim, holder),
-            Ok(ClaimOutcome::Completed(completed)) => return Acquired::Answer(replay_or_mismatch(completed, identity)),
+            Ok(ClaimOutcome::Claimed(claim)) => {
+                waiting.finish();
+                return Acquired::Claim(claim, holder);
+            }
+            Ok(ClaimOutcome::Completed(completed)) => {
+                return Acquired::Answer(replay_or_mismatch(completed, identity, waiting.finish()))
+            }
             Ok(ClaimOutcome::InFlight { fingerprint }) => {
                 if fingerprint.is_some_and(|fingerprint| fingerprint != identity.fingerprint) {
                     return Acquired::Answer(mismatch(identity));
@@ -410,8 +441,10 @@ async fn acquire<B>(shared: &Shared, identity: &Identity) -> Acquired<B> {
                 // Held on another instance: wait without a connection.
                 let now = Instant::now();
                 if now >= deadline {
+                    waiting.finish();
                     return Acquired::Answer(in_flight(identity));
                 }
+                waiting.start();
                 tokio::time::sleep_until((now + backoff).min(deadline)).await;
                 backoff = (backoff * 2).min(Duration::from_millis(200));
             }
@@ -419,9 +452,50 @@ async fn acquire<B>(shared: &Shared, identity: &Identity) -> Acquired<B> {
     }
 }
 
+/// Time a duplicate spent waiting for the first request with its key.
+struct Waiting<'a> {
+    identity: &'a Identity,
+    since: Option<Instant>,
+}
+
+impl<'a> Waiting<'a> {
+    fn new(identity: &'a Identity) -> Self {
+        Self { identity, since: None }
+    }
+
+    fn start(&mut self) {
+        self.since.get_or_insert_with(Instant::now);
+    }
+
+    /// Records the wait, if there was one; says whether there was.
+    fn finish(&mut self) -> bool {
+        let Some(since) = self.since.take() else {
+            return false;
+        };
+        metrics::wait_duration(&self.identity.key.source, since.elapsed());
+        true
+    }
+}
+
 /// Runs one store step under the route's timeout; a step that failed on a
 /// dead connection is tried once more on a fresh one.
-async fn store_step<T, F, Fut>(store: &Store, timeout: Duration, mut step: F) -> Result<T, StoreError>
+async fn store_step<T, F, Fut>(
+    store: &Store,
+    operation: &'static str,
+    timeout: Duration,
+    mut step: F,
+) -> Result<T, StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, StoreError>>,
+{
+    let started = Instant::now();
+    let result = store_step_once_or_twice(store, timeout, &mut step).await;
+    metrics::store_duration(operation, started.elapsed());
+    result
+}
+
+async fn store_step_once_or_twice<T, F, Fut>(store: &Store, timeout: Duration, step: &mut F) -> Result<T, StoreError>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, StoreError>>,
@@ -443,16 +517,19 @@ where
     }
 }
 
-fn replay_or_mismatch<B>(completed: Completed, identity: &Identity) -> Response<ResponseBody<B>> {
+fn replay_or_mismatch<B>(completed: Completed, identity: &Identity, waited: bool) -> Response<ResponseBody<B>> {
     if completed.fingerprint != identity.fingerprint {
         return mismatch(identity);
     }
-    tracing::debug!(outcome = "replayed", "answered with the stored response");
+    tracing::debug!(waited, "answered with the stored response");
+    let outcome = if waited { Outcome::Waited } else { Outcome::Replayed };
+    metrics::count(&identity.key.source, outcome);
     replay(completed.response)
 }
 
 fn mismatch<B>(identity: &Identity) -> Response<ResponseBody<B>> {
-    tracing::info!(outcome = "mismatch", "key reused with a different request");
+    tracing::info!("key reused with a different request");
+    metrics::count(&identity.key.source, Outcome::Mismatch);
     Problem::FingerprintMismatch.response(
         identity.protocol,
         &format!(
@@ -463,7 +540,8 @@ fn mismatch<B>(identity: &Identity) -> Response<ResponseBody<B>> {
 }
 
 fn in_flight<B>(identity: &Identity) -> Response<ResponseBody<B>> {
-    tracing::debug!(outcome = "conflict", "a request with this key is in flight");
+    tracing::debug!("a request with this key is in flight");
+    metrics::count(&identity.key.source, Outcome::Conflict);
     Problem::InFlight.response(
         identity.protocol,
         &format!("a request with the key `{}` is being processed", identity.key.key),
@@ -757,39 +835,43 @@ async fn commit<B, E>(
     stored: &StoredResponse,
     answer: Response<ResponseBody<B>>,
 ) -> Answer<B, E> {
+    let source = claim.key().source.clone();
+    let started = Instant::now();
     let completion = tokio::time::timeout(config.store_timeout, claim.complete(stored))
         .await
         .unwrap_or(Err(StoreError::Timeout(config.store_timeout)));
+    metrics::store_duration("complete", started.elapsed());
     match (completion, config.mode) {
         (Ok(Completion::Recorded), _) => {
-            tracing::info!(
-                outcome = "first",
-                status = stored.status.as_u16(),
-                "handled and recorded"
-            );
+            tracing::info!(status = stored.status.as_u16(), "handled and recorded");
+            metrics::count(&source, Outcome::First);
             Ok(answer)
         }
         (Ok(Completion::FencedOut), _) => {
-            tracing::warn!(
-                outcome = "fenced_out",
-                "the claim was taken over before completion; the response was not recorded"
-            );
+            tracing::warn!("the claim was taken over before completion; the response was not recorded");
+            metrics::count(&source, Outcome::FencedOut);
             Ok(answer)
         }
         (Err(error), Mode::Transaction) => {
-            tracing::error!(outcome = "store_error", %error, "the transaction did not commit; the handler's writes were rolled back");
+            tracing::error!(%error, "the transaction did not commit; the handler's writes were rolled back");
+            metrics::count(&source, Outcome::CommitFailed);
             Ok(Problem::CommitFailed.response(protocol, &format!("the request could not be committed: {error}")))
         }
         (Err(error), Mode::Lease { .. }) => {
-            tracing::error!(outcome = "store_error", %error, "the record could not be completed; it is left to its lease");
+            tracing::error!(%error, "the record could not be completed; it is left to its lease");
+            metrics::count(&source, Outcome::StoreError);
             Ok(answer)
         }
     }
 }
 
 async fn release(claim: Claim, why: &str) {
-    tracing::info!(outcome = "released", why, "claim released");
-    if let Err(error) = claim.release().await {
+    tracing::info!(why, "claim released");
+    metrics::count(&claim.key().source, Outcome::Released);
+    let started = Instant::now();
+    let released = claim.release().await;
+    metrics::store_duration("release", started.elapsed());
+    if let Err(error) = released {
         tracing::warn!(%error, "could not release the claim; it ends with its lease or connection");
     }
 }

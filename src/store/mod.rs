@@ -1,13 +1,16 @@
 //! Where records live: [`PostgresStore`] for production, [`MemoryStore`] for
 //! tests and single-process use. A layer takes either through [`Store`].
 
+mod cache;
 mod memory;
+mod operations;
 mod postgres;
 
 use std::error::Error as _;
 use std::time::Duration;
 
 pub use memory::MemoryStore;
+pub use operations::{RecordView, Released, StoreStats};
 pub use postgres::{InvalidTableName, PostgresStore, DEFAULT_TABLE};
 
 use crate::key::RecordKey;

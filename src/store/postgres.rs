@@ -2,7 +2,7 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use deadpool_postgres::{Object, Pool};
@@ -11,6 +11,7 @@ use tokio::sync::OnceCell;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::Row;
 
+use super::cache::RecordCache;
 use super::{Claim, ClaimOutcome, ClaimRequest, Completed, Completion, Held, Lookup, StoreError};
 use crate::key::RecordKey;
 use crate::policy::Mode;
@@ -21,8 +22,8 @@ use crate::tx::{IdempotencyTx, TxConnection};
 pub const DEFAULT_TABLE: &str = "idempotency_records";
 
 /// Record states in the `state` column.
-const IN_PROGRESS: i16 = 1;
-const COMPLETED: i16 = 2;
+pub(super) const IN_PROGRESS: i16 = 1;
+pub(super) const COMPLETED: i16 = 2;
 
 /// Records in a Postgres table, reached through a deadpool-postgres pool.
 ///
@@ -50,6 +51,7 @@ struct Inner {
     /// locks are database-wide, so two tables of the same name in different
     /// schemas must not share lock ids.
     lock_namespace: OnceCell<String>,
+    cache: Option<RecordCache>,
 }
 
 impl fmt::Debug for PostgresStore {
@@ -83,7 +85,51 @@ impl PostgresStore {
                 table,
                 sql,
                 lock_namespace: OnceCell::new(),
+                cache: None,
             }),
+        }
+    }
+
+    /// Keeps completed records in process memory (at most `max_bytes` of
+    /// them, each for at most `ttl`), so that a duplicate of a recently
+    /// completed event is answered without a database round trip. Off by
+    /// default. A record only changes by expiring or by an operator's
+    /// release; after a release, an instance whose cache holds the record
+    /// may still replay it for up to `ttl`, so keep `ttl` short (seconds).
+    ///
+    /// ```
+    /// # fn store(pool: deadpool_postgres::Pool) {
+    /// use std::time::Duration;
+    /// use tower_idempotency::PostgresStore;
+    ///
+    /// let store = PostgresStore::new(pool).with_cache(64 * 1024 * 1024, Duration::from_secs(10));
+    /// # let _ = store; }
+    /// ```
+    pub fn with_cache(self, max_bytes: u64, ttl: Duration) -> Self {
+        let table = self.inner.table.clone();
+        Self {
+            inner: Arc::new(Inner {
+                pool: self.inner.pool.clone(),
+                sql: Statements::new(&table),
+                table,
+                lock_namespace: OnceCell::new(),
+                cache: Some(RecordCache::new(max_bytes, ttl)),
+            }),
+        }
+    }
+
+    pub(super) fn cache(&self) -> Option<&RecordCache> {
+        self.inner.cache.as_ref()
+    }
+
+    /// Remembers a record just completed by this instance.
+    fn cache_completion(&self, request: &ClaimRequest, response: &StoredResponse) {
+        if let Some(cache) = &self.inner.cache {
+            let completed = Completed {
+                fingerprint: request.fingerprint,
+                response: response.clone(),
+            };
+            cache.insert(&request.key, completed, request.retention);
         }
     }
 
@@ -112,7 +158,12 @@ impl PostgresStore {
         Ok(())
     }
 
-    async fn connection(&self) -> Result<Object, StoreError> {
+    /// The table name, quoted for SQL.
+    pub(super) fn quoted_table(&self) -> String {
+        self.inner.table.quoted()
+    }
+
+    pub(super) async fn connection(&self) -> Result<Object, StoreError> {
         Ok(self.inner.pool.get().await?)
     }
 
@@ -136,12 +187,24 @@ impl PostgresStore {
     }
 
     pub(super) async fn lookup(&self, key: &RecordKey) -> Result<Lookup, StoreError> {
+        if let Some(completed) = self.inner.cache.as_ref().and_then(|cache| cache.get(key)) {
+            return Ok(Lookup::Completed(completed));
+        }
         let client = self.connection().await?;
         let statement = client.prepare_cached(&self.inner.sql.lookup).await?;
         let row = client
             .query_opt(&statement, &[&key.source, &key.event_type, &key.key])
             .await?;
-        row.map_or(Ok(Lookup::Absent), |row| lookup_from_row(&row))
+        let Some(row) = row else {
+            return Ok(Lookup::Absent);
+        };
+        let found = lookup_from_row(&row)?;
+        if let (Some(cache), Lookup::Completed(completed)) = (&self.inner.cache, &found) {
+            let expires_at: SystemTime = row.try_get("expires_at")?;
+            let valid_for = expires_at.duration_since(SystemTime::now()).unwrap_or_default();
+            cache.insert(key, completed.clone(), valid_for);
+        }
+        Ok(found)
     }
 
     pub(super) async fn claim(&self, request: ClaimRequest) -> Result<ClaimOutcome, StoreError> {
@@ -291,6 +354,9 @@ impl PostgresStore {
                 ],
             )
             .await?;
+        if updated == 1 {
+            self.cache_completion(request, response);
+        }
         Ok(if updated == 1 {
             Completion::Recorded
         } else {
@@ -344,6 +410,7 @@ impl PostgresStore {
         match result {
             Ok(_) => {
                 connection.closed_cleanly();
+                self.cache_completion(request, response);
                 Ok(())
             }
             Err(error) => {
@@ -494,7 +561,7 @@ impl Statements {
                 .to_owned(),
             // A live record: completed, or in progress with a running lease.
             lookup: format!(
-                "SELECT state, fingerprint, response_status, response_headers, response_body
+                "SELECT state, fingerprint, response_status, response_headers, response_body, expires_at
                  FROM {t} WHERE {key}
                    AND expires_at > now()
                    AND (state = {COMPLETED} OR locked_until > now())"

@@ -1,0 +1,266 @@
+//! Operating the Postgres store: figures, purging expired records, and
+//! inspecting or releasing one record. The admin command
+//! `idempotency-admin` is built on these; applications can report the same
+//! figures.
+
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use tokio::task::JoinHandle;
+
+use super::postgres::{COMPLETED, IN_PROGRESS};
+use super::{PostgresStore, StoreError};
+use crate::key::RecordKey;
+use crate::record::decode_headers;
+
+/// Figures about the records table.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoreStats {
+    /// Unexpired records whose claim is still open (lease mode).
+    pub in_progress: i64,
+    /// Unexpired completed records.
+    pub completed: i64,
+    /// Records past `expires_at`, waiting for a purge.
+    pub expired_awaiting_purge: i64,
+    /// Open claims whose lease has run out (their claimant died or stalled;
+    /// the next delivery takes them over).
+    pub leases_past_expiry: i64,
+    /// When the oldest open claim was taken.
+    pub oldest_in_progress: Option<SystemTime>,
+}
+
+/// One record as stored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RecordView {
+    /// `"in_progress"` or `"completed"`.
+    pub state: &'static str,
+    /// Hex SHA-256 fingerprint of the first request.
+    pub fingerprint: String,
+    /// When the claim was taken.
+    pub created_at: SystemTime,
+    /// When the record completed.
+    pub completed_at: Option<SystemTime>,
+    /// When the record stops counting and may be purged.
+    pub expires_at: SystemTime,
+    /// Until when an open claim's lease runs.
+    pub locked_until: Option<SystemTime>,
+    /// The stored response status.
+    pub response_status: Option<u16>,
+    /// The stored response headers, in order.
+    pub response_headers: Vec<(String, Vec<u8>)>,
+    /// The stored response trailers, if any.
+    pub response_trailers: Option<Vec<(String, Vec<u8>)>>,
+    /// The stored response body; `None` when it was over the storage limit
+    /// or the record is not completed.
+    pub response_body: Option<Bytes>,
+}
+
+/// What [`PostgresStore::release_record`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Released {
+    /// The record was deleted; the next delivery runs the handler.
+    Deleted,
+    /// No such record.
+    NotFound,
+    /// The record is an open claim with a live lease; release it with
+    /// `force` to let a second delivery run beside the first.
+    InProgress,
+}
+
+/// The SQL of the operations, formatted with the table name.
+struct Sql;
+
+impl Sql {
+    fn stats(t: &str) -> String {
+        format!(
+            "SELECT count(*) FILTER (WHERE state = {IN_PROGRESS} AND expires_at > now()),
+                    count(*) FILTER (WHERE state = {COMPLETED} AND expires_at > now()),
+                    count(*) FILTER (WHERE expires_at <= now()),
+                    count(*) FILTER (WHERE state = {IN_PROGRESS} AND expires_at > now() AND locked_until <= now()),
+                    min(created_at) FILTER (WHERE state = {IN_PROGRESS} AND expires_at > now())
+             FROM {t}"
+        )
+    }
+
+    /// Deletes up to `$1` expired records, oldest first, through the expiry
+    /// index. `SKIP LOCKED` lets concurrent purgers take disjoint batches
+    /// instead of waiting on each other or counting a row twice; an open
+    /// claim with a live lease is never purged.
+    fn purge_batch(t: &str) -> String {
+        format!(
+            "DELETE FROM {t} WHERE ctid = ANY(ARRAY(
+                 SELECT ctid FROM {t}
+                 WHERE expires_at <= now() AND NOT (state = {IN_PROGRESS} AND locked_until > now())
+                 ORDER BY expires_at LIMIT $1 FOR UPDATE SKIP LOCKED))"
+        )
+    }
+
+    fn count_expired(t: &str) -> String {
+        format!(
+            "SELECT count(*) FROM {t}
+             WHERE expires_at <= now() AND NOT (state = {IN_PROGRESS} AND locked_until > now())"
+        )
+    }
+
+    fn show(t: &str) -> String {
+        format!(
+            "SELECT state, fingerprint, created_at, completed_at, expires_at, locked_until,
+                    response_status, response_headers, response_body
+             FROM {t} WHERE source = $1 AND event_type = $2 AND key = $3"
+        )
+    }
+
+    /// Deletes the record unless it is an open claim with a live lease (or
+    /// `$4`, force, is set); says what it found either way.
+    fn release(t: &str) -> String {
+        format!(
+            "WITH found AS (SELECT state, locked_until FROM {t} WHERE source = $1 AND event_type = $2 AND key = $3),
+                  deleted AS (DELETE FROM {t} WHERE source = $1 AND event_type = $2 AND key = $3
+                                AND ($4 OR state <> {IN_PROGRESS} OR locked_until IS NULL OR locked_until <= now())
+                              RETURNING 1)
+             SELECT EXISTS (SELECT 1 FROM found), EXISTS (SELECT 1 FROM deleted)"
+        )
+    }
+}
+
+impl PostgresStore {
+    /// Counts records by state, expired records awaiting purge and leases
+    /// past their expiry. It reads the whole table: an operator's query, not
+    /// one for every request.
+    pub async fn stats(&self) -> Result<StoreStats, StoreError> {
+        let client = self.connection().await?;
+        let row = client.query_one(&Sql::stats(&self.quoted_table()), &[]).await?;
+        Ok(StoreStats {
+            in_progress: row.try_get(0)?,
+            completed: row.try_get(1)?,
+            expired_awaiting_purge: row.try_get(2)?,
+            leases_past_expiry: row.try_get(3)?,
+            oldest_in_progress: row.try_get(4)?,
+        })
+    }
+
+    /// How many expired records a purge would delete now.
+    pub async fn count_expired(&self) -> Result<i64, StoreError> {
+        let client = self.connection().await?;
+        let row = client.query_one(&Sql::count_expired(&self.quoted_table()), &[]).await?;
+        Ok(row.try_get(0)?)
+    }
+
+    /// Deletes expired records in batches of `batch` until none are left,
+    /// each batch its own short transaction; returns how many it deleted.
+    /// Safe to run from every instance at once.
+    pub async fn purge_expired(&self, batch: u32) -> Result<u64, StoreError> {
+        let client = self.connection().await?;
+        let statement = client.prepare_cached(&Sql::purge_batch(&self.quoted_table())).await?;
+        let limit = i64::from(batch.max(1));
+        let mut deleted = 0;
+        loop {
+            let batch_deleted = client.execute(&statement, &[&limit]).await?;
+            deleted += batch_deleted;
+            if batch_deleted < limit as u64 {
+                return Ok(deleted);
+            }
+        }
+    }
+
+    /// Purges expired records every `every`, in batches of `batch`, until the
+    /// returned task is aborted; a failed purge is logged and retried at the
+    /// next tick. Every instance may run one.
+    ///
+    /// ```no_run
+    /// # fn run(store: tower_idempotency::PostgresStore) {
+    /// use std::time::Duration;
+    /// let purger = store.spawn_purge_task(Duration::from_secs(60), 10_000);
+    /// // ... on shutdown:
+    /// purger.abort();
+    /// # }
+    /// ```
+    pub fn spawn_purge_task(&self, every: Duration, batch: u32) -> JoinHandle<()> {
+        let store = self.clone();
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(every);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                ticks.tick().await;
+                match store.purge_expired(batch).await {
+                    Ok(0) => {}
+                    Ok(deleted) => tracing::info!(deleted, "purged expired idempotency records"),
+                    Err(error) => tracing::warn!(%error, "purging expired idempotency records failed"),
+                }
+            }
+        })
+    }
+
+    /// The record of (source, event type, key), with its stored response.
+    pub async fn record(&self, source: &str, event_type: &str, key: &str) -> Result<Option<RecordView>, StoreError> {
+        let client = self.connection().await?;
+        let Some(row) = client
+            .query_opt(&Sql::show(&self.quoted_table()), &[&source, &event_type, &key])
+            .await?
+        else {
+            return Ok(None);
+        };
+        let state: i16 = row.try_get(0)?;
+        let headers: Option<&[u8]> = row.try_get(7)?;
+        let (response_headers, response_trailers) = match headers {
+            Some(bytes) => {
+                let (headers, trailers) =
+                    decode_headers(bytes).map_err(|error| StoreError::Corrupt(error.to_string()))?;
+                let plain = |list: Vec<(http::HeaderName, http::HeaderValue)>| {
+                    list.into_iter()
+                        .map(|(name, value)| (name.to_string(), value.as_bytes().to_vec()))
+                        .collect()
+                };
+                (plain(headers), trailers.map(plain))
+            }
+            None => (Vec::new(), None),
+        };
+        let status: Option<i16> = row.try_get(6)?;
+        Ok(Some(RecordView {
+            state: if state == COMPLETED { "completed" } else { "in_progress" },
+            fingerprint: crate::key::hex(row.try_get::<_, &[u8]>(1)?),
+            created_at: row.try_get(2)?,
+            completed_at: row.try_get(3)?,
+            expires_at: row.try_get(4)?,
+            locked_until: row.try_get(5)?,
+            response_status: status.and_then(|status| u16::try_from(status).ok()),
+            response_headers,
+            response_trailers,
+            response_body: row.try_get::<_, Option<&[u8]>>(8)?.map(Bytes::copy_from_slice),
+        }))
+    }
+
+    /// Deletes a record so that the next delivery runs the handler again. An
+    /// open claim with a live lease is kept unless `force` is set. An
+    /// uncommitted transaction-mode claim is invisible here and unaffected.
+    /// This instance's cache forgets the record at once; other instances'
+    /// caches may replay it for up to their time-to-live.
+    pub async fn release_record(
+        &self,
+        source: &str,
+        event_type: &str,
+        key: &str,
+        force: bool,
+    ) -> Result<Released, StoreError> {
+        let client = self.connection().await?;
+        let row = client
+            .query_one(
+                &Sql::release(&self.quoted_table()),
+                &[&source, &event_type, &key, &force],
+            )
+            .await?;
+        let (found, deleted): (bool, bool) = (row.try_get(0)?, row.try_get(1)?);
+        if let Some(cache) = self.cache() {
+            cache.remove(&RecordKey {
+                source: source.into(),
+                event_type: event_type.into(),
+                key: key.into(),
+            });
+        }
+        Ok(match (found, deleted) {
+            (_, true) => Released::Deleted,
+            (false, false) => Released::NotFound,
+            (true, false) => Released::InProgress,
+        })
+    }
+}

@@ -1,0 +1,97 @@
+//! The layer's metrics move as requests pass (one global recorder for this
+//! test binary; each test uses sources of its own).
+
+mod support;
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use support::{request, send, Probe};
+use tower_idempotency::{IdempotencyLayer, InFlight, MemoryStore};
+
+fn recorder() -> &'static PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE.get_or_init(|| {
+        PrometheusBuilder::new()
+            .install_recorder()
+            .expect("install the recorder")
+    })
+}
+
+/// The value of `idempotency_requests_total` for a source and outcome.
+fn requests(source: &str, outcome: &str) -> u64 {
+    let text = recorder().render();
+    text.lines()
+        .filter(|line| line.starts_with("idempotency_requests_total{"))
+        .filter(|line| {
+            line.contains(&format!("source=\"{source}\"")) && line.contains(&format!("outcome=\"{outcome}\""))
+        })
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+#[tokio::test]
+async fn request_outcomes_are_counted() {
+    recorder();
+    let probe = Probe::default();
+    let app = probe.app(IdempotencyLayer::new(MemoryStore::new(100)).source("metrics-outcomes"));
+
+    send(&app, request(Some("a"), "{}", &[])).await;
+    send(&app, request(Some("a"), "{}", &[])).await;
+    send(&app, request(Some("a"), "{\"x\":1}", &[])).await;
+    send(&app, request(None, "{}", &[])).await;
+    send(&app, request(Some("a\tb"), "{}", &[])).await;
+    send(&app, request(Some("b"), "{}", &[("x-test-status", "500")])).await;
+
+    let source = "metrics-outcomes";
+    assert_eq!(requests(source, "first"), 1);
+    assert_eq!(requests(source, "replayed"), 1);
+    assert_eq!(requests(source, "mismatch"), 1);
+    assert_eq!(requests(source, "missing_key"), 1);
+    assert_eq!(requests(source, "rejected"), 1);
+    assert_eq!(requests(source, "released"), 1);
+}
+
+#[tokio::test]
+async fn conflicts_waits_and_store_latency_are_recorded() {
+    recorder();
+    let probe = Probe::default();
+    let conflict = probe.app(IdempotencyLayer::new(MemoryStore::new(100)).source("metrics-conflict"));
+    let store = MemoryStore::new(100);
+    let waiting = probe.app(
+        IdempotencyLayer::new(store)
+            .source("metrics-wait")
+            .in_flight(InFlight::Wait(Duration::from_secs(30))),
+    );
+
+    let first = tokio::spawn({
+        let conflict = conflict.clone();
+        async move { send(&conflict, request(Some("k"), "{}", &[("x-test-block", "1")])).await }
+    });
+    probe.started().await;
+    send(&conflict, request(Some("k"), "{}", &[])).await;
+    let held = tokio::spawn({
+        let waiting = waiting.clone();
+        async move { send(&waiting, request(Some("k"), "{}", &[("x-test-block", "1")])).await }
+    });
+    probe.started().await;
+    let waiter = tokio::spawn({
+        let waiting = waiting.clone();
+        async move { send(&waiting, request(Some("k"), "{}", &[])).await }
+    });
+    probe.open_gate();
+    first.await.unwrap();
+    held.await.unwrap();
+    let waited = waiter.await.unwrap();
+
+    assert_eq!(requests("metrics-conflict", "conflict"), 1);
+    // The waiter either waited for the first or arrived after it finished.
+    assert!(waited.replayed());
+    assert_eq!(
+        requests("metrics-wait", "waited") + requests("metrics-wait", "replayed"),
+        1
+    );
+    let text = recorder().render();
+    assert!(text.contains("idempotency_store_duration_seconds"), "{text}");
+}

@@ -1,0 +1,359 @@
+//! Operating the Postgres store: purge, figures, the record cache, and the
+//! `idempotency-admin` command, against the real Postgres.
+
+mod support;
+
+use std::process::Output;
+use std::time::Duration;
+
+use futures_util::future::join_all;
+use http::StatusCode;
+use support::{request, send, Probe, TestDb};
+use tower_idempotency::{IdempotencyLayer, InFlight, Mode, PostgresStore, Released};
+
+/// Inserts `count` records of each kind: expired completed, live completed,
+/// and open claims with a live lease but a past `expires_at` (which must
+/// survive a purge).
+async fn seed(db: &TestDb, count: i64) {
+    db.client()
+        .await
+        .execute(
+            "INSERT INTO idempotency_records (source, event_type, key, fingerprint, state, locked_until,
+                                              response_status, response_headers, created_at, completed_at, expires_at)
+             SELECT 's', kind, n::text, '\\x00'::bytea, state, locked_until, status, '\\x01000000000000ffffffff'::bytea,
+                    now() - interval '40 days', completed_at, expires_at
+             FROM generate_series(1, $1::int8) AS n,
+                  (VALUES ('expired', 2::int2, NULL::timestamptz, 200::int2, now() - interval '10 days', now() - interval '1 day'),
+                          ('live', 2::int2, NULL, 200::int2, now(), now() + interval '1 day'),
+                          ('leased', 1::int2, now() + interval '1 hour', NULL::int2, NULL, now() - interval '1 day'))
+                  AS kinds(kind, state, locked_until, status, completed_at, expires_at)",
+            &[&count],
+        )
+        .await
+        .unwrap();
+}
+
+async fn count_kind(db: &TestDb, kind: &str) -> i64 {
+    db.count(&format!(
+        "SELECT count(*) FROM idempotency_records WHERE event_type = '{kind}'"
+    ))
+    .await
+}
+
+#[tokio::test]
+async fn purge_removes_exactly_the_expired_records_and_no_open_claim() {
+    let db = TestDb::new("purge_exact").await;
+    let store = db.store().await;
+    seed(&db, 250).await;
+
+    assert_eq!(store.count_expired().await.unwrap(), 250);
+    let deleted = store.purge_expired(100).await.unwrap();
+
+    assert_eq!(deleted, 250);
+    assert_eq!(count_kind(&db, "expired").await, 0);
+    assert_eq!(count_kind(&db, "live").await, 250);
+    assert_eq!(
+        count_kind(&db, "leased").await,
+        250,
+        "an open claim with a live lease is never purged"
+    );
+    assert_eq!(store.purge_expired(100).await.unwrap(), 0);
+    db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn concurrent_purgers_split_the_work_without_double_counting() {
+    let db = TestDb::new("purge_concurrent").await;
+    let store = db.store().await;
+    seed(&db, 5_000).await;
+
+    let results = join_all((0..4).map(|_| {
+        let store = store.clone();
+        async move { store.purge_expired(500).await }
+    }))
+    .await;
+
+    let total: u64 = results.into_iter().map(Result::unwrap).sum();
+    assert_eq!(total, 5_000, "each expired record is deleted, and counted, once");
+    assert_eq!(count_kind(&db, "expired").await, 0);
+    db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn stats_count_records_by_state() {
+    let db = TestDb::new("store_stats").await;
+    let store = db.store().await;
+    seed(&db, 3).await;
+    db.client()
+        .await
+        .execute(
+            "UPDATE idempotency_records SET locked_until = now() - interval '1 minute', expires_at = now() + interval '1 day'
+             WHERE event_type = 'leased' AND key = '1'",
+            &[],
+        )
+        .await
+        .unwrap();
+
+    let stats = store.stats().await.unwrap();
+
+    assert_eq!(stats.completed, 3);
+    assert_eq!(
+        stats.expired_awaiting_purge,
+        3 + 2,
+        "expired completed records and expired claims"
+    );
+    assert_eq!(stats.in_progress, 1);
+    assert_eq!(stats.leases_past_expiry, 1);
+    assert!(stats.oldest_in_progress.is_some());
+    db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn release_record_refuses_a_live_claim_unless_forced() {
+    let db = TestDb::new("release_record").await;
+    let store = db.store().await;
+    let probe = Probe::default();
+    let app = probe.app(
+        IdempotencyLayer::new(store.clone())
+            .source("s")
+            .mode(Mode::lease(Duration::from_secs(60))),
+    );
+    send(&app, request(Some("done"), "{}", &[])).await;
+    probe.started().await;
+    let running = tokio::spawn({
+        let app = app.clone();
+        async move { send(&app, request(Some("busy"), "{}", &[("x-test-block", "1")])).await }
+    });
+    probe.started().await;
+
+    assert_eq!(
+        store.release_record("s", "", "busy", false).await.unwrap(),
+        Released::InProgress
+    );
+    assert_eq!(
+        store.release_record("s", "", "missing", false).await.unwrap(),
+        Released::NotFound
+    );
+    assert_eq!(
+        store.release_record("s", "", "done", false).await.unwrap(),
+        Released::Deleted
+    );
+    let rerun = send(&app, request(Some("done"), "{}", &[])).await;
+    assert!(!rerun.replayed(), "a released key runs again");
+    assert_eq!(
+        store.release_record("s", "", "busy", true).await.unwrap(),
+        Released::Deleted
+    );
+    probe.open_gate();
+    running.await.unwrap();
+    assert_eq!(probe.runs(), 3);
+    db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn the_cache_answers_duplicates_without_the_database_and_only_for_completed_records() {
+    let db = TestDb::new("record_cache").await;
+    let store = db.store().await.with_cache(1 << 20, Duration::from_secs(60));
+    let probe = Probe::default();
+    let lease = Mode::lease(Duration::from_secs(60));
+    let app = probe.app(
+        IdempotencyLayer::new(store.clone())
+            .source("s")
+            .mode(lease)
+            .in_flight(InFlight::Conflict),
+    );
+
+    send(&app, request(Some("k"), "{}", &[])).await;
+    probe.started().await;
+    // With the table gone, only the cache can answer.
+    db.client()
+        .await
+        .batch_execute("ALTER TABLE idempotency_records RENAME TO hidden")
+        .await
+        .unwrap();
+    let cached = send(&app, request(Some("k"), "{}", &[])).await;
+    let uncached = send(&app, request(Some("other"), "{}", &[])).await;
+    db.client()
+        .await
+        .batch_execute("ALTER TABLE hidden RENAME TO idempotency_records")
+        .await
+        .unwrap();
+
+    assert!(cached.replayed(), "{cached:?}");
+    assert_eq!(
+        uncached.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "a miss still goes to the database"
+    );
+
+    // An open claim is never served from the cache: its duplicate is 409.
+    let running = tokio::spawn({
+        let app = app.clone();
+        async move { send(&app, request(Some("busy"), "{}", &[("x-test-block", "1")])).await }
+    });
+    probe.started().await;
+    let duplicate = send(&app, request(Some("busy"), "{}", &[])).await;
+    probe.open_gate();
+    running.await.unwrap();
+    assert_eq!(duplicate.status, StatusCode::CONFLICT);
+
+    // A release through this store forgets the cached record at once.
+    assert_eq!(
+        store.release_record("s", "", "k", false).await.unwrap(),
+        Released::Deleted
+    );
+    let rerun = send(&app, request(Some("k"), "{}", &[])).await;
+    assert!(!rerun.replayed());
+    db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn the_purge_task_deletes_expired_records_in_the_background() {
+    let db = TestDb::new("purge_task").await;
+    let store = db.store().await;
+    seed(&db, 10).await;
+
+    let task = store.spawn_purge_task(Duration::from_millis(10), 3);
+    let emptied = tokio::time::timeout(Duration::from_secs(10), async {
+        while count_kind(&db, "expired").await > 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    task.abort();
+
+    assert!(emptied.is_ok(), "the purge task never emptied the expired records");
+    assert_eq!(count_kind(&db, "live").await, 10);
+    db.drop_schema().await;
+}
+
+// ---------------------------------------------------------------------------
+// The admin command
+
+/// Runs `idempotency-admin` against the test's schema.
+fn admin(db: &TestDb, args: &[&str]) -> Output {
+    let url = support::database_url();
+    let separator = if url.contains('?') { '&' } else { '?' };
+    std::process::Command::new(env!("CARGO_BIN_EXE_idempotency-admin"))
+        .args(args)
+        .env(
+            "DATABASE_URL",
+            format!("{url}{separator}options=-csearch_path%3D{}", db.schema),
+        )
+        .output()
+        .expect("run idempotency-admin")
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[tokio::test]
+async fn admin_migrate_stats_and_purge() {
+    let db = TestDb::new("admin_basics").await;
+    let migrated = admin(&db, &["--table", "ops.records", "migrate"]);
+    assert!(migrated.status.success(), "{}", stderr(&migrated));
+    assert_eq!(db.count("SELECT count(*) FROM ops.records").await, 0);
+    support::connect()
+        .await
+        .batch_execute("DROP SCHEMA ops CASCADE")
+        .await
+        .unwrap();
+
+    db.store().await;
+    seed(&db, 4).await;
+    let stats = admin(&db, &["stats", "--json"]);
+    assert!(stats.status.success(), "{}", stderr(&stats));
+    let figures: serde_json::Value = serde_json::from_slice(&stats.stdout).unwrap();
+    assert_eq!(figures["completed"], 4);
+    assert_eq!(figures["expired_awaiting_purge"], 8);
+    assert!(stdout(&admin(&db, &["stats"])).contains("expired awaiting purge  8"));
+
+    let dry = admin(&db, &["purge", "--dry-run"]);
+    assert_eq!(stdout(&dry).trim(), "4 expired records would be purged");
+    assert_eq!(count_kind(&db, "expired").await, 4, "a dry run deletes nothing");
+    let purged = admin(&db, &["purge", "--batch", "3"]);
+    assert_eq!(stdout(&purged).trim(), "purged 4 expired records");
+    assert_eq!(count_kind(&db, "expired").await, 0);
+    db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn admin_show_and_release() {
+    let db = TestDb::new("admin_records").await;
+    let store = db.store().await;
+    let probe = Probe::default();
+    let app = probe.app(IdempotencyLayer::new(store).source("stripe"));
+    send(&app, request(Some("evt_1"), "{}", &[("x-test-status", "201")])).await;
+    db.client()
+        .await
+        .execute(
+            "INSERT INTO idempotency_records (source, event_type, key, fingerprint, state, claim_token, locked_until, expires_at)
+             VALUES ('stripe', '', 'busy', '\\x00', 1, gen_random_uuid(), now() + interval '1 hour', now() + interval '1 day')",
+            &[],
+        )
+        .await
+        .unwrap();
+
+    let shown = admin(&db, &["show", "stripe", "", "evt_1", "--json"]);
+    assert!(shown.status.success(), "{}", stderr(&shown));
+    let record: serde_json::Value = serde_json::from_slice(&shown.stdout).unwrap();
+    assert_eq!(record["state"], "completed");
+    assert_eq!(record["response"]["status"], 201);
+    assert_eq!(record["response"]["body"], "run 1");
+    assert!(stdout(&admin(&db, &["show", "stripe", "", "evt_1"])).contains("response      201"));
+
+    assert_eq!(admin(&db, &["show", "stripe", "", "nope"]).status.code(), Some(3));
+    let refused = admin(&db, &["release", "stripe", "", "busy"]);
+    assert_eq!(refused.status.code(), Some(4));
+    assert!(stderr(&refused).contains("--force"));
+    let forced = admin(&db, &["release", "stripe", "", "busy", "--force", "--by", "alice"]);
+    assert!(forced.status.success());
+    assert!(stderr(&forced).contains("by alice at "), "{}", stderr(&forced));
+    let released = admin(&db, &["release", "stripe", "", "evt_1"]);
+    assert!(released.status.success());
+    assert_eq!(admin(&db, &["release", "stripe", "", "evt_1"]).status.code(), Some(3));
+    assert_eq!(db.records().await, 0);
+    db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn admin_usage_errors_and_help() {
+    let db = TestDb::new("admin_usage").await;
+    assert!(stdout(&admin(&db, &["--help"])).contains("Commands:"));
+    for command in ["migrate", "stats", "purge", "show", "release"] {
+        let help = admin(&db, &[command, "--help"]);
+        assert!(
+            help.status.success() && stdout(&help).starts_with("Usage:"),
+            "{command}"
+        );
+    }
+    assert_eq!(admin(&db, &["frobnicate"]).status.code(), Some(2));
+    assert_eq!(admin(&db, &["show", "only-one-arg"]).status.code(), Some(2));
+    assert_eq!(admin(&db, &["purge", "--batch", "0"]).status.code(), Some(2));
+    assert_eq!(admin(&db, &["--table", "bad-name", "stats"]).status.code(), Some(2));
+    let unreachable = std::process::Command::new(env!("CARGO_BIN_EXE_idempotency-admin"))
+        .arg("stats")
+        .env("DATABASE_URL", "postgres://postgres@127.0.0.1:1/postgres")
+        .output()
+        .unwrap();
+    assert_eq!(unreachable.status.code(), Some(1));
+    assert!(!stderr(&unreachable).contains("panicked"));
+    db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn a_store_without_its_table_says_to_migrate() {
+    let db = TestDb::new("missing_table").await;
+    let store = PostgresStore::new(db.pool.clone());
+    let probe = Probe::default();
+    let app = probe.app(IdempotencyLayer::new(store.clone()));
+    let reply = send(&app, request(Some("k"), "{}", &[])).await;
+    assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(probe.runs(), 0);
+    db.drop_schema().await;
+}
