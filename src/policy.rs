@@ -33,7 +33,8 @@ pub enum Mode {
     Lease {
         /// How long a claim stays valid without renewal.
         lease: Duration,
-        /// How often the lease is renewed while the handler runs.
+        /// How often the lease is renewed while the handler runs; zero
+        /// never renews.
         renew_every: Duration,
     },
 }

@@ -665,6 +665,10 @@ async fn with_renewal<F: Future>(config: &Config, claim: &Claim, handler: F) -> 
     let Mode::Lease { lease, renew_every } = config.mode else {
         return handler.await;
     };
+    if renew_every.is_zero() {
+        // No renewal asked for (a zero interval would spin).
+        return handler.await;
+    }
     let renew = async {
         loop {
             tokio::time::sleep(renew_every).await;
