@@ -26,6 +26,13 @@
 //! `POST /baseline` runs the same business logic without the layer, so the
 //! layer's cost can be measured against it in one run of one server.
 //!
+//! With `STRIPE_WEBHOOK_SECRET`, `GITHUB_WEBHOOK_SECRET` or
+//! `STANDARD_WEBHOOK_SECRET` set, that route verifies the provider's
+//! signature before anything is claimed (401 otherwise). The Stripe route
+//! also keeps each payment intent's latest state in `payment_states`
+//! through an [`OrderingGuard`]: a late `payment_intent.processing` never
+//! overwrites `succeeded`.
+//!
 //! Its routes, settings and answers are a stable contract, checked end to
 //! end by `tests/webhook_receiver.rs`.
 
@@ -34,6 +41,7 @@ use std::io::Write as _;
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::str::FromStr;
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use axum::body::Body;
@@ -46,15 +54,22 @@ use axum::{Extension, Router};
 use bytes::Bytes;
 use deadpool_postgres::{ClientWrapper, Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use serde_json::Value;
 use tokio::net::TcpListener;
 use tokio_postgres::NoTls;
-use tower_idempotency::{Extractor, IdempotencyLayer, InFlight, InvalidJsonPath, PostgresStore, RecordKey, Tx};
+use tower_idempotency::{
+    Extractor, GitHubSignature, IdempotencyLayer, InFlight, InvalidJsonPath, Mode, OrderingGuard, PostgresStore,
+    RecordKey, StandardWebhooksSignature, StripeSignature, Tx, VerifySignature,
+};
 
 const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 const DEFAULT_BIND: &str = "127.0.0.1:3000";
 const DEFAULT_MAX_BODY_BYTES: &str = "1048576";
 const DEFAULT_POOL_SIZE: &str = "32";
+const DEFAULT_LEASE_SECS: &str = "60";
+/// The record cache's bound when `RECORD_CACHE_TTL_MS` turns it on.
+const RECORD_CACHE_BYTES: u64 = 64 << 20;
 
 /// How long opening a database connection may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -95,6 +110,7 @@ Routes:
   POST /payments           keyed by Idempotency-Key (required); 201
   POST /baseline           the Stripe handler without the layer
   GET  /healthz            200 when the database answers
+  GET  /metrics            the layer's metrics, Prometheus text format
 
 Environment (all optional; an empty value counts as unset):
   DATABASE_URL           Postgres for the idempotency records and the ledger
@@ -110,13 +126,42 @@ Environment (all optional; an empty value counts as unset):
   POOL_SIZE              database connections in the pool; every in-flight
                          protected request holds one for its handler's duration
                          [default: {DEFAULT_POOL_SIZE}]
+  RECORD_MODE            how the protected routes record events: `transaction`
+                         (the ledger row commits with the record: exactly once)
+                         or `lease` (the row is written outside the record's
+                         transaction under a renewed lease: at least once, a
+                         crashed run's lease expires and a redelivery takes
+                         over) [default: transaction]
+  LEASE_SECS             lease mode's lease, in seconds, renewed every third
+                         of it while a handler runs [default: {DEFAULT_LEASE_SECS}]
+  RECORD_CACHE_TTL_MS    when above 0, completed records are also kept in
+                         process memory (at most {cache_mib} MiB of them) for this
+                         many milliseconds, so a duplicate of a recently
+                         completed event costs no database round trip; another
+                         instance's release of a record may go unseen here for
+                         that long [default: 0, off]
+  STRIPE_WEBHOOK_SECRET  the Stripe endpoint's signing secret (whsec_...); when
+                         set, /webhooks/stripe verifies Stripe-Signature
+                         [default: unset, no verification]
+  GITHUB_WEBHOOK_SECRET  the GitHub webhook's secret; when set,
+                         /webhooks/github verifies X-Hub-Signature-256
+                         [default: unset, no verification]
+  STANDARD_WEBHOOK_SECRET  the Standard Webhooks secret, with or without its
+                         whsec_ prefix; when set, /webhooks/standard verifies
+                         webhook-signature [default: unset, no verification]
 
 Database timeouts: connect {connect}s, pool wait {wait}s (then 503 with
 Retry-After), statement {statement}s.
+
+Signatures: a missing, malformed, stale or wrong one is 401, checked after the
+body size and before anything else; signed timestamps more than {tolerance}s
+in the past or the future are refused.
 ",
         connect = CONNECT_TIMEOUT.as_secs(),
         wait = POOL_WAIT_TIMEOUT.as_secs(),
         statement = STATEMENT_TIMEOUT.as_secs(),
+        tolerance = tower_idempotency::DEFAULT_SIGNATURE_TOLERANCE.as_secs(),
+        cache_mib = RECORD_CACHE_BYTES >> 20,
     )
 }
 
@@ -166,6 +211,10 @@ struct Settings {
     max_body_bytes: usize,
     pool_size: usize,
     demo: Demo,
+    record_mode: RecordMode,
+    signatures: Signatures,
+    /// `RECORD_CACHE_TTL_MS`; zero keeps the record cache off.
+    record_cache_ttl: Duration,
 }
 
 impl Settings {
@@ -192,13 +241,68 @@ impl Settings {
             failure_rate,
             handler_delay: Duration::from_millis(delay_ms),
         };
+        let lease_secs = setting("LEASE_SECS", DEFAULT_LEASE_SECS, positive)?;
+        let record_mode = setting("RECORD_MODE", "transaction", |text| match text {
+            "transaction" => Ok(RecordMode::Transaction),
+            "lease" => Ok(RecordMode::Lease(Duration::from_secs(lease_secs as u64))),
+            _ => Err("expected `transaction` or `lease`".to_owned()),
+        })?;
+        let signatures = Signatures::from_env()?;
+        let record_cache_ms = setting("RECORD_CACHE_TTL_MS", "0", |text| {
+            text.parse::<u64>()
+                .map_err(|_| "expected a whole number of milliseconds".to_owned())
+        })?;
         Ok(Self {
             database,
             bind,
             max_body_bytes,
             pool_size,
             demo,
+            record_mode,
+            signatures,
+            record_cache_ttl: Duration::from_millis(record_cache_ms),
         })
+    }
+}
+
+/// The webhook routes' signature checks, each on when its secret is set.
+#[derive(Clone, Debug, Default)]
+struct Signatures {
+    stripe: Option<StripeSignature>,
+    github: Option<GitHubSignature>,
+    standard: Option<StandardWebhooksSignature>,
+}
+
+impl Signatures {
+    fn from_env() -> Result<Self, String> {
+        Ok(Self {
+            stripe: secret_setting("STRIPE_WEBHOOK_SECRET", |secret| StripeSignature::new(secret))?,
+            github: secret_setting("GITHUB_WEBHOOK_SECRET", |secret| GitHubSignature::new(secret))?,
+            standard: secret_setting("STANDARD_WEBHOOK_SECRET", StandardWebhooksSignature::new)?,
+        })
+    }
+}
+
+/// A verifier built from a secret in the environment; `None` when the
+/// variable is unset or empty. Errors never echo the secret.
+fn secret_setting<V, E: std::fmt::Display>(
+    name: &str,
+    verifier: impl FnOnce(&str) -> Result<V, E>,
+) -> Result<Option<V>, String> {
+    match std::env::var(name) {
+        Ok(secret) if !secret.trim().is_empty() => verifier(secret.trim())
+            .map(Some)
+            .map_err(|error| format!("invalid {name}: {error}")),
+        Ok(_) | Err(std::env::VarError::NotPresent) => Ok(None),
+        Err(std::env::VarError::NotUnicode(_)) => Err(format!("invalid {name}: not valid UTF-8")),
+    }
+}
+
+/// Adds a route's signature check when its secret is set.
+fn verified(layer: IdempotencyLayer, verifier: Option<impl VerifySignature>) -> IdempotencyLayer {
+    match verifier {
+        Some(verifier) => layer.verify_signature(verifier),
+        None => layer,
     }
 }
 
@@ -242,13 +346,66 @@ struct App {
     pool: Pool,
     demo: Demo,
     max_body_bytes: usize,
+    record_mode: RecordMode,
+    payment_states: OrderingGuard,
+}
+
+/// How the protected routes record their events (`RECORD_MODE`).
+#[derive(Clone, Copy, Debug)]
+enum RecordMode {
+    /// The ledger row and the record commit together: exactly once.
+    Transaction,
+    /// The ledger row autocommits while the handler holds a lease of this
+    /// length on the record: at least once.
+    Lease(Duration),
+}
+
+/// Where a protected handler writes its ledger row: the request's
+/// transaction in transaction mode; in lease mode an autocommitting pooled
+/// connection, outside the record's transaction.
+enum Db {
+    Tx(Tx),
+    Pooled(Box<deadpool_postgres::Object>),
+}
+
+impl std::ops::Deref for Db {
+    type Target = ClientWrapper;
+
+    fn deref(&self) -> &ClientWrapper {
+        match self {
+            Db::Tx(tx) => tx,
+            Db::Pooled(client) => client,
+        }
+    }
+}
+
+impl axum::extract::FromRequestParts<App> for Db {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, app: &App) -> Result<Self, Response> {
+        match app.record_mode {
+            RecordMode::Transaction => Tx::from_request_parts(parts, app)
+                .await
+                .map(Db::Tx)
+                .map_err(IntoResponse::into_response),
+            RecordMode::Lease(_) => app
+                .pool
+                .get()
+                .await
+                .map(|client| Db::Pooled(Box::new(client)))
+                .map_err(|error| database_unavailable(&error)),
+        }
+    }
 }
 
 async fn run(settings: Settings) -> Result<(), String> {
     let target = describe_database(&settings.database);
     let pool = connection_pool(settings.database, settings.pool_size)?;
 
-    let store = PostgresStore::new(pool.clone());
+    let mut store = PostgresStore::new(pool.clone());
+    if !settings.record_cache_ttl.is_zero() {
+        store = store.with_cache(RECORD_CACHE_BYTES, settings.record_cache_ttl);
+    }
     store.migrate().await.map_err(|error| {
         format!(
             "cannot use the database {target} named by DATABASE_URL: {}",
@@ -261,13 +418,27 @@ async fn run(settings: Settings) -> Result<(), String> {
             error_chain(&*error)
         )
     })?;
+    let payment_states = payment_states().map_err(|error| format!("invalid payment_states guard: {error}"))?;
+    create_payment_states(&pool, &payment_states).await.map_err(|error| {
+        format!(
+            "cannot create payment_states in the database {target} named by DATABASE_URL: {}",
+            error_chain(&*error)
+        )
+    })?;
 
     let app = App {
         pool,
         demo: settings.demo,
         max_body_bytes: settings.max_body_bytes,
+        record_mode: settings.record_mode,
+        payment_states,
     };
-    let router = router(app, &store).map_err(|error| format!("invalid route configuration: {error}"))?;
+    let metrics = PrometheusBuilder::new()
+        .install_recorder()
+        .map_err(|error| format!("cannot install the metrics recorder: {error}"))?;
+    let _ = METRICS.set(metrics);
+    let router =
+        router(app, &store, settings.signatures).map_err(|error| format!("invalid route configuration: {error}"))?;
 
     let listener = TcpListener::bind(settings.bind)
         .await
@@ -375,28 +546,53 @@ async fn create_ledger(pool: &Pool) -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
+/// The Stripe route's ordering guard: each payment intent's latest state in
+/// `payment_states`, moving only forward.
+fn payment_states() -> Result<OrderingGuard, tower_idempotency::OrderingError> {
+    Ok(OrderingGuard::new("payment_states", "payment_id")?
+        .then(["created"])
+        .then(["processing"])
+        .terminal(["succeeded", "payment_failed", "canceled"]))
+}
+
+async fn create_payment_states(pool: &Pool, guard: &OrderingGuard) -> Result<(), Box<dyn std::error::Error>> {
+    let mut client = pool.get().await?;
+    guard.create_table(&mut client).await?;
+    Ok(())
+}
+
 /// Each protected route gets a layer of its own: its source, where its key
 /// and event type come from, and what a concurrent duplicate gets.
-fn router(app: App, store: &PostgresStore) -> Result<Router, InvalidJsonPath> {
+fn router(app: App, store: &PostgresStore, signatures: Signatures) -> Result<Router, InvalidJsonPath> {
+    let mode = match app.record_mode {
+        RecordMode::Transaction => Mode::Transaction,
+        RecordMode::Lease(lease) => Mode::lease(lease),
+    };
     let layer = |source: &str| {
         IdempotencyLayer::new(store.clone())
             .source(source)
             .max_request_bytes(app.max_body_bytes)
+            .mode(mode)
     };
     // Providers retry on 409 anyway, but waiting answers them at once.
     let webhook = |source: &str| layer(source).in_flight(InFlight::Wait(WEBHOOK_WAIT));
 
+    // A signature, where its secret is set, is checked on the raw body
+    // before the key is read or claimed: a forgery leaves no trace.
     let stripe = webhook("stripe")
         .key(Extractor::json("/id")?)
         .event_type(Extractor::json("/type")?)
         .json_body(true);
+    let stripe = verified(stripe, signatures.stripe);
     let github = webhook("github")
         .key(Extractor::header("X-GitHub-Delivery"))
         .event_type(Extractor::header("X-GitHub-Event"));
+    let github = verified(github, signatures.github);
     let standard = webhook("standard")
         .key(Extractor::header("webhook-id"))
         .event_type(Extractor::json("/type")?)
         .json_body(true);
+    let standard = verified(standard, signatures.standard);
     // API clients are told to retry a 409; holding their request open would
     // only tie up a connection. The body must be JSON even though the key is
     // a header: the handler reads `/amount`.
@@ -412,6 +608,7 @@ fn router(app: App, store: &PostgresStore) -> Result<Router, InvalidJsonPath> {
         .route("/payments", post(create_payment).route_layer(payments))
         .route("/baseline", post(baseline))
         .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics_text))
         // The layer enforces MAX_BODY_BYTES with a problem+json 413, and
         // /baseline does the same by hand; axum's own limit would answer in
         // plain text, or refuse a body the layer had accepted.
@@ -421,25 +618,49 @@ fn router(app: App, store: &PostgresStore) -> Result<Router, InvalidJsonPath> {
 
 async fn stripe_webhook(
     State(app): State<App>,
-    tx: Tx,
+    tx: Db,
     Extension(record): Extension<RecordKey>,
     body: Bytes,
 ) -> Response {
     let amount = amount_at(&body, "/data/object/amount");
+    // A payment intent event also moves its payment's state, forward only,
+    // in the same transaction as the ledger row: a late or out-of-order
+    // event still answers 200 and writes its row, but leaves the state.
+    if let Some((payment, status)) = payment_state_change(&body) {
+        if let Err(error) = app.payment_states.advance(&tx, &payment, status).await {
+            return database_unavailable(&error);
+        }
+    }
     process(&app.demo, &tx, LedgerEntry::for_record(&record, amount), StatusCode::OK).await
 }
 
-async fn github_webhook(State(app): State<App>, tx: Tx, Extension(record): Extension<RecordKey>) -> Response {
+/// The payment id (JSON `/data/object/id`) and the state a
+/// `payment_intent.*` event reports; `None` for other events.
+fn payment_state_change(body: &[u8]) -> Option<(String, &'static str)> {
+    let event: Value = serde_json::from_slice(body).ok()?;
+    let status = match event.pointer("/type")?.as_str()? {
+        "payment_intent.created" => "created",
+        "payment_intent.processing" => "processing",
+        "payment_intent.succeeded" => "succeeded",
+        "payment_intent.payment_failed" => "payment_failed",
+        "payment_intent.canceled" => "canceled",
+        _ => return None,
+    };
+    let payment = event.pointer("/data/object/id")?.as_str()?.to_owned();
+    Some((payment, status))
+}
+
+async fn github_webhook(State(app): State<App>, tx: Db, Extension(record): Extension<RecordKey>) -> Response {
     process(&app.demo, &tx, LedgerEntry::for_record(&record, 0), StatusCode::OK).await
 }
 
-async fn standard_webhook(State(app): State<App>, tx: Tx, Extension(record): Extension<RecordKey>) -> Response {
+async fn standard_webhook(State(app): State<App>, tx: Db, Extension(record): Extension<RecordKey>) -> Response {
     process(&app.demo, &tx, LedgerEntry::for_record(&record, 0), StatusCode::OK).await
 }
 
 async fn create_payment(
     State(app): State<App>,
-    tx: Tx,
+    tx: Db,
     Extension(record): Extension<RecordKey>,
     body: Bytes,
 ) -> Response {
@@ -493,6 +714,18 @@ async fn baseline(State(app): State<App>, headers: HeaderMap, body: Body) -> Res
 }
 
 /// 200 when a `SELECT 1` comes back in time.
+/// The recorder behind `GET /metrics`, installed once at startup.
+static METRICS: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// The layer's counters and histograms (`idempotency_requests_total` by
+/// source and outcome, store and wait latencies) in Prometheus text format.
+async fn metrics_text() -> Response {
+    match METRICS.get() {
+        Some(handle) => ([(CONTENT_TYPE, "text/plain; version=0.0.4")], handle.render()).into_response(),
+        None => StatusCode::SERVICE_UNAVAILABLE.into_response(),
+    }
+}
+
 async fn healthz(State(app): State<App>) -> Response {
     let check = async {
         let client = app.pool.get().await.map_err(|error| error.to_string())?;

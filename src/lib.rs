@@ -47,6 +47,18 @@
 //! # Ok(()) }
 //! ```
 //!
+//! # Webhook providers
+//!
+//! A [`Preset`] sets a provider's documented key, event type and, given
+//! its secret, signature scheme ([`StripeSignature`], [`GitHubSignature`],
+//! [`ShopifySignature`], [`StandardWebhooksSignature`] (also Svix),
+//! [`SlackSignature`], [`TwilioSignature`], [`PaystackSignature`],
+//! [`FlutterwaveSignature`]) in one call to [`IdempotencyLayer::preset`].
+//! Signatures are checked on the raw body before anything is claimed.
+//! [`Extractor::common_event_id`] keys senders that document no event id,
+//! and an [`OrderingGuard`] keeps out-of-order deliveries from moving a
+//! state backwards.
+//!
 //! # Errors the layer answers itself
 //!
 //! Every refusal is `application/problem+json` (RFC 9457) with a stable
@@ -58,6 +70,7 @@
 //! | 400 | `urn:tower-idempotency:invalid-key` | empty, too long, control characters, not UTF-8, wrong JSON type |
 //! | 400 | `urn:tower-idempotency:malformed-json` | a body that must be JSON is not |
 //! | 400 | `urn:tower-idempotency:body-unreadable` | the request body failed mid-stream |
+//! | 401 | `urn:tower-idempotency:invalid-signature` | the route verifies signatures and this one is missing, malformed, stale or wrong |
 //! | 409 | `urn:tower-idempotency:in-flight` | the key is being processed (`Retry-After: 1`) |
 //! | 413 | `urn:tower-idempotency:payload-too-large` | the body is over the route's limit |
 //! | 422 | `urn:tower-idempotency:fingerprint-mismatch` | the key was used with another request |
@@ -80,11 +93,17 @@
 
 mod body;
 mod fingerprint;
+// Entry points for the fuzz targets in fuzz/, built only by cargo-fuzz.
+#[cfg(fuzzing)]
+#[doc(hidden)]
+pub mod fuzzing;
 mod inflight;
 mod key;
 mod layer;
 mod metrics;
+mod ordering;
 mod policy;
+mod preset;
 mod problem;
 mod record;
 mod service;
@@ -99,9 +118,15 @@ pub use layer::{
     IdempotencyLayer, DEFAULT_MAX_KEY_BYTES, DEFAULT_MAX_REQUEST_BYTES, DEFAULT_MAX_STORED_RESPONSE_BYTES,
     DEFAULT_RETENTION, DEFAULT_STORE_TIMEOUT,
 };
+pub use ordering::{OrderingError, OrderingGuard, Transition};
 pub use policy::{InFlight, MissingKey, Mode, ResponseDecision};
+pub use preset::Preset;
 pub use service::{IdempotencyService, RequestBody, ResponseFuture, REPLAYED_HEADER};
-pub use signature::{SignatureError, VerifySignature};
+pub use signature::{
+    FlutterwaveSignature, GitHubSignature, InvalidSignatureConfig, PaystackSignature, ShopifySignature, SignatureError,
+    SlackSignature, StandardWebhooksSignature, StripeSignature, TwilioSignature, VerifySignature,
+    DEFAULT_SIGNATURE_TOLERANCE,
+};
 pub use store::{
     InvalidTableName, MemoryStore, PostgresStore, RecordView, Released, Store, StoreError, StoreStats, DEFAULT_TABLE,
 };

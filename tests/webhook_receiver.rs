@@ -45,13 +45,16 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// The server's pool in these tests: several servers share one Postgres.
 const TEST_POOL_SIZE: &str = "8";
 /// Variables the tests set themselves; inherited values would skew them.
-const SERVER_SETTINGS: [&str; 6] = [
+const SERVER_SETTINGS: [&str; 9] = [
     "BIND",
     "MAX_BODY_BYTES",
     "DEMO_FAILURE_RATE",
     "DEMO_HANDLER_DELAY_MS",
     "POOL_SIZE",
     "DATABASE_URL",
+    "STRIPE_WEBHOOK_SECRET",
+    "GITHUB_WEBHOOK_SECRET",
+    "STANDARD_WEBHOOK_SECRET",
 ];
 
 // ---------------------------------------------------------------------------
@@ -485,6 +488,31 @@ async fn healthz_answers_200_when_the_database_answers() {
 }
 
 #[tokio::test]
+async fn metrics_count_first_deliveries_and_replays() {
+    let server = Server::start("metrics", &[]).await;
+    let event = stripe_event("evt_metrics", "charge.succeeded", 1);
+    server.post("/webhooks/stripe", &[], event.clone()).await;
+    server.post("/webhooks/stripe", &[], event).await;
+
+    let reply = server.get("/metrics").await;
+    let text = String::from_utf8_lossy(&reply.body).into_owned();
+
+    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    let count = |outcome: &str| {
+        text.lines()
+            .find(|line| {
+                line.starts_with("idempotency_requests_total{")
+                    && line.contains("source=\"stripe\"")
+                    && line.contains(&format!("outcome=\"{outcome}\""))
+            })
+            .and_then(|line| line.rsplit(' ').next()?.parse::<u64>().ok())
+    };
+    assert_eq!(count("first"), Some(1), "{text}");
+    assert_eq!(count("replayed"), Some(1), "{text}");
+    assert!(text.contains("idempotency_store_duration_seconds"), "{text}");
+}
+
+#[tokio::test]
 async fn unreachable_database_is_a_clear_error_not_a_panic() {
     let output = run_to_exit(&[], &[("DATABASE_URL", "postgres://postgres@127.0.0.1:1/postgres")]).await;
     assert!(!output.status.success(), "the server must not start: {output:?}");
@@ -526,6 +554,481 @@ async fn help_lists_every_setting_with_its_default() {
     for default in [DEFAULT_DATABASE_URL, "127.0.0.1:3000", "1048576", "[default: 32]"] {
         assert!(help.contains(default), "--help shows the default {default}: {help}");
     }
+}
+
+// ---------------------------------------------------------------------------
+// Signatures: STRIPE_WEBHOOK_SECRET, GITHUB_WEBHOOK_SECRET,
+// STANDARD_WEBHOOK_SECRET. Requests are signed here as each provider signs
+// them (the schemes' published vectors are checked in src/signature/).
+
+const STRIPE_SECRET: &str = "whsec_e2e_stripe_secret";
+const GITHUB_SECRET: &str = "It's a Secret to Everybody";
+const STANDARD_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+const INVALID_SIGNATURE: &str = "urn:tower-idempotency:invalid-signature";
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("the clock is after 1970")
+        .as_secs()
+}
+
+fn hmac_sha256(key: &[u8], message: &[&[u8]]) -> Vec<u8> {
+    use hmac::{KeyInit, Mac};
+    let mut mac = <hmac::Hmac<sha2::Sha256> as KeyInit>::new_from_slice(key).expect("HMAC takes any key");
+    for part in message {
+        mac.update(part);
+    }
+    mac.finalize().into_bytes().to_vec()
+}
+
+fn stripe_signature(secret: &str, timestamp: u64, body: &str) -> String {
+    let timestamp = timestamp.to_string();
+    let signature = hmac_sha256(secret.as_bytes(), &[timestamp.as_bytes(), b".", body.as_bytes()]);
+    format!("t={timestamp},v1={}", hex::encode(signature))
+}
+
+fn github_signature(secret: &str, body: &str) -> String {
+    format!(
+        "sha256={}",
+        hex::encode(hmac_sha256(secret.as_bytes(), &[body.as_bytes()]))
+    )
+}
+
+fn standard_signature(secret: &str, id: &str, timestamp: u64, body: &str) -> String {
+    use base64::Engine as _;
+    let engine = base64::engine::general_purpose::STANDARD;
+    let key = engine
+        .decode(secret.trim_start_matches("whsec_"))
+        .expect("a base64 secret");
+    let timestamp = timestamp.to_string();
+    let message: [&[u8]; 5] = [id.as_bytes(), b".", timestamp.as_bytes(), b".", body.as_bytes()];
+    format!("v1,{}", engine.encode(hmac_sha256(&key, &message)))
+}
+
+/// The Standard Webhooks headers of a delivery.
+fn standard_headers(id: &str, timestamp: u64, signature: String) -> Vec<(&'static str, String)> {
+    vec![
+        ("webhook-id", id.to_owned()),
+        ("webhook-timestamp", timestamp.to_string()),
+        ("webhook-signature", signature),
+    ]
+}
+
+/// GitHub's headers of a delivery.
+fn github_headers(delivery: &str, signature: String) -> Vec<(&'static str, String)> {
+    vec![
+        ("X-GitHub-Delivery", delivery.to_owned()),
+        ("X-GitHub-Event", "push".to_owned()),
+        ("X-Hub-Signature-256", signature),
+    ]
+}
+
+fn signed_settings(standard_secret: &'static str) -> [(&'static str, &'static str); 3] {
+    [
+        ("STRIPE_WEBHOOK_SECRET", STRIPE_SECRET),
+        ("GITHUB_WEBHOOK_SECRET", GITHUB_SECRET),
+        ("STANDARD_WEBHOOK_SECRET", standard_secret),
+    ]
+}
+
+impl Server {
+    async fn post_with(&self, path: &str, headers: &[(&str, String)], body: impl Into<Bytes>) -> Reply {
+        let headers: Vec<(&str, &str)> = headers.iter().map(|(name, value)| (*name, value.as_str())).collect();
+        self.post(path, &headers, body).await
+    }
+}
+
+impl Reply {
+    fn assert_invalid_signature(&self, what: &str) {
+        assert_eq!(self.status, StatusCode::UNAUTHORIZED, "{what}: {self:?}");
+        self.assert_problem(StatusCode::UNAUTHORIZED);
+        assert_eq!(self.json()["type"], INVALID_SIGNATURE, "{what}: {self:?}");
+    }
+}
+
+#[tokio::test]
+async fn signed_deliveries_are_accepted_on_every_verifying_route() {
+    let server = Server::start("signed", &signed_settings(STANDARD_SECRET)).await;
+    let t = unix_now();
+
+    let stripe = stripe_event("evt_signed", "charge.succeeded", 700);
+    let signed = [("Stripe-Signature", stripe_signature(STRIPE_SECRET, t, &stripe))];
+    let first = server.post_with("/webhooks/stripe", &signed, stripe.clone()).await;
+    assert_eq!(first.status, StatusCode::OK, "{first:?}");
+    assert!(!first.replayed());
+    let replay = server.post_with("/webhooks/stripe", &signed, stripe).await;
+    assert!(replay.replayed(), "a signed duplicate is a replay: {replay:?}");
+    assert_eq!(replay.body, first.body);
+
+    // While Stripe rolls a secret, the header lists a v1 per secret.
+    let rolled = stripe_event("evt_rolled", "charge.succeeded", 1);
+    let header = format!(
+        "{},v1={}",
+        stripe_signature(STRIPE_SECRET, t, &rolled),
+        hex::encode(hmac_sha256(
+            b"whsec_next",
+            &[t.to_string().as_bytes(), b".", rolled.as_bytes()]
+        ))
+    );
+    let reply = server
+        .post_with("/webhooks/stripe", &[("Stripe-Signature", header)], rolled)
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+
+    let push = json!({"ref": "refs/heads/main"}).to_string();
+    let reply = server
+        .post_with(
+            "/webhooks/github",
+            &github_headers("d-signed", github_signature(GITHUB_SECRET, &push)),
+            push,
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+
+    let invoice = json!({"type": "invoice.paid", "data": {}}).to_string();
+    let listed = format!(
+        "v1,Ceo5qEr07ixe2NLpvHk3FH9bwy/WavXrAFQ/9tdO6mc= {}",
+        standard_signature(STANDARD_SECRET, "msg_signed", t, &invoice)
+    );
+    let reply = server
+        .post_with(
+            "/webhooks/standard",
+            &standard_headers("msg_signed", t, listed),
+            invoice,
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+
+    // A route without a secret is not affected.
+    let payment = server
+        .post(
+            "/payments",
+            &[("Idempotency-Key", "pay-signed")],
+            json!({"amount": 1}).to_string(),
+        )
+        .await;
+    assert_eq!(payment.status, StatusCode::CREATED, "{payment:?}");
+
+    let entries: Vec<_> = server
+        .ledger()
+        .await
+        .into_iter()
+        .map(|e| (e.source, e.event_id))
+        .collect();
+    assert_eq!(
+        entries,
+        vec![
+            ("stripe".to_owned(), "evt_signed".to_owned()),
+            ("stripe".to_owned(), "evt_rolled".to_owned()),
+            ("github".to_owned(), "d-signed".to_owned()),
+            ("standard".to_owned(), "msg_signed".to_owned()),
+            ("payments".to_owned(), "pay-signed".to_owned()),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn forged_stale_tampered_and_unsigned_deliveries_leave_no_rows() {
+    // The Standard Webhooks secret without its whsec_ prefix this time.
+    let settings = signed_settings("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw");
+    let server = Server::start(
+        "forged",
+        &[settings[0], settings[1], settings[2], ("MAX_BODY_BYTES", "1024")],
+    )
+    .await;
+    let t = unix_now();
+    let stripe = stripe_event("evt_forged", "charge.succeeded", 700);
+    let stripe_refused = [
+        (
+            "a wrong secret",
+            Some(stripe_signature("whsec_guess", t, &stripe)),
+            stripe.clone(),
+        ),
+        (
+            "a stale timestamp",
+            Some(stripe_signature(STRIPE_SECRET, t - 301, &stripe)),
+            stripe.clone(),
+        ),
+        (
+            "a future timestamp",
+            Some(stripe_signature(STRIPE_SECRET, t + 301, &stripe)),
+            stripe.clone(),
+        ),
+        (
+            "a tampered body",
+            Some(stripe_signature(STRIPE_SECRET, t, &stripe)),
+            stripe.replace("700", "70000"),
+        ),
+        ("no signature", None, stripe.clone()),
+        ("a malformed signature", Some("v1=deadbeef".to_owned()), stripe.clone()),
+        // Signature before JSON: an unsigned malformed body is 401, not 400.
+        ("malformed JSON, unsigned", None, "{\"id\":".to_owned()),
+    ];
+    for (what, signature, body) in stripe_refused {
+        let headers: Vec<_> = signature.into_iter().map(|s| ("Stripe-Signature", s)).collect();
+        server
+            .post_with("/webhooks/stripe", &headers, body)
+            .await
+            .assert_invalid_signature(&format!("stripe: {what}"));
+    }
+
+    let push = json!({"ref": "refs/heads/main"}).to_string();
+    let github_refused = [
+        (
+            "a wrong secret",
+            github_headers("d-forged", github_signature("guess", &push)),
+            push.clone(),
+        ),
+        (
+            "a tampered body",
+            github_headers("d-forged", github_signature(GITHUB_SECRET, &push)),
+            push.replace("main", "evil"),
+        ),
+        (
+            "no signature",
+            github_headers("d-forged", String::new())[..2].to_vec(),
+            push.clone(),
+        ),
+        (
+            "a malformed signature",
+            github_headers("d-forged", "sha256=zz".to_owned()),
+            push.clone(),
+        ),
+    ];
+    for (what, headers, body) in github_refused {
+        server
+            .post_with("/webhooks/github", &headers, body)
+            .await
+            .assert_invalid_signature(&format!("github: {what}"));
+    }
+
+    let invoice = json!({"type": "invoice.paid", "data": {}}).to_string();
+    let sign = |id: &str, timestamp: u64, body: &str| standard_signature(STANDARD_SECRET, id, timestamp, body);
+    let standard_refused = [
+        (
+            "a wrong secret",
+            standard_headers(
+                "msg_forged",
+                t,
+                standard_signature("whsec_c2VjcmV0", "msg_forged", t, &invoice),
+            ),
+            invoice.clone(),
+        ),
+        (
+            "a stale timestamp",
+            standard_headers("msg_forged", t - 301, sign("msg_forged", t - 301, &invoice)),
+            invoice.clone(),
+        ),
+        (
+            "a future timestamp",
+            standard_headers("msg_forged", t + 301, sign("msg_forged", t + 301, &invoice)),
+            invoice.clone(),
+        ),
+        (
+            "another message's signature",
+            standard_headers("msg_forged", t, sign("msg_other", t, &invoice)),
+            invoice.clone(),
+        ),
+        (
+            "a tampered body",
+            standard_headers("msg_forged", t, sign("msg_forged", t, &invoice)),
+            invoice.replace("paid", "void"),
+        ),
+        (
+            "no signature",
+            standard_headers("msg_forged", t, String::new())[..2].to_vec(),
+            invoice.clone(),
+        ),
+        (
+            "a malformed signature",
+            standard_headers("msg_forged", t, "v1,!!".to_owned()),
+            invoice.clone(),
+        ),
+    ];
+    for (what, headers, body) in standard_refused {
+        server
+            .post_with("/webhooks/standard", &headers, body)
+            .await
+            .assert_invalid_signature(&format!("standard: {what}"));
+    }
+
+    // Body size comes before the signature; JSON and key after it.
+    let oversize = json!({"id": "evt_big", "pad": "x".repeat(2000)}).to_string();
+    server
+        .post("/webhooks/stripe", &[], oversize)
+        .await
+        .assert_problem(StatusCode::PAYLOAD_TOO_LARGE);
+    let malformed = "{\"id\":";
+    let reply = server
+        .post_with(
+            "/webhooks/stripe",
+            &[("Stripe-Signature", stripe_signature(STRIPE_SECRET, t, malformed))],
+            malformed,
+        )
+        .await;
+    reply.assert_problem(StatusCode::BAD_REQUEST);
+    assert_eq!(reply.json()["type"], "urn:tower-idempotency:malformed-json");
+    let no_id = json!({"type": "t"}).to_string();
+    let reply = server
+        .post_with(
+            "/webhooks/stripe",
+            &[("Stripe-Signature", stripe_signature(STRIPE_SECRET, t, &no_id))],
+            no_id,
+        )
+        .await;
+    reply.assert_problem(StatusCode::BAD_REQUEST);
+    assert_eq!(reply.json()["type"], "urn:tower-idempotency:missing-key");
+
+    assert_eq!(
+        server.ledger().await,
+        vec![],
+        "no refused request may write a ledger row"
+    );
+    assert_eq!(server.records().await, vec![], "no refused request may leave a record");
+
+    // The genuine delivery of the id a forgery carried still runs.
+    let genuine = server
+        .post_with(
+            "/webhooks/standard",
+            &standard_headers("msg_forged", t, sign("msg_forged", t, &invoice)),
+            invoice,
+        )
+        .await;
+    assert_eq!(genuine.status, StatusCode::OK, "{genuine:?}");
+    assert!(!genuine.replayed());
+    assert_eq!(
+        server.records().await,
+        vec![record("standard", "invoice.paid", "msg_forged", 2)]
+    );
+}
+
+#[tokio::test]
+async fn invalid_webhook_secrets_exit_with_code_2_without_echoing_them() {
+    for (name, value) in [
+        ("STANDARD_WEBHOOK_SECRET", "whsec_not base64 %%"),
+        ("STANDARD_WEBHOOK_SECRET", "whsk_asymmetric"),
+    ] {
+        let output = run_to_exit(&[], &[(name, value)]).await;
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{name}={value}: {stderr}");
+        assert!(stderr.contains(name), "the error names {name}: {stderr}");
+        assert!(!stderr.contains(value), "the error must not echo the secret: {stderr}");
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The ordering guard on the Stripe route: payment_states
+
+fn payment_event(id: &str, status: &str, payment: &str) -> String {
+    json!({
+        "id": id,
+        "type": format!("payment_intent.{status}"),
+        "data": {"object": {"id": payment, "amount": 100}}
+    })
+    .to_string()
+}
+
+impl Server {
+    /// Every payment's state, sorted by payment id.
+    async fn payment_states(&self) -> Vec<(String, String)> {
+        let sql = format!(
+            "SELECT payment_id, status FROM {}.payment_states ORDER BY payment_id",
+            self.schema
+        );
+        let rows = self.db.query(&sql, &[]).await.expect("payment_states is readable");
+        rows.iter().map(|row| (row.get(0), row.get(1))).collect()
+    }
+}
+
+fn payment_state(payment: &str, status: &str) -> (String, String) {
+    (payment.to_owned(), status.to_owned())
+}
+
+#[tokio::test]
+async fn payment_states_move_forward_only_and_late_events_still_answer_200() {
+    let server = Server::start("payment_states", &[]).await;
+    assert_eq!(
+        server.payment_states().await,
+        vec![],
+        "payment_states is created at startup"
+    );
+
+    for (id, status, payment) in [
+        ("evt_1", "succeeded", "pi_a"),
+        ("evt_2", "processing", "pi_a"), // late: the state stays succeeded
+        ("evt_3", "created", "pi_a"),    // late
+        ("evt_4", "canceled", "pi_a"),   // a terminal state never changes
+        ("evt_5", "created", "pi_b"),
+        ("evt_6", "processing", "pi_b"),
+        ("evt_7", "processing", "pi_b"), // a repeat of the state: no-op
+    ] {
+        let reply = server
+            .post("/webhooks/stripe", &[], payment_event(id, status, payment))
+            .await;
+        assert_eq!(reply.status, StatusCode::OK, "{id}: {reply:?}");
+        assert!(!reply.replayed(), "{id}");
+    }
+    // Not a payment intent event: no state.
+    let charge = stripe_event("evt_charge", "charge.succeeded", 5);
+    assert_eq!(
+        server.post("/webhooks/stripe", &[], charge).await.status,
+        StatusCode::OK
+    );
+
+    assert_eq!(
+        server.payment_states().await,
+        vec![payment_state("pi_a", "succeeded"), payment_state("pi_b", "processing")]
+    );
+    assert_eq!(
+        server.ledger().await.len(),
+        8,
+        "every event, late ones included, wrote its row"
+    );
+}
+
+#[tokio::test]
+async fn concurrent_shuffled_payment_events_end_in_the_terminal_state() {
+    const PAYMENTS: usize = 5;
+    let server = Server::start("payment_race", &[]).await;
+    let mut events = Vec::new();
+    for payment in 0..PAYMENTS {
+        for (n, status) in ["created", "processing", "succeeded"].into_iter().enumerate() {
+            let event = payment_event(&format!("evt_{payment}_{n}"), status, &format!("pi_{payment}"));
+            events.push(event.clone());
+            events.push(event); // a provider retry
+        }
+    }
+    fastrand::Rng::with_seed(42).shuffle(&mut events);
+    let barrier = Barrier::new(events.len());
+    let (server_ref, barrier) = (&server, &barrier);
+    let replies = join_all(events.iter().map(|event| async move {
+        barrier.wait().await;
+        server_ref.post("/webhooks/stripe", &[], event.clone()).await
+    }))
+    .await;
+    for reply in &replies {
+        assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    }
+    let expected: Vec<_> = (0..PAYMENTS)
+        .map(|payment| payment_state(&format!("pi_{payment}"), "succeeded"))
+        .collect();
+    assert_eq!(server.payment_states().await, expected);
+    assert_eq!(server.ledger().await.len(), PAYMENTS * 3, "each event ran once");
+}
+
+#[tokio::test]
+async fn an_injected_failure_rolls_the_payment_state_back() {
+    let server = Server::start("payment_failure", &[("DEMO_FAILURE_RATE", "1")]).await;
+    let reply = server
+        .post("/webhooks/stripe", &[], payment_event("evt_f", "succeeded", "pi_f"))
+        .await;
+    reply.assert_problem(StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        server.payment_states().await,
+        vec![],
+        "the state rolls back with the ledger row"
+    );
 }
 
 // ---------------------------------------------------------------------------

@@ -57,6 +57,11 @@ impl JsonPointer {
         Ok(Self(pointer))
     }
 
+    /// A pointer written in this crate's source, already in RFC 6901 form.
+    pub(crate) fn from_pointer(pointer: &str) -> Self {
+        Self(pointer.to_owned())
+    }
+
     pub(crate) fn as_str(&self) -> &str {
         &self.0
     }

@@ -44,8 +44,30 @@ pub struct Extractor {
 enum ExtractorPart {
     Header(HeaderName),
     Json(JsonPointer),
+    /// A string or integer at the pointer; any other value, or a body that
+    /// is not JSON, yields nothing instead of an error.
+    JsonIfId(JsonPointer),
     BodySha256,
 }
+
+/// The fields [`Extractor::common_event_id`] tries, in order: names that
+/// say "event" first, then the plain `id` most senders use for the event,
+/// then delivery ids, then the id or reference of the event's object.
+const COMMON_EVENT_IDS: [&str; 13] = [
+    "/event_id",        // Slack, Square, Paddle Billing, Typeform
+    "/eventId",         // camelCase senders
+    "/id",              // Stripe, PayPal, CloudEvents, Intercom
+    "/webhook_id",      // Flutterwave (current payloads)
+    "/webhookId",       // camelCase senders
+    "/notification_id", // Paddle Billing
+    "/notificationId",  // camelCase senders
+    "/event/id",        // Coinbase Commerce
+    "/data/id",         // Paystack, Flutterwave v3
+    "/data/reference",  // Paystack
+    "/reference",       // payment gateways' top-level reference
+    "/tx_ref",          // Flutterwave v3 top-level reference
+    "/uuid",            // senders keyed by a bare UUID
+];
 
 impl Extractor {
     /// The value of a request header (case-insensitive name). The value is
@@ -72,6 +94,38 @@ impl Extractor {
     /// The lowercase hex SHA-256 of the raw request body.
     pub fn body_sha256() -> Self {
         Self::single(ExtractorPart::BodySha256)
+    }
+
+    /// For senders that document no event id: the first of the id fields
+    /// common in real payloads that holds a string or an integer, else the
+    /// body's SHA-256, so it always yields a key. A field of another JSON
+    /// type is skipped, and a body that is not JSON is hashed, never
+    /// refused. The fields, in order (JSON Pointers): `/event_id`,
+    /// `/eventId`, `/id`, `/webhook_id`, `/webhookId`, `/notification_id`,
+    /// `/notificationId`, `/event/id`, `/data/id`, `/data/reference`,
+    /// `/reference`, `/tx_ref`, `/uuid`.
+    ///
+    /// Check it against the sender's payloads before relying on it: some
+    /// top-level `id`s name the changed object rather than the event (two
+    /// updates of one order would then count as one event), and a delivery
+    /// id that changes on every retry deduplicates nothing. Pair it with an
+    /// event type where the sender has one.
+    ///
+    /// ```
+    /// use tower_idempotency::{Extractor, IdempotencyLayer, MemoryStore};
+    ///
+    /// let layer = IdempotencyLayer::new(MemoryStore::new(1_000))
+    ///     .source("acme")
+    ///     .key(Extractor::common_event_id());
+    /// # let _ = layer;
+    /// ```
+    pub fn common_event_id() -> Self {
+        let mut parts: Vec<ExtractorPart> = COMMON_EVENT_IDS
+            .iter()
+            .map(|pointer| ExtractorPart::JsonIfId(JsonPointer::from_pointer(pointer)))
+            .collect();
+        parts.push(ExtractorPart::BodySha256);
+        Self { parts }
     }
 
     /// Tries `self` first and `fallback` when `self` yields nothing.
@@ -102,6 +156,7 @@ impl Extractor {
             let value = match part {
                 ExtractorPart::Header(name) => header_value(role, parts, name)?,
                 ExtractorPart::Json(pointer) => json_value(role, json, pointer)?,
+                ExtractorPart::JsonIfId(pointer) => json_value(role, json, pointer).ok().flatten(),
                 ExtractorPart::BodySha256 => Some(body_sha256_hex(body)),
             };
             if value.is_some() {
@@ -458,6 +513,48 @@ mod tests {
         );
         let hashed = extract(&chain, Role::Key, &[], r#"{"other": 1}"#).unwrap().unwrap();
         assert_eq!(hashed, body_sha256_hex(br#"{"other": 1}"#));
+    }
+
+    #[test]
+    fn common_event_ids_are_tried_in_order() {
+        let common = Extractor::common_event_id();
+        let key = |body: &'static str| extract(&common, Role::Key, &[], body).unwrap();
+        assert_eq!(key(r#"{"id": "obj_1", "event_id": "Ev1"}"#).as_deref(), Some("Ev1"));
+        assert_eq!(key(r#"{"eventId": 7, "id": "x"}"#).as_deref(), Some("7"));
+        assert_eq!(key(r#"{"id": "evt_1", "webhook_id": "w"}"#).as_deref(), Some("evt_1"));
+        assert_eq!(
+            key(r#"{"webhook_id": "wbk_1", "data": {"id": 2}}"#).as_deref(),
+            Some("wbk_1")
+        );
+        assert_eq!(
+            key(r#"{"event": {"id": "ev"}, "data": {"id": 2}}"#).as_deref(),
+            Some("ev")
+        );
+        assert_eq!(
+            key(r#"{"event": "charge.success", "data": {"id": 302961, "reference": "r"}}"#).as_deref(),
+            Some("302961")
+        );
+        assert_eq!(
+            key(r#"{"data": {"reference": "qTPrJoy9Bx"}}"#).as_deref(),
+            Some("qTPrJoy9Bx")
+        );
+        assert_eq!(key(r#"{"reference": "ref-1", "uuid": "u"}"#).as_deref(), Some("ref-1"));
+        assert_eq!(key(r#"{"uuid": "u-1"}"#).as_deref(), Some("u-1"));
+    }
+
+    #[test]
+    fn common_event_ids_skip_unusable_values_and_fall_back_to_the_body_hash() {
+        let common = Extractor::common_event_id();
+        let key = |body: &'static str| extract(&common, Role::Key, &[], body).unwrap().unwrap();
+        // A wrong-typed field is skipped, not refused.
+        assert_eq!(key(r#"{"event_id": {"n": 1}, "id": 1.5, "data": {"id": "d"}}"#), "d");
+        for body in [r#"{"other": 1}"#, "[1, 2]", "not json at all", "a=1&b=2", ""] {
+            assert_eq!(key(body), body_sha256_hex(body.as_bytes()), "{body:?}");
+        }
+        assert!(
+            !common.reads_json(),
+            "a body that is not JSON must not be refused up front"
+        );
     }
 
     #[test]
