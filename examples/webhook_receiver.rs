@@ -33,8 +33,14 @@
 //! through an [`OrderingGuard`]: a late `payment_intent.processing` never
 //! overwrites `succeeded`.
 //!
+//! `RECORD_MODE=lease` (with `LEASE_SECS`) records in lease mode instead:
+//! the ledger row autocommits outside the record's transaction while the
+//! handler holds a renewed lease, so a run cut off by a crash is taken over
+//! once its lease runs out, and runs again (at least once).
+//!
 //! Its routes, settings and answers are a stable contract, checked end to
-//! end by `tests/webhook_receiver.rs`.
+//! end by `tests/webhook_receiver.rs` (and, under crashes and outages, by
+//! `tests/crash.rs`, `tests/outage.rs` and `tests/postgres_restart.rs`).
 
 use std::fmt::Write as _;
 use std::io::Write as _;

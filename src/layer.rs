@@ -133,6 +133,12 @@ impl IdempotencyLayer {
         }
     }
 
+    /// The route's configuration, for the micro-benchmarks.
+    #[cfg(feature = "bench-internals")]
+    pub(crate) fn config(&self) -> &Config {
+        &self.config
+    }
+
     fn with(mut self, change: impl FnOnce(&mut Config)) -> Self {
         change(Arc::make_mut(&mut self.config));
         self

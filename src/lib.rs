@@ -91,6 +91,11 @@
 #![deny(unreachable_pub, unsafe_code)]
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+// Entry points for the micro-benchmarks in benches/, built only with the
+// bench-internals feature.
+#[cfg(feature = "bench-internals")]
+#[doc(hidden)]
+pub mod bench;
 mod body;
 mod fingerprint;
 // Entry points for the fuzz targets in fuzz/, built only by cargo-fuzz.

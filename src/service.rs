@@ -1,7 +1,8 @@
 //! [`IdempotencyService`]: the request path, top to bottom.
 //!
 //! buffer the body → identify (source, event type, key, fingerprint) →
-//! fast-path read → local in-flight check → claim → handler → commit or
+//! fast-path read (for a likely duplicate) → local in-flight check → claim
+//! (whose own read answers any other duplicate) → handler → commit or
 //! release → answer (first response, replay, or a problem).
 
 use std::fmt;
@@ -221,8 +222,15 @@ where
         key = %identity.key.key,
         outcome = tracing::field::Empty,
     );
+    // A duplicate answered from the record cache runs nothing that a
+    // disconnect could cut off, so it needs no task of its own.
+    if let Some(completed) = shared.store.cached(&identity.key) {
+        return Ok(span.in_scope(|| replay_or_mismatch(completed, &identity, false)));
+    }
     let request = Request::from_parts(parts, Either::Left(Full::new(body)));
-    let protected = protected(shared.clone(), inner, request, identity).instrument(span);
+    // Boxed once here: the state machine is several KiB, and moving it into
+    // the task by value would copy it on every request.
+    let protected = Box::pin(protected(shared.clone(), inner, request, identity).instrument(span));
     if !shared.config.detach {
         return protected.await;
     }
@@ -370,6 +378,12 @@ where
 
 /// Fast-path read, local in-flight check, claim; waits and retries under the
 /// wait policy until its deadline.
+///
+/// The fast path runs for a likely duplicate (cached, or seen completed
+/// lately here): one plain read answers it without any lock. Any other
+/// request goes straight to the claim, whose read, taken after a try-lock
+/// that never waits, answers a duplicate of a completed key just as well;
+/// a first delivery so saves the separate read's round trip.
 async fn acquire<B>(shared: &Shared, identity: &Identity) -> Acquired<B> {
     let config = &shared.config;
     let deadline = match config.in_flight {
@@ -379,25 +393,37 @@ async fn acquire<B>(shared: &Shared, identity: &Identity) -> Acquired<B> {
     let mut holder: Option<HolderGuard> = None;
     let mut backoff = Duration::from_millis(5);
     let mut waiting = Waiting::new(identity);
+    let mut read_first = shared.store.likely_completed(&identity.key);
     loop {
-        match store_step(&shared.store, "lookup", config.store_timeout, || {
-            shared.store.lookup(&identity.key)
-        })
-        .await
-        {
-            Err(error) => return Acquired::StoreFailed(error),
-            Ok(Lookup::Completed(completed)) => {
-                return Acquired::Answer(replay_or_mismatch(completed, identity, waiting.finish()))
+        if read_first {
+            match store_step(&shared.store, "lookup", config.store_timeout, || {
+                shared.store.lookup(&identity.key)
+            })
+            .await
+            {
+                Err(error) => return Acquired::StoreFailed(error),
+                Ok(Lookup::Completed(completed)) => {
+                    return Acquired::Answer(replay_or_mismatch(completed, identity, waiting.finish()))
+                }
+                Ok(Lookup::InProgress { fingerprint }) if fingerprint != identity.fingerprint => {
+                    return Acquired::Answer(mismatch(identity));
+                }
+                Ok(Lookup::InProgress { .. } | Lookup::Absent) => {}
             }
-            Ok(Lookup::InProgress { fingerprint }) if fingerprint != identity.fingerprint => {
-                return Acquired::Answer(mismatch(identity));
-            }
-            Ok(Lookup::InProgress { .. } | Lookup::Absent) => {}
         }
         if holder.is_none() {
             match shared.in_flight.enter(&identity.key) {
                 Entry::Holder(guard) => holder = Some(guard),
                 Entry::Waiter(mut finished) => {
+                    if !read_first {
+                        // Read the record before answering 409 or waiting:
+                        // the local holder may only be checking a key that
+                        // is already completed (a duplicate gets its replay,
+                        // not 409), and a lease-mode claim is a visible row
+                        // (another payload is refused with 422 at once).
+                        read_first = true;
+                        continue;
+                    }
                     let Some(deadline) = deadline else {
                         return Acquired::Answer(in_flight(identity));
                     };
@@ -408,6 +434,8 @@ async fn acquire<B>(shared: &Shared, identity: &Identity) -> Acquired<B> {
                         return Acquired::Answer(in_flight(identity));
                     }
                     tracing::debug!("a local duplicate finished; looking again");
+                    // It most likely completed the key.
+                    read_first = true;
                     continue;
                 }
             }
@@ -447,6 +475,8 @@ async fn acquire<B>(shared: &Shared, identity: &Identity) -> Acquired<B> {
                 waiting.start();
                 tokio::time::sleep_until((now + backoff).min(deadline)).await;
                 backoff = (backoff * 2).min(Duration::from_millis(200));
+                // The next claim's own read says whether the first finished.
+                read_first = false;
             }
         }
     }
@@ -774,15 +804,29 @@ where
     B::Error: Into<BoxError>,
 {
     let mut body = Box::pin(body);
-    let mut buffered = BytesMut::new();
+    // A body of one frame (the usual case) is kept as it came, uncopied;
+    // frames are joined only once a second one arrives.
+    let mut single = Bytes::new();
+    let mut joined: Option<BytesMut> = None;
     let mut trailers: Option<HeaderMap> = None;
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(Into::into)?;
         match frame.into_data() {
             Ok(data) => {
-                buffered.extend_from_slice(&data);
-                if buffered.len() > limit {
-                    return Ok(Buffered::TooLarge(ResponseBody::prefixed(buffered.freeze(), body)));
+                match &mut joined {
+                    Some(joined) => joined.extend_from_slice(&data),
+                    None if single.is_empty() => single = data,
+                    None => {
+                        let mut both = BytesMut::with_capacity(single.len() + data.len());
+                        both.extend_from_slice(&single);
+                        both.extend_from_slice(&data);
+                        joined = Some(both);
+                    }
+                }
+                let read = joined.as_ref().map_or(single.len(), BytesMut::len);
+                if read > limit {
+                    let read = joined.map_or(single, BytesMut::freeze);
+                    return Ok(Buffered::TooLarge(ResponseBody::prefixed(read, body)));
                 }
             }
             Err(frame) => {
@@ -793,7 +837,7 @@ where
         }
     }
     Ok(Buffered::Whole {
-        body: buffered.freeze(),
+        body: joined.map_or(single, BytesMut::freeze),
         trailers,
     })
 }
@@ -877,5 +921,22 @@ async fn release(claim: Claim, why: &str) {
     metrics::store_duration("release", started.elapsed());
     if let Err(error) = released {
         tracing::warn!(%error, "could not release the claim; it ends with its lease or connection");
+    }
+}
+
+/// The pure steps of the request path, for the micro-benchmarks in
+/// `benches/` (through `crate::bench`).
+#[cfg(feature = "bench-internals")]
+pub(crate) mod bench {
+    use super::*;
+
+    /// What `identify` reads from a request: its key, if it has one.
+    pub(crate) fn identify(config: &Config, parts: &Parts, body: &Bytes) -> Result<Option<String>, KeyError> {
+        Ok(super::identify(config, parts, body)?.map(|identity| identity.key.key))
+    }
+
+    /// The replay of a stored response.
+    pub(crate) fn replay<B>(stored: StoredResponse) -> Response<ResponseBody<B>> {
+        super::replay(stored)
     }
 }

@@ -225,6 +225,10 @@ fn found(record: &Record) -> Lookup {
             fingerprint: record.fingerprint,
             response: response.clone(),
         }),
+        // A transaction-mode claim is invisible until it completes, as its
+        // uncommitted row is on Postgres: another payload gets the in-flight
+        // answer, not a 422 for a record that may never exist.
+        State::InProgress { locked_until: None, .. } => Lookup::Absent,
         State::InProgress { .. } => Lookup::InProgress {
             fingerprint: record.fingerprint,
         },

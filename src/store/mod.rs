@@ -5,6 +5,7 @@ mod cache;
 mod memory;
 mod operations;
 mod postgres;
+mod recent;
 
 use std::error::Error as _;
 use std::time::Duration;
@@ -108,6 +109,26 @@ impl Store {
         match &self.backend {
             Backend::Postgres(store) => store.lookup(key).await,
             Backend::Memory(store) => Ok(store.lookup(key)),
+        }
+    }
+
+    /// The completed record in the in-process cache, if the store has one
+    /// and holds `key`: no round trip.
+    pub(crate) fn cached(&self, key: &RecordKey) -> Option<Completed> {
+        match &self.backend {
+            Backend::Postgres(store) => store.cached(key),
+            Backend::Memory(_) => None,
+        }
+    }
+
+    /// Whether `key` is probably a duplicate of a completed record, so that
+    /// a plain read should go first; otherwise the claim goes first and its
+    /// own read answers a duplicate. A hint that only chooses the order.
+    pub(crate) fn likely_completed(&self, key: &RecordKey) -> bool {
+        match &self.backend {
+            Backend::Postgres(store) => store.likely_completed(key),
+            // Reading memory costs no round trip.
+            Backend::Memory(_) => true,
         }
     }
 

@@ -250,13 +250,11 @@ impl PostgresStore {
             )
             .await?;
         let (found, deleted): (bool, bool) = (row.try_get(0)?, row.try_get(1)?);
-        if let Some(cache) = self.cache() {
-            cache.remove(&RecordKey {
-                source: source.into(),
-                event_type: event_type.into(),
-                key: key.into(),
-            });
-        }
+        self.forget(&RecordKey {
+            source: source.into(),
+            event_type: event_type.into(),
+            key: key.into(),
+        });
         Ok(match (found, deleted) {
             (_, true) => Released::Deleted,
             (false, false) => Released::NotFound,

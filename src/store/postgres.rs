@@ -12,6 +12,7 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::Row;
 
 use super::cache::RecordCache;
+use super::recent::RecentKeys;
 use super::{Claim, ClaimOutcome, ClaimRequest, Completed, Completion, Held, Lookup, StoreError};
 use crate::key::RecordKey;
 use crate::policy::Mode;
@@ -52,6 +53,8 @@ struct Inner {
     /// schemas must not share lock ids.
     lock_namespace: OnceCell<String>,
     cache: Option<RecordCache>,
+    /// Keys seen completed lately: a likely duplicate is read first.
+    recent: RecentKeys,
 }
 
 impl fmt::Debug for PostgresStore {
@@ -86,6 +89,7 @@ impl PostgresStore {
                 sql,
                 lock_namespace: OnceCell::new(),
                 cache: None,
+                recent: RecentKeys::new(),
             }),
         }
     }
@@ -114,16 +118,49 @@ impl PostgresStore {
                 table,
                 lock_namespace: OnceCell::new(),
                 cache: Some(RecordCache::new(max_bytes, ttl)),
+                recent: RecentKeys::new(),
             }),
         }
     }
 
-    pub(super) fn cache(&self) -> Option<&RecordCache> {
-        self.inner.cache.as_ref()
+    /// Forgets a released record: its cache entry and its hint.
+    pub(super) fn forget(&self, key: &RecordKey) {
+        if let Some(cache) = &self.inner.cache {
+            cache.remove(key);
+        }
+        self.inner.recent.remove(key);
+    }
+
+    /// The cached completed record of `key`, when the cache is on.
+    pub(super) fn cached(&self, key: &RecordKey) -> Option<Completed> {
+        self.inner.cache.as_ref()?.get(key)
+    }
+
+    /// Whether `key` is probably a duplicate of a completed record: cached,
+    /// or seen completed lately by this instance. Only chooses which
+    /// statement goes first; never an answer.
+    pub(super) fn likely_completed(&self, key: &RecordKey) -> bool {
+        self.inner.recent.contains(key) || self.inner.cache.as_ref().is_some_and(|cache| cache.get(key).is_some())
+    }
+
+    /// Remembers a completed record read from `row` (which carries its
+    /// `expires_at`).
+    fn remember_found(&self, key: &RecordKey, row: &Row, found: &Lookup) -> Result<(), StoreError> {
+        let Lookup::Completed(completed) = found else {
+            return Ok(());
+        };
+        self.inner.recent.insert(key);
+        if let Some(cache) = &self.inner.cache {
+            let expires_at: SystemTime = row.try_get("expires_at")?;
+            let valid_for = expires_at.duration_since(SystemTime::now()).unwrap_or_default();
+            cache.insert(key, completed.clone(), valid_for);
+        }
+        Ok(())
     }
 
     /// Remembers a record just completed by this instance.
     fn cache_completion(&self, request: &ClaimRequest, response: &StoredResponse) {
+        self.inner.recent.insert(&request.key);
         if let Some(cache) = &self.inner.cache {
             let completed = Completed {
                 fingerprint: request.fingerprint,
@@ -199,11 +236,7 @@ impl PostgresStore {
             return Ok(Lookup::Absent);
         };
         let found = lookup_from_row(&row)?;
-        if let (Some(cache), Lookup::Completed(completed)) = (&self.inner.cache, &found) {
-            let expires_at: SystemTime = row.try_get("expires_at")?;
-            let valid_for = expires_at.duration_since(SystemTime::now()).unwrap_or_default();
-            cache.insert(key, completed.clone(), valid_for);
-        }
+        self.remember_found(key, &row, &found)?;
         Ok(found)
     }
 
@@ -214,9 +247,12 @@ impl PostgresStore {
         }
     }
 
-    /// One round trip: `BEGIN`, try the key's advisory lock, read the record
-    /// under it. The read is a separate statement so that its snapshot is
-    /// taken after the lock is held.
+    /// One round trip: `BEGIN`, try the key's advisory lock, read the record.
+    /// The read is a statement of its own so that its snapshot is taken after
+    /// the try-lock: when the lock is had, nobody else can complete the key
+    /// before this transaction ends; when it is not, the read is still a
+    /// fresh plain read. Either way it answers a duplicate of a completed
+    /// key, so no separate read has to come first.
     async fn claim_transaction(&self, request: ClaimRequest) -> Result<ClaimOutcome, StoreError> {
         let client = self.connection().await?;
         let (try_lock, lookup) = tokio::try_join!(
@@ -243,9 +279,13 @@ impl PostgresStore {
                 return Err(error.into());
             }
         };
+        // An early return below drops `connection`, which rolls back.
         let locked: bool = locked.try_get(0)?;
-        let found = row.map_or(Ok(Lookup::Absent), |row| lookup_from_row(&row));
-        if locked && matches!(found, Ok(Lookup::Absent)) {
+        let found = match &row {
+            Some(row) => lookup_from_row(row)?,
+            None => Lookup::Absent,
+        };
+        if locked && matches!(found, Lookup::Absent) {
             return Ok(ClaimOutcome::Claimed(Claim::new(
                 request,
                 Held::PostgresTx {
@@ -254,8 +294,14 @@ impl PostgresStore {
                 },
             )));
         }
-        connection.rollback().await?;
-        Ok(match found? {
+        // Not claimed: the answer is known, so the rollback runs in the
+        // background, off the response path; the connection goes back to
+        // the pool only once it is done.
+        drop(connection);
+        if let Some(row) = &row {
+            self.remember_found(key, row, &found)?;
+        }
+        Ok(match found {
             Lookup::Completed(completed) => ClaimOutcome::Completed(completed),
             Lookup::InProgress { fingerprint } => ClaimOutcome::InFlight {
                 fingerprint: Some(fingerprint),
@@ -264,23 +310,23 @@ impl PostgresStore {
         })
     }
 
-    /// One conditional upsert under the key's advisory lock: it inserts a
-    /// claim, or takes over an expired record or an expired lease. When it
-    /// takes nothing, a read says who holds the key.
+    /// One statement: a conditional upsert under the key's advisory lock
+    /// that inserts a claim or takes over an expired record or lease, and
+    /// returns, beside the claim token it wrote (if any), the live record it
+    /// found (if any), so that a duplicate is answered by the same round
+    /// trip. It writes nothing when a live record is there.
     async fn claim_lease(&self, request: ClaimRequest, lease: Duration) -> Result<ClaimOutcome, StoreError> {
         let client = self.connection().await?;
-        let (claim, lookup) = tokio::try_join!(
-            client.prepare_cached(&self.inner.sql.claim_lease),
-            client.prepare_cached(&self.inner.sql.lookup),
-        )?;
+        let claim = client.prepare_cached(&self.inner.sql.claim_lease).await?;
         let key = &request.key;
         let lock_id = self.lock_id(&client, key).await?;
-        // A record can vanish between the upsert and the read (released or
-        // expired); then the upsert is tried again.
+        // The statement reads the record as of its start: one that went away
+        // since (released, expired) leaves nothing claimed and nothing found,
+        // and the claim is tried again.
         for _ in 0..3 {
             let token = uuid::Uuid::new_v4();
-            let claimed = client
-                .query_opt(
+            let row = client
+                .query_one(
                     &claim,
                     &[
                         &key.source,
@@ -294,17 +340,19 @@ impl PostgresStore {
                     ],
                 )
                 .await?;
-            if claimed.is_some() {
+            if row.try_get::<_, Option<uuid::Uuid>>("claimed")?.is_some() {
                 let held = Held::PostgresLease {
                     store: self.clone(),
                     token,
                 };
                 return Ok(ClaimOutcome::Claimed(Claim::new(request, held)));
             }
-            let row = client
-                .query_opt(&lookup, &[&key.source, &key.event_type, &key.key])
-                .await?;
-            match row.map_or(Ok(Lookup::Absent), |row| lookup_from_row(&row))? {
+            let found = match row.try_get::<_, Option<i16>>("state")? {
+                Some(_) => lookup_from_row(&row)?,
+                None => Lookup::Absent,
+            };
+            self.remember_found(key, &row, &found)?;
+            match found {
                 Lookup::Completed(completed) => return Ok(ClaimOutcome::Completed(completed)),
                 Lookup::InProgress { fingerprint } => {
                     return Ok(ClaimOutcome::InFlight {
@@ -533,6 +581,8 @@ impl Statements {
             .map(|schema| format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\";"))
             .unwrap_or_default();
         let key = "source = $1 AND event_type = $2 AND key = $3";
+        // A live record: completed, or in progress with a running lease.
+        let live = format!("expires_at > now() AND (state = {COMPLETED} OR locked_until > now())");
         Self {
             migrate: format!(
                 "{create_schema}
@@ -559,12 +609,9 @@ impl Statements {
                             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
                             WHERE c.oid = to_regclass($1)"
                 .to_owned(),
-            // A live record: completed, or in progress with a running lease.
             lookup: format!(
                 "SELECT state, fingerprint, response_status, response_headers, response_body, expires_at
-                 FROM {t} WHERE {key}
-                   AND expires_at > now()
-                   AND (state = {COMPLETED} OR locked_until > now())"
+                 FROM {t} WHERE {key} AND {live}"
             ),
             // Written once, at completion; `now()` is the transaction's start,
             // which is when the claim was taken. An existing row can only be
@@ -587,22 +634,35 @@ impl Statements {
             ),
             // The claim takes the key's advisory lock for the length of this
             // one statement, so it never slips in while a transaction-mode
-            // claimant holds the key.
+            // claimant holds the key. It inserts nothing when the statement's
+            // snapshot holds a live record (no row lock, no write: a
+            // duplicate stays a read); the upsert's condition, checked on the
+            // latest row version, decides a takeover. The outer query
+            // returns the claim token written, if any, and the live record
+            // of the snapshot, if any: always one row.
             claim_lease: format!(
-                "INSERT INTO {t} AS r (source, event_type, key, fingerprint, state, claim_token,
-                                       locked_until, created_at, expires_at)
-                 SELECT $1::text, $2::text, $3::text, $4::bytea, {IN_PROGRESS}, $5::uuid,
-                        clock_timestamp() + $6::float8 * interval '1 second', clock_timestamp(),
-                        clock_timestamp() + $7::float8 * interval '1 second'
-                 WHERE pg_try_advisory_xact_lock($8::int8)
-                 ON CONFLICT (source, event_type, key) DO UPDATE SET
-                     fingerprint = EXCLUDED.fingerprint, state = {IN_PROGRESS},
-                     claim_token = EXCLUDED.claim_token, locked_until = EXCLUDED.locked_until,
-                     response_status = NULL, response_headers = NULL, response_body = NULL,
-                     created_at = EXCLUDED.created_at, completed_at = NULL,
-                     expires_at = EXCLUDED.expires_at
-                 WHERE r.expires_at <= now() OR (r.state = {IN_PROGRESS} AND r.locked_until <= now())
-                 RETURNING claim_token"
+                "WITH claimed AS (
+                     INSERT INTO {t} AS r (source, event_type, key, fingerprint, state, claim_token,
+                                           locked_until, created_at, expires_at)
+                     SELECT $1::text, $2::text, $3::text, $4::bytea, {IN_PROGRESS}, $5::uuid,
+                            clock_timestamp() + $6::float8 * interval '1 second', clock_timestamp(),
+                            clock_timestamp() + $7::float8 * interval '1 second'
+                     WHERE pg_try_advisory_xact_lock($8::int8)
+                       AND NOT EXISTS (SELECT 1 FROM {t} WHERE {key} AND {live})
+                     ON CONFLICT (source, event_type, key) DO UPDATE SET
+                         fingerprint = EXCLUDED.fingerprint, state = {IN_PROGRESS},
+                         claim_token = EXCLUDED.claim_token, locked_until = EXCLUDED.locked_until,
+                         response_status = NULL, response_headers = NULL, response_body = NULL,
+                         created_at = EXCLUDED.created_at, completed_at = NULL,
+                         expires_at = EXCLUDED.expires_at
+                     WHERE r.expires_at <= now() OR (r.state = {IN_PROGRESS} AND r.locked_until <= now())
+                     RETURNING claim_token
+                 )
+                 SELECT (SELECT claim_token FROM claimed) AS claimed,
+                        live.state, live.fingerprint, live.response_status, live.response_headers,
+                        live.response_body, live.expires_at
+                 FROM (VALUES (1)) AS one
+                 LEFT JOIN (SELECT * FROM {t} WHERE {key} AND {live}) AS live ON true"
             ),
             renew_lease: format!(
                 "UPDATE {t} SET locked_until = clock_timestamp() + $5 * interval '1 second'

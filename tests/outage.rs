@@ -1,0 +1,92 @@
+//! Database outages under load, against the example receiver as a real
+//! process: its Postgres sessions are terminated (`pg_terminate_backend`)
+//! again and again while deliveries are in flight. Every answer must be a
+//! 200 or a 503 with `Retry-After` (never a 500, never a hung or dropped
+//! connection), the receiver recovers by itself without a restart, and every
+//! event runs exactly once.
+//!
+//! The restart of the Postgres server itself is in `postgres_restart.rs`,
+//! which runs alone (see the README's "Testing and CI").
+
+mod process;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::StatusCode;
+use process::{deliver_all, Progress, Receiver, Schema};
+
+const EVENTS: usize = 600;
+const CONCURRENCY: usize = 8;
+const TERMINATIONS: usize = 5;
+
+#[tokio::test]
+async fn terminated_database_sessions_under_load_give_only_503s_and_every_event_runs_once() {
+    let schema = Schema::new("outage_terminate").await;
+    // A short delay keeps transactions open, so that terminations land in
+    // the middle of handlers and commits as well as on idle connections.
+    let mut receiver = Receiver::start(&schema, &[("DEMO_HANDLER_DELAY_MS", "10")]).await;
+    let events: Arc<Vec<String>> = Arc::new((0..EVENTS).map(|n| format!("evt_outage_{n}")).collect());
+    let progress = Arc::new(Progress::default());
+    let load = tokio::spawn(deliver_all(
+        receiver.http(),
+        events.clone(),
+        CONCURRENCY,
+        progress.clone(),
+        Duration::from_secs(60),
+    ));
+
+    let mut terminated = 0;
+    for round in 1..=TERMINATIONS {
+        progress
+            .reaches(EVENTS * round / (TERMINATIONS + 1), Duration::from_secs(60))
+            .await;
+        terminated += schema.terminate_sessions().await;
+    }
+    let report = load.await.expect("the load");
+    eprintln!(
+        "terminated {terminated} sessions; answers by status: {:?}",
+        report.statuses
+    );
+
+    assert!(terminated > 0, "the outage must have hit some sessions");
+    assert!(
+        report.unexpected.is_empty(),
+        "only 200s and 503s: {:#?}",
+        report.unexpected
+    );
+    assert!(
+        report.unfinished.is_empty(),
+        "every event got its 200: {:?}",
+        report.unfinished
+    );
+    assert_eq!(
+        schema.events_not_run_once("stripe", &events).await,
+        vec![],
+        "every event ran exactly once"
+    );
+    assert_eq!(
+        schema
+            .count("SELECT count(*) FROM {schema}.idempotency_records WHERE source = 'stripe' AND state = 2")
+            .await,
+        EVENTS as i64
+    );
+
+    // Recovered without a restart: a fresh round of events goes through at
+    // the first try, and /healthz is green.
+    let after: Vec<String> = (0..20).map(|n| format!("evt_after_{n}")).collect();
+    for event in &after {
+        let reply = receiver.deliver(event).await.expect("a delivery after the outage");
+        assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+        assert!(!reply.replayed());
+    }
+    let health = receiver
+        .http()
+        .send(http::Method::GET, "/healthz", &[], bytes::Bytes::new())
+        .await
+        .expect("healthz");
+    assert_eq!(health.status, StatusCode::OK, "{health:?}");
+    assert_eq!(schema.events_not_run_once("stripe", &after).await, vec![]);
+    assert!(receiver.is_running(), "the receiver recovered without a restart");
+    schema.assert_no_idle_transactions().await;
+}

@@ -1,0 +1,388 @@
+//! How many statements and round trips each path costs, counted on the wire.
+//!
+//! A small TCP proxy sits between the store's pool and Postgres and reads
+//! the frontend protocol: after the startup packet every message is one type
+//! byte and a 4-byte length, so Parse, Bind, Execute, Query and Sync can be
+//! counted exactly. A round trip is a burst of client messages that follows
+//! data from the server (or opens the connection's conversation): messages
+//! pipelined without waiting for an answer are one round trip.
+//!
+//! The handler here touches no database, so every count is the layer's own.
+//! Run with `--nocapture` to see the table that BENCHMARKS.md quotes.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::routing::post;
+use axum::Router;
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use http::StatusCode;
+use support::{request, send, TestDb};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_postgres::NoTls;
+use tower_idempotency::{IdempotencyLayer, Mode, PostgresStore};
+
+/// What crossed the proxy since the last reset.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Counts {
+    /// Frontend messages by type byte (`P`arse, `B`ind, `E`xecute, `Q`uery,
+    /// `S`ync, ...).
+    messages: BTreeMap<char, u32>,
+    round_trips: u32,
+}
+
+impl Counts {
+    fn get(&self, kind: char) -> u32 {
+        self.messages.get(&kind).copied().unwrap_or(0)
+    }
+
+    /// Statements the server ran: each Execute of a prepared statement and
+    /// each simple Query (the layer sends one statement per Query).
+    fn statements(&self) -> u32 {
+        self.get('E') + self.get('Q')
+    }
+
+    fn parses(&self) -> u32 {
+        self.get('P')
+    }
+}
+
+/// Per proxied connection: whether the server has spoken since the client's
+/// last burst.
+#[derive(Default)]
+struct Wire {
+    counts: Counts,
+    server_spoke: BTreeMap<u64, bool>,
+}
+
+#[derive(Clone, Default)]
+struct Meter(Arc<Mutex<Wire>>);
+
+impl Meter {
+    fn reset(&self) {
+        let mut wire = self.0.lock().unwrap();
+        wire.counts = Counts::default();
+        for spoke in wire.server_spoke.values_mut() {
+            *spoke = true;
+        }
+    }
+
+    fn counts(&self) -> Counts {
+        self.0.lock().unwrap().counts.clone()
+    }
+
+    fn client_burst(&self, connection: u64, kinds: &[u8]) {
+        let mut wire = self.0.lock().unwrap();
+        let spoke = wire.server_spoke.entry(connection).or_insert(true);
+        if std::mem::replace(spoke, false) {
+            wire.counts.round_trips += 1;
+        }
+        for kind in kinds {
+            *wire.counts.messages.entry(*kind as char).or_default() += 1;
+        }
+    }
+
+    fn server_data(&self, connection: u64) {
+        self.0.lock().unwrap().server_spoke.insert(connection, true);
+    }
+}
+
+/// Listens on a free port and relays each connection to `upstream`.
+async fn start_proxy(upstream: (String, u16), meter: Meter) -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let mut next_id = 0_u64;
+        loop {
+            let Ok((client, _)) = listener.accept().await else {
+                return;
+            };
+            let server = TcpStream::connect((upstream.0.as_str(), upstream.1))
+                .await
+                .expect("reach Postgres from the proxy");
+            next_id += 1;
+            tokio::spawn(relay(next_id, client, server, meter.clone()));
+        }
+    });
+    port
+}
+
+async fn relay(id: u64, client: TcpStream, server: TcpStream, meter: Meter) {
+    let (mut client_read, mut client_write) = client.into_split();
+    let (mut server_read, mut server_write) = server.into_split();
+    let upstream_meter = meter.clone();
+    let upstream = async move {
+        let mut parser = FrontendParser::default();
+        let mut buffer = vec![0_u8; 64 * 1024];
+        loop {
+            let read = match client_read.read(&mut buffer).await {
+                Ok(0) | Err(_) => break,
+                Ok(read) => read,
+            };
+            let kinds = parser.feed(&buffer[..read]);
+            upstream_meter.client_burst(id, &kinds);
+            if server_write.write_all(&buffer[..read]).await.is_err() {
+                break;
+            }
+        }
+        let _ = server_write.shutdown().await;
+    };
+    let downstream = async move {
+        let mut buffer = vec![0_u8; 64 * 1024];
+        loop {
+            let read = match server_read.read(&mut buffer).await {
+                Ok(0) | Err(_) => break,
+                Ok(read) => read,
+            };
+            meter.server_data(id);
+            if client_write.write_all(&buffer[..read]).await.is_err() {
+                break;
+            }
+        }
+        let _ = client_write.shutdown().await;
+    };
+    tokio::join!(upstream, downstream);
+}
+
+/// Splits the client's byte stream into frontend messages.
+#[derive(Default)]
+struct FrontendParser {
+    started: bool,
+    pending: Vec<u8>,
+}
+
+impl FrontendParser {
+    /// The type bytes of the messages completed by `bytes` (the startup
+    /// packet counts as `0`).
+    fn feed(&mut self, bytes: &[u8]) -> Vec<u8> {
+        self.pending.extend_from_slice(bytes);
+        let mut kinds = Vec::new();
+        loop {
+            if !self.started {
+                // Startup phase: length-prefixed packets without a type byte
+                // (an SSL or GSS request first, then the startup message).
+                let Some(length) = self.pending.get(..4) else { break };
+                let length = u32::from_be_bytes(length.try_into().unwrap()) as usize;
+                if self.pending.len() < length {
+                    break;
+                }
+                let code = u32::from_be_bytes(self.pending[4..8].try_into().unwrap());
+                self.pending.drain(..length);
+                if code != 80_877_103 && code != 80_877_104 {
+                    self.started = true;
+                }
+                kinds.push(b'0');
+                continue;
+            }
+            let Some(header) = self.pending.get(..5) else { break };
+            let kind = header[0];
+            let length = u32::from_be_bytes(header[1..5].try_into().unwrap()) as usize;
+            if self.pending.len() < 1 + length {
+                break;
+            }
+            self.pending.drain(..1 + length);
+            kinds.push(kind);
+        }
+        kinds
+    }
+}
+
+/// A pool of one connection through the proxy, on the test's schema.
+fn pool_through(port: u16, schema: &str) -> Pool {
+    let url: tokio_postgres::Config = support::database_url().parse().expect("DATABASE_URL");
+    let mut config = tokio_postgres::Config::new();
+    config.host("127.0.0.1").port(port);
+    if let Some(user) = url.get_user() {
+        config.user(user);
+    }
+    if let Some(password) = url.get_password() {
+        config.password(password);
+    }
+    if let Some(dbname) = url.get_dbname() {
+        config.dbname(dbname);
+    }
+    config.options(format!("-c search_path={schema}"));
+    config.application_name(schema);
+    let manager = Manager::from_config(
+        config,
+        NoTls,
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    Pool::builder(manager)
+        .max_size(1)
+        .runtime(Runtime::Tokio1)
+        .build()
+        .expect("pool")
+}
+
+fn upstream() -> (String, u16) {
+    let config: tokio_postgres::Config = support::database_url().parse().expect("DATABASE_URL");
+    let host = match config.get_hosts().first() {
+        Some(tokio_postgres::config::Host::Tcp(host)) => host.clone(),
+        _ => panic!("the round-trip proxy needs a TCP DATABASE_URL"),
+    };
+    (host, config.get_ports().first().copied().unwrap_or(5432))
+}
+
+/// A layer whose handler answers 200 without touching the database.
+fn app(store: PostgresStore, mode: Mode) -> Router {
+    Router::new()
+        .route("/r", post(|| async { "done" }))
+        .route_layer(IdempotencyLayer::new(store).source("rt").mode(mode))
+}
+
+/// Sends one request and returns what it cost on the wire, once the
+/// connection is back in the pool (background rollbacks included).
+async fn measure(meter: &Meter, pool: &Pool, app: &Router, key: &str) -> (Counts, bool) {
+    wait_idle(pool).await;
+    meter.reset();
+    let reply = send(app, request(Some(key), "{}", &[])).await;
+    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    wait_idle(pool).await;
+    (meter.counts(), reply.replayed())
+}
+
+async fn wait_idle(pool: &Pool) {
+    for _ in 0..200 {
+        let status = pool.status();
+        if status.available == status.size {
+            // Let the proxy relay the last reply.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!("the pooled connection did not come back");
+}
+
+struct Path {
+    name: &'static str,
+    counts: Counts,
+}
+
+fn print_table(mode: &str, paths: &[Path]) {
+    println!("{mode} mode (the handler runs no statement)");
+    println!(
+        "  {:<42} {:>11} {:>10}   messages (Parse Bind Execute Query Sync)",
+        "path", "round trips", "statements"
+    );
+    for path in paths {
+        let c = &path.counts;
+        println!(
+            "  {:<42} {:>11} {:>10}   P {} B {} E {} Q {} S {}",
+            path.name,
+            c.round_trips,
+            c.statements(),
+            c.get('P'),
+            c.get('B'),
+            c.get('E'),
+            c.get('Q'),
+            c.get('S'),
+        );
+    }
+}
+
+/// First deliveries, then duplicates with and without the record cache, on
+/// one instance ("warm": it completed the key itself) and on another
+/// ("cold": it never saw the key).
+async fn count_paths(mode: Mode, name: &str) -> Vec<Path> {
+    let db = TestDb::new(name).await;
+    let meter = Meter::default();
+    let port = start_proxy(upstream(), meter.clone()).await;
+    let pool = pool_through(port, &db.schema);
+    let store = PostgresStore::new(pool.clone());
+    store.migrate().await.unwrap();
+    let layer_app = app(store.clone(), mode);
+    // Warm up: the connection exists and has prepared its statements.
+    measure(&meter, &pool, &layer_app, "warm-up").await;
+    measure(&meter, &pool, &layer_app, "warm-up").await;
+
+    let mut paths = Vec::new();
+    let (first, replayed) = measure(&meter, &pool, &layer_app, "event-1").await;
+    assert!(!replayed);
+    paths.push(Path {
+        name: "first delivery",
+        counts: first,
+    });
+    let (duplicate, replayed) = measure(&meter, &pool, &layer_app, "event-1").await;
+    assert!(replayed);
+    paths.push(Path {
+        name: "duplicate (this instance completed it)",
+        counts: duplicate,
+    });
+
+    // Another instance on the same pool: it has never seen `event-1`.
+    let other = app(PostgresStore::new(pool.clone()), mode);
+    measure(&meter, &pool, &other, "warm-up-2").await;
+    let (cold, replayed) = measure(&meter, &pool, &other, "event-1").await;
+    assert!(replayed);
+    paths.push(Path {
+        name: "duplicate (another instance completed it)",
+        counts: cold,
+    });
+
+    let cached = app(
+        PostgresStore::new(pool.clone()).with_cache(1 << 20, Duration::from_secs(60)),
+        mode,
+    );
+    measure(&meter, &pool, &cached, "warm-up-3").await;
+    measure(&meter, &pool, &cached, "event-1").await;
+    let (hit, replayed) = measure(&meter, &pool, &cached, "event-1").await;
+    assert!(replayed);
+    paths.push(Path {
+        name: "duplicate, record cache on",
+        counts: hit,
+    });
+    pool.close();
+    db.drop_schema().await;
+    paths
+}
+
+#[tokio::test]
+async fn transaction_mode_round_trips() {
+    let paths = count_paths(Mode::Transaction, "round_trips_tx").await;
+    print_table("transaction", &paths);
+    let [first, duplicate, cold, cached] = &paths[..] else {
+        unreachable!()
+    };
+    // BEGIN + advisory try-lock + read, pipelined; then the record's upsert
+    // + COMMIT, pipelined.
+    assert_eq!(first.counts.round_trips, 2, "{first:?}", first = first.counts);
+    assert_eq!(first.counts.statements(), 5);
+    assert_eq!(
+        first.counts.parses(),
+        0,
+        "every statement is prepared once per connection"
+    );
+    assert_eq!(duplicate.counts.round_trips, 1, "{:?}", duplicate.counts);
+    assert_eq!(duplicate.counts.statements(), 1);
+    // The claim's own read answers; its ROLLBACK goes after the response.
+    assert_eq!(cold.counts.round_trips, 2, "{:?}", cold.counts);
+    assert_eq!(cold.counts.statements(), 4);
+    assert_eq!(cached.counts, Counts::default(), "a cached duplicate costs nothing");
+}
+
+#[tokio::test]
+async fn lease_mode_round_trips() {
+    let paths = count_paths(Mode::lease(Duration::from_secs(60)), "round_trips_lease").await;
+    print_table("lease", &paths);
+    let [first, duplicate, cold, cached] = &paths[..] else {
+        unreachable!()
+    };
+    // The claim (an upsert that also returns the live record), then the
+    // completion.
+    assert_eq!(first.counts.round_trips, 2, "{:?}", first.counts);
+    assert_eq!(first.counts.statements(), 2);
+    assert_eq!(first.counts.parses(), 0);
+    assert_eq!(duplicate.counts.round_trips, 1, "{:?}", duplicate.counts);
+    assert_eq!(duplicate.counts.statements(), 1);
+    assert_eq!(cold.counts.round_trips, 1, "{:?}", cold.counts);
+    assert_eq!(cold.counts.statements(), 1);
+    assert_eq!(cached.counts, Counts::default());
+}
