@@ -213,7 +213,12 @@ impl Receiver {
     /// Starts the receiver on `schema` with the given settings added to the
     /// test defaults (a free port, a pool of 8).
     pub async fn start(schema: &Schema, settings: &[(&str, &str)]) -> Self {
-        let mut command = Command::new(example_binary());
+        Self::start_example("webhook_receiver", schema, settings).await
+    }
+
+    /// Starts the example `name` the same way.
+    pub async fn start_example(name: &str, schema: &Schema, settings: &[(&str, &str)]) -> Self {
+        let mut command = Command::new(named_example_binary(name));
         command
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -406,8 +411,13 @@ pub fn stripe_event(id: &str) -> String {
     json!({"id": id, "type": "charge.succeeded", "data": {"object": {"amount": 100}}}).to_string()
 }
 
-/// The compiled example, beside this test binary's `deps/` folder.
+/// The compiled webhook receiver example.
 pub fn example_binary() -> PathBuf {
+    named_example_binary("webhook_receiver")
+}
+
+/// A compiled example, beside this test binary's `deps/` folder.
+pub fn named_example_binary(name: &str) -> PathBuf {
     let test_binary = std::env::current_exe().expect("the test binary's path");
     let profile_dir = test_binary
         .parent()
@@ -415,12 +425,12 @@ pub fn example_binary() -> PathBuf {
         .expect("the test binary lives in target/<profile>/deps");
     let binary = profile_dir
         .join("examples")
-        .join(format!("webhook_receiver{}", std::env::consts::EXE_SUFFIX));
-    let rebuild = "run `cargo test` (which builds the examples), or `cargo build --example webhook_receiver` first";
+        .join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
+    let rebuild = format!("run `cargo test` (which builds the examples), or `cargo build --example {name}` first");
     let built = std::fs::metadata(&binary)
         .and_then(|metadata| metadata.modified())
         .unwrap_or_else(|_| panic!("{} is missing: {rebuild}", binary.display()));
-    let source = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/webhook_receiver.rs");
+    let source = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("examples/{name}.rs"));
     if let Ok(edited) = std::fs::metadata(&source).and_then(|metadata| metadata.modified()) {
         assert!(
             edited <= built,
