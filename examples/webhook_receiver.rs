@@ -42,7 +42,9 @@
 //! end by `tests/webhook_receiver.rs` (and, under crashes and outages, by
 //! `tests/crash.rs`, `tests/outage.rs` and `tests/postgres_restart.rs`).
 
-use std::fmt::Write as _;
+#[path = "common/mod.rs"]
+mod common;
+
 use std::io::Write as _;
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -58,50 +60,32 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Router};
 use bytes::Bytes;
-use deadpool_postgres::{ClientWrapper, Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use common::{
+    connection_pool, create_ledger, describe_database, error_chain, positive, setting, shutdown_signal, Demo,
+    CONNECT_TIMEOUT, DEFAULT_DATABASE_URL, DEFAULT_POOL_SIZE, POOL_WAIT_TIMEOUT, STATEMENT_TIMEOUT,
+};
+use deadpool_postgres::{ClientWrapper, Pool};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use serde_json::Value;
 use tokio::net::TcpListener;
-use tokio_postgres::NoTls;
 use tower_idempotency::{
     Extractor, GitHubSignature, IdempotencyLayer, InFlight, InvalidJsonPath, Mode, OrderingGuard, PostgresStore,
     RecordKey, StandardWebhooksSignature, StripeSignature, Tx, VerifySignature,
 };
 
-const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 const DEFAULT_BIND: &str = "127.0.0.1:3000";
 const DEFAULT_MAX_BODY_BYTES: &str = "1048576";
-const DEFAULT_POOL_SIZE: &str = "32";
 const DEFAULT_LEASE_SECS: &str = "60";
 /// The record cache's bound when `RECORD_CACHE_TTL_MS` turns it on.
 const RECORD_CACHE_BYTES: u64 = 64 << 20;
 
-/// How long opening a database connection may take.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long a request waits for a free pooled connection before it is 503.
-const POOL_WAIT_TIMEOUT: Duration = Duration::from_secs(2);
-/// The server cancels any statement running longer than this.
-const STATEMENT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long `/healthz` gives the database to answer.
 const HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a webhook duplicate waits for an in-flight first delivery.
 const WEBHOOK_WAIT: Duration = Duration::from_secs(10);
 /// `Retry-After` of this example's own 503s, in seconds.
 const RETRY_AFTER_SECONDS: u32 = 1;
-
-/// Serialises concurrent creations of `ledger_entries`: two instances
-/// starting at once would otherwise race in `CREATE TABLE IF NOT EXISTS`.
-const LEDGER_MIGRATION_LOCK: i64 = 0x7765_6268_6f6f_6b31;
-
-const CREATE_LEDGER: &str = "CREATE TABLE IF NOT EXISTS ledger_entries (
-    id bigserial primary key, source text not null,
-    event_id text not null, event_type text not null default '',
-    amount_cents bigint not null default 0,
-    created_at timestamptz not null default now())";
-
-const INSERT_LEDGER_ENTRY: &str =
-    "INSERT INTO ledger_entries (source, event_id, event_type, amount_cents) VALUES ($1, $2, $3, $4) RETURNING id";
 
 fn usage() -> String {
     format!(
@@ -235,18 +219,7 @@ impl Settings {
         })?;
         let max_body_bytes = setting("MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES, positive)?;
         let pool_size = setting("POOL_SIZE", DEFAULT_POOL_SIZE, positive)?;
-        let failure_rate = setting("DEMO_FAILURE_RATE", "0", |text| match text.parse::<f64>() {
-            Ok(rate) if (0.0..=1.0).contains(&rate) => Ok(rate),
-            _ => Err("expected a probability between 0 and 1".to_owned()),
-        })?;
-        let delay_ms = setting("DEMO_HANDLER_DELAY_MS", "0", |text| {
-            text.parse::<u64>()
-                .map_err(|_| "expected a whole number of milliseconds".to_owned())
-        })?;
-        let demo = Demo {
-            failure_rate,
-            handler_delay: Duration::from_millis(delay_ms),
-        };
+        let demo = Demo::from_env()?;
         let lease_secs = setting("LEASE_SECS", DEFAULT_LEASE_SECS, positive)?;
         let record_mode = setting("RECORD_MODE", "transaction", |text| match text {
             "transaction" => Ok(RecordMode::Transaction),
@@ -309,40 +282,6 @@ fn verified(layer: IdempotencyLayer, verifier: Option<impl VerifySignature>) -> 
     match verifier {
         Some(verifier) => layer.verify_signature(verifier),
         None => layer,
-    }
-}
-
-/// Parses an environment variable, or `default` when it is unset or empty.
-fn setting<T>(name: &str, default: &str, parse: impl FnOnce(&str) -> Result<T, String>) -> Result<T, String> {
-    let text = match std::env::var(name) {
-        Ok(text) if !text.is_empty() => text,
-        Ok(_) | Err(std::env::VarError::NotPresent) => default.to_owned(),
-        Err(std::env::VarError::NotUnicode(_)) => return Err(format!("invalid {name}: not valid UTF-8")),
-    };
-    parse(&text).map_err(|why| format!("invalid {name}={text:?}: {why}"))
-}
-
-fn positive(text: &str) -> Result<usize, String> {
-    match text.parse::<usize>() {
-        Ok(value) if value > 0 => Ok(value),
-        _ => Err("expected a whole number greater than 0".to_owned()),
-    }
-}
-
-/// The fault-injection knobs, applied after a handler writes its ledger row.
-#[derive(Clone, Copy, Debug)]
-struct Demo {
-    failure_rate: f64,
-    handler_delay: Duration,
-}
-
-impl Demo {
-    /// Sleeps the configured delay, then says whether to fail this request.
-    async fn after_write(&self) -> bool {
-        if !self.handler_delay.is_zero() {
-            tokio::time::sleep(self.handler_delay).await;
-        }
-        self.failure_rate > 0.0 && fastrand::f64() < self.failure_rate
     }
 }
 
@@ -468,88 +407,6 @@ async fn run(settings: Settings) -> Result<(), String> {
         .with_graceful_shutdown(shutdown_signal())
         .await
         .map_err(|error| format!("server error: {error}"))
-}
-
-/// The pool every request draws from. Each timeout is explicit so that a
-/// slow or absent database turns into a prompt 503, never a hung request.
-fn connection_pool(mut database: tokio_postgres::Config, size: usize) -> Result<Pool, String> {
-    // Keep options the URL may carry (a search_path, say) and add ours.
-    let statement_timeout = format!("-c statement_timeout={}", STATEMENT_TIMEOUT.as_millis());
-    let options = match database.get_options() {
-        Some(existing) if !existing.trim().is_empty() => format!("{existing} {statement_timeout}"),
-        _ => statement_timeout,
-    };
-    database.options(options);
-    database.connect_timeout(CONNECT_TIMEOUT);
-
-    let manager = Manager::from_config(
-        database,
-        NoTls,
-        ManagerConfig {
-            recycling_method: RecyclingMethod::Fast,
-        },
-    );
-    Pool::builder(manager)
-        .max_size(size)
-        .wait_timeout(Some(POOL_WAIT_TIMEOUT))
-        .create_timeout(Some(CONNECT_TIMEOUT))
-        .recycle_timeout(Some(CONNECT_TIMEOUT))
-        .runtime(Runtime::Tokio1)
-        .build()
-        .map_err(|error| format!("cannot build the connection pool: {error}"))
-}
-
-/// `user@host:port/dbname`, for error messages: the URL itself may hold a
-/// password.
-fn describe_database(database: &tokio_postgres::Config) -> String {
-    use tokio_postgres::config::Host;
-
-    let port = database.get_ports().first().copied().unwrap_or(5432);
-    let hosts: Vec<String> = database
-        .get_hosts()
-        .iter()
-        .map(|host| match host {
-            Host::Tcp(name) => format!("{name}:{port}"),
-            #[cfg(unix)]
-            Host::Unix(path) => path.display().to_string(),
-        })
-        .collect();
-    let mut text = String::new();
-    if let Some(user) = database.get_user() {
-        let _ = write!(text, "{user}@");
-    }
-    text.push_str(&hosts.join(","));
-    if let Some(dbname) = database.get_dbname() {
-        let _ = write!(text, "/{dbname}");
-    }
-    text
-}
-
-/// An error with its causes, each once: most errors here repeat their
-/// source's text, but the root cause (say, "connection refused") often is
-/// only in the chain.
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            let _ = write!(text, ": {cause_text}");
-        }
-        source = cause.source();
-    }
-    text
-}
-
-async fn create_ledger(pool: &Pool) -> Result<(), Box<dyn std::error::Error>> {
-    let mut client = pool.get().await?;
-    let transaction = client.transaction().await?;
-    transaction
-        .execute("SELECT pg_advisory_xact_lock($1)", &[&LEDGER_MIGRATION_LOCK])
-        .await?;
-    transaction.batch_execute(CREATE_LEDGER).await?;
-    transaction.commit().await?;
-    Ok(())
 }
 
 /// The Stripe route's ordering guard: each payment intent's latest state in
@@ -773,7 +630,14 @@ impl<'a> LedgerEntry<'a> {
 /// autocommitting connection for /baseline), then applies the demo knobs
 /// and answers.
 async fn process(demo: &Demo, client: &ClientWrapper, entry: LedgerEntry<'_>, success: StatusCode) -> Response {
-    let id = match insert_ledger_entry(client, &entry).await {
+    let inserted = common::insert_ledger_entry(
+        client,
+        entry.source,
+        &entry.event_id,
+        &entry.event_type,
+        entry.amount_cents,
+    );
+    let id = match inserted.await {
         Ok(id) => id,
         Err(error) => return database_unavailable(&error),
     };
@@ -792,17 +656,6 @@ async fn process(demo: &Demo, client: &ClientWrapper, entry: LedgerEntry<'_>, su
         Value::String(entry.event_id)
     );
     json_response(success, body)
-}
-
-async fn insert_ledger_entry(client: &ClientWrapper, entry: &LedgerEntry<'_>) -> Result<i64, tokio_postgres::Error> {
-    let statement = client.prepare_cached(INSERT_LEDGER_ENTRY).await?;
-    let row = client
-        .query_one(
-            &statement,
-            &[&entry.source, &entry.event_id, &entry.event_type, &entry.amount_cents],
-        )
-        .await?;
-    row.try_get(0)
 }
 
 /// The integer at `pointer` in a JSON body; 0 when absent or not an integer.
@@ -899,36 +752,4 @@ fn problem_with_retry(status: StatusCode, kind: &str, title: &str, detail: &str)
         .headers_mut()
         .insert(RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECONDS));
     response
-}
-
-/// Resolves on ctrl-c or SIGTERM; in-flight requests then finish, so their
-/// transactions commit or roll back rather than being cut off.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        if let Err(error) = tokio::signal::ctrl_c().await {
-            tracing::warn!(%error, "cannot listen for ctrl-c");
-            std::future::pending::<()>().await;
-        }
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut terminate) => {
-                terminate.recv().await;
-            }
-            Err(error) => {
-                tracing::warn!(%error, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-
-    tokio::select! {
-        () = ctrl_c => {}
-        () = terminate => {}
-    }
-    tracing::info!("shutting down: finishing in-flight requests");
 }
