@@ -18,7 +18,8 @@
 # Settings (environment): DATABASE_URL [postgres://postgres@127.0.0.1:5432/postgres],
 # BENCH_DURATION seconds per scenario [15], BENCH_WARMUP seconds before each [2],
 # BENCH_CONNECTIONS [16 64], BENCH_THREADS wrk threads [2],
-# BENCH_SKIP_BUILD=1 to use the binary already built.
+# BENCH_SKIP_BUILD=1 to use the binary already built, BENCH_BINARY=path to
+# measure another build of the receiver (say, an older commit's).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -53,13 +54,13 @@ if ! psql "$DATABASE_URL" -qAtc 'SELECT 1' >/dev/null 2>&1; then
     exit 1
 fi
 
-if [ "${BENCH_SKIP_BUILD:-0}" != 1 ]; then
+if [ "${BENCH_SKIP_BUILD:-0}" != 1 ] && [ -z "${BENCH_BINARY:-}" ]; then
     log "building the receiver (release)"
     cargo build --release --example webhook_receiver >&2
 fi
 TARGET_DIR="$(cargo metadata --format-version 1 --no-deps 2>/dev/null |
     sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')"
-BINARY="$TARGET_DIR/release/examples/webhook_receiver"
+BINARY="${BENCH_BINARY:-$TARGET_DIR/release/examples/webhook_receiver}"
 [ -x "$BINARY" ] || { log "no receiver binary at $BINARY"; exit 1; }
 # Logs and results of this run; removed at the end.
 mkdir -p "$TARGET_DIR/bench"
@@ -93,10 +94,14 @@ start_server() { # label, then VAR=value settings
     local label="$1"
     shift
     stop_server
+    # Created here: the forked server may not have opened them yet when
+    # they are first read.
+    : >"$WORK/$label.out"
+    : >"$WORK/$label.err"
     env BIND=127.0.0.1:0 DATABASE_URL="$SCHEMA_URL" "$@" "$BINARY" >"$WORK/$label.out" 2>"$WORK/$label.err" &
     SERVER_PID=$!
     for _ in $(seq 200); do
-        ADDRESS="$(sed -n 's/.*listening on \([0-9.:]*\).*/\1/p' "$WORK/$label.out")"
+        ADDRESS="$(sed -n 's/.*listening on \([0-9.:]*\).*/\1/p' "$WORK/$label.out" || true)"
         [ -n "$ADDRESS" ] && break
         kill -0 "$SERVER_PID" 2>/dev/null || { cat "$WORK/$label.err" >&2; exit 1; }
         sleep 0.1
@@ -106,11 +111,25 @@ start_server() { # label, then VAR=value settings
 }
 
 # --- load ------------------------------------------------------------------
-wrk_run() { # path keys connections seconds run-id
+wrk_run() { # path keys connections seconds run-id; prints wrk's RESULT line and its CPU time
     local threads=$((THREADS < $3 ? THREADS : $3))
     BENCH_PATH="$1" BENCH_KEYS="$2" BENCH_RUN="$5" \
         wrk -t"$threads" -c"$3" -d"$4s" --timeout 10s -s bench/wrk.lua "http://$ADDRESS" 2>&1 |
         grep '^RESULT' || { log "wrk failed"; exit 1; }
+    # This subshell's children are wrk and grep: their user + system time.
+    # (`times` must not run in a pipeline, which would be a shell of its own.)
+    times >"$WORK/times"
+    awk 'NR == 2 { split($1, u, /[ms]/); split($2, s, /[ms]/)
+                   printf "wrk_cpu_ms=%d\n", (u[1] * 60 + u[2] + s[1] * 60 + s[2]) * 1000 }' "$WORK/times"
+}
+
+TICK_US=$((1000000 / $(getconf CLK_TCK)))
+cpu_ticks() { # the receiver's, all Postgres processes' and the whole machine's busy CPU ticks
+    local receiver postgres busy
+    receiver="$(awk '{ print $14 + $15 }' "/proc/$SERVER_PID/stat")"
+    postgres="$(cat /proc/[0-9]*/stat 2>/dev/null | awk '$2 == "(postgres)" { s += $14 + $15 } END { print s + 0 }')"
+    busy="$(awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 }' /proc/stat)"
+    echo "$receiver $postgres $busy"
 }
 
 outcomes() { # the layer's outcome counters, one "outcome=count" a line
@@ -135,11 +154,16 @@ scenario() {
     if [ "$WARMUP" -gt 0 ]; then
         wrk_run "$path" "$keys" "$connections" "$WARMUP" "$id-warm-up" >/dev/null
     fi
-    local before after result
+    local before after result ticks_before ticks_after
     before="$(outcomes)"
-    result="$(wrk_run "$path" "$keys" "$connections" "$DURATION" "$id")"
+    ticks_before="$(cpu_ticks)"
+    result="$(wrk_run "$path" "$keys" "$connections" "$DURATION" "$id" | tr '\n' ' ')"
+    ticks_after="$(cpu_ticks)"
     after="$(outcomes)"
-    printf '%s %s %s %s outcomes:%s\n' "$label" "$config" "$connections" "$result" \
+    local cpu
+    cpu="$(echo "$ticks_before $ticks_after" |
+        awk -v t="$TICK_US" '{ printf "receiver_cpu_us=%d postgres_cpu_us=%d busy_cpu_us=%d", ($4 - $1) * t, ($5 - $2) * t, ($6 - $3) * t }')"
+    printf '%s %s %s %s %s outcomes:%s\n' "$label" "$config" "$connections" "$result" "$cpu" \
         "$(outcome_diff "$before" "$after" | tr ' ' ',')" >>"$RESULTS"
     log "  $label ($config, $connections connections): $(echo "$result" | cut -d' ' -f2-5)"
 }
@@ -155,6 +179,10 @@ STARTED=$(date +%s)
 log "machine at start: $START_STATE"
 
 start_server transaction RECORD_MODE=transaction
+# Open every pooled connection and prepare its statements before measuring.
+log "warming up"
+wrk_run /baseline unique 64 5 "$RUN-warm-up-baseline" >/dev/null
+wrk_run /webhooks/stripe unique 64 5 "$RUN-warm-up-first" >/dev/null
 for c in $CONNECTIONS; do scenario baseline /baseline unique "$c" start; done
 for c in $CONNECTIONS; do
     scenario first /webhooks/stripe unique "$c" transaction
@@ -169,6 +197,7 @@ for c in $CONNECTIONS; do
 done
 
 start_server lease RECORD_MODE=lease
+wrk_run /webhooks/stripe unique 64 5 "$RUN-warm-up-lease" >/dev/null
 for c in $CONNECTIONS; do
     scenario first /webhooks/stripe unique "$c" lease
     scenario duplicate /webhooks/stripe fixed "$c" lease
@@ -187,6 +216,11 @@ echo
 echo "tower-idempotency benchmark, $(date -u '+%Y-%m-%d %H:%M UTC'), $(($(date +%s) - STARTED)) s"
 echo "machine: $(nproc) cores, $(awk '/MemTotal/ { printf "%.0f GiB", $2 / 1048576 }' /proc/meminfo), $(uname -sr);" \
     "Postgres $(psql "$DATABASE_URL" -qAtc 'SHOW server_version'), synchronous_commit=$(psql "$DATABASE_URL" -qAtc 'SHOW synchronous_commit')"
+if [ -n "${BENCH_BINARY:-}" ]; then
+    echo "receiver: $BINARY"
+else
+    echo "receiver: $BINARY (built from $(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet HEAD 2>/dev/null || echo ' with uncommitted changes'))"
+fi
 echo "load: wrk -t$THREADS, ${DURATION}s per scenario after ${WARMUP}s of warm-up; receiver pool 32 connections"
 echo "machine at start: $START_STATE"
 echo "machine at end:   $END_STATE"
@@ -202,6 +236,8 @@ function field(name,   i, kv) {
     rps[n] = field("requests") / (field("duration_us") / 1e6)
     p50[n] = field("p50_us") / 1000; p99[n] = field("p99_us") / 1000
     bad[n] = field("non2xx") + field("socket_errors")
+    reqs[n] = field("requests"); wrk_ms[n] = field("wrk_cpu_ms")
+    rcv[n] = field("receiver_cpu_us"); pgc[n] = field("postgres_cpu_us"); busy[n] = field("busy_cpu_us")
     out[n] = $NF; sub(/^outcomes:/, "", out[n])
     if ($1 == "baseline") { b_rps[$3] += rps[n]; b_p50[$3] += p50[n]; b_p99[$3] += p99[n]; b_n[$3]++
                             if ($2 == "start") first_b[$3] = rps[n]; else last_b[$3] = rps[n] }
@@ -213,6 +249,15 @@ END {
         c = conns[i]; br = b_rps[c] / b_n[c]; b50 = b_p50[c] / b_n[c]; b99 = b_p99[c] / b_n[c]
         printf "%-11s %-18s %5d %9.0f %7.2f %8.2f %6.2f %8.2f %6.2f %7d  %s\n",
             label[i], config[i], c, rps[i], rps[i] / br, p50[i], p50[i] / b50, p99[i], p99[i] / b99, bad[i], out[i]
+    }
+    print ""
+    print "CPU per request, microseconds (2 cores = 2 CPU-seconds each second; \"other\" is every process not"
+    print "in this benchmark, kernel work not charged to a process included: the noise from other work)"
+    printf "%-11s %-18s %5s %9s %9s %9s %9s %9s\n", "scenario", "mode", "conns", "wrk", "receiver", "Postgres", "other", "total"
+    for (i = 1; i <= n; i++) {
+        r = reqs[i]
+        w = wrk_ms[i] * 1000 / r; rc = rcv[i] / r; pg = pgc[i] / r; tot = busy[i] / r
+        printf "%-11s %-18s %5d %9.1f %9.1f %9.1f %9.1f %9.1f\n", label[i], config[i], conns[i], w, rc, pg, tot - w - rc - pg, tot
     }
     print ""
     for (c in b_n) if (b_n[c] == 2)

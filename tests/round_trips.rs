@@ -32,6 +32,8 @@ struct Counts {
     /// Frontend messages by type byte (`P`arse, `B`ind, `E`xecute, `Q`uery,
     /// `S`ync, ...).
     messages: BTreeMap<char, u32>,
+    /// Statements inside simple Query messages (one may carry several).
+    query_statements: u32,
     round_trips: u32,
 }
 
@@ -41,9 +43,9 @@ impl Counts {
     }
 
     /// Statements the server ran: each Execute of a prepared statement and
-    /// each simple Query (the layer sends one statement per Query).
+    /// each statement of a simple Query.
     fn statements(&self) -> u32 {
-        self.get('E') + self.get('Q')
+        self.get('E') + self.query_statements
     }
 
     fn parses(&self) -> u32 {
@@ -75,14 +77,15 @@ impl Meter {
         self.0.lock().unwrap().counts.clone()
     }
 
-    fn client_burst(&self, connection: u64, kinds: &[u8]) {
+    fn client_burst(&self, connection: u64, messages: &[(u8, u32)]) {
         let mut wire = self.0.lock().unwrap();
         let spoke = wire.server_spoke.entry(connection).or_insert(true);
         if std::mem::replace(spoke, false) {
             wire.counts.round_trips += 1;
         }
-        for kind in kinds {
+        for (kind, statements) in messages {
             *wire.counts.messages.entry(*kind as char).or_default() += 1;
+            wire.counts.query_statements += statements;
         }
     }
 
@@ -157,8 +160,9 @@ struct FrontendParser {
 
 impl FrontendParser {
     /// The type bytes of the messages completed by `bytes` (the startup
-    /// packet counts as `0`).
-    fn feed(&mut self, bytes: &[u8]) -> Vec<u8> {
+    /// packet counts as `0`), each with the number of statements it carries
+    /// if it is a simple Query.
+    fn feed(&mut self, bytes: &[u8]) -> Vec<(u8, u32)> {
         self.pending.extend_from_slice(bytes);
         let mut kinds = Vec::new();
         loop {
@@ -175,7 +179,7 @@ impl FrontendParser {
                 if code != 80_877_103 && code != 80_877_104 {
                     self.started = true;
                 }
-                kinds.push(b'0');
+                kinds.push((b'0', 0));
                 continue;
             }
             let Some(header) = self.pending.get(..5) else { break };
@@ -184,8 +188,18 @@ impl FrontendParser {
             if self.pending.len() < 1 + length {
                 break;
             }
-            self.pending.drain(..1 + length);
-            kinds.push(kind);
+            let message: Vec<u8> = self.pending.drain(..1 + length).collect();
+            let statements = if kind == b'Q' {
+                // The layer's SQL has no `;` inside literals.
+                String::from_utf8_lossy(&message[5..])
+                    .trim_end_matches('\0')
+                    .split(';')
+                    .filter(|statement| !statement.trim().is_empty())
+                    .count() as u32
+            } else {
+                0
+            };
+            kinds.push((kind, statements));
         }
         kinds
     }
