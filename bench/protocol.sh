@@ -36,7 +36,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-command -v pgbench >/dev/null || { echo "pgbench is missing (Debian: postgresql-contrib or postgresql-client)" >&2; exit 1; }
+command -v pgbench >/dev/null || { echo "pgbench is missing (it comes with the Postgres server; Debian: postgresql-15)" >&2; exit 1; }
 psql "$DATABASE_URL" -qAtc 'SELECT 1' >/dev/null 2>&1 ||
     { echo "cannot reach Postgres at DATABASE_URL=$DATABASE_URL" >&2; exit 1; }
 
