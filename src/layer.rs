@@ -13,6 +13,7 @@ use crate::fingerprint::Fingerprint;
 use crate::inflight::LocalInFlight;
 use crate::key::{Extractor, Source};
 use crate::policy::{CommitWhen, InFlight, MissingKey, Mode};
+use crate::problem::Protocol;
 use crate::service::IdempotencyService;
 use crate::signature::VerifySignature;
 use crate::store::Store;
@@ -27,6 +28,12 @@ pub const DEFAULT_MAX_KEY_BYTES: usize = 255;
 pub const DEFAULT_RETENTION: Duration = Duration::from_secs(30 * 24 * 60 * 60);
 /// Default bound on each store step: 5 seconds.
 pub const DEFAULT_STORE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default bound on reading a response body to record it: 30 seconds.
+pub const DEFAULT_RESPONSE_BUFFER_TIMEOUT: Duration = Duration::from_secs(30);
+/// The longest duration a layer accepts for any of its settings (retention,
+/// leases, waits, timeouts): 100 years. Longer ones would overflow clocks
+/// and timestamps at request time, so the layer refuses them when built.
+pub const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 24 * 60 * 60);
 
 /// A [`Layer`] that makes the services it wraps idempotent.
 ///
@@ -79,6 +86,10 @@ pub(crate) struct Config {
     pub(crate) store_timeout: Duration,
     pub(crate) grpc_methods: Vec<String>,
     pub(crate) signature: Option<Arc<dyn VerifySignature>>,
+    pub(crate) metrics_label: Option<String>,
+    /// Response content types that pass through without a record.
+    pub(crate) streaming_content_types: Vec<String>,
+    pub(crate) response_buffer_timeout: Duration,
 }
 
 impl Default for Config {
@@ -104,11 +115,34 @@ impl Default for Config {
             store_timeout: DEFAULT_STORE_TIMEOUT,
             grpc_methods: Vec::new(),
             signature: None,
+            metrics_label: None,
+            streaming_content_types: vec!["text/event-stream".to_owned()],
+            response_buffer_timeout: DEFAULT_RESPONSE_BUFFER_TIMEOUT,
         }
     }
 }
 
 impl Config {
+    /// The protocol a request's errors are answered in: gRPC only where the
+    /// route serves gRPC methods, so that a forged request on an HTTP route
+    /// cannot choose the shape of its refusal by its content type.
+    pub(crate) fn protocol_of(&self, headers: &http::HeaderMap) -> Protocol {
+        match Protocol::of(headers) {
+            Protocol::Grpc if !self.grpc_methods.is_empty() => Protocol::Grpc,
+            _ => Protocol::Http,
+        }
+    }
+
+    /// The `source` label of this route's metrics: a bounded set of values,
+    /// never a per-request source such as a tenant id.
+    pub(crate) fn metrics_label(&self) -> &str {
+        match (&self.metrics_label, &self.source) {
+            (Some(label), _) => label,
+            (None, Source::Fixed(name)) => name,
+            (None, Source::PerRequest(_)) => "per-request",
+        }
+    }
+
     /// Whether requests with this method are protected. By default every
     /// method but the safe ones (GET, HEAD, OPTIONS, TRACE) is.
     pub(crate) fn protects(&self, method: &Method) -> bool {
@@ -281,6 +315,46 @@ impl IdempotencyLayer {
     pub fn store_timeout(self, timeout: Duration) -> Self {
         self.with(|config| config.store_timeout = timeout)
     }
+
+    /// The `source` label of this route's metrics (default: the route's
+    /// [`source`](Self::source), or `per-request` with
+    /// [`source_fn`](Self::source_fn)). Labels must come from a small, fixed
+    /// set: a per-request source such as a tenant id never becomes one.
+    pub fn metrics_label(self, label: impl Into<String>) -> Self {
+        let label = label.into();
+        self.with(|config| config.metrics_label = Some(label))
+    }
+
+    /// Adds a response content type that streams (default: only
+    /// `text/event-stream`). A response of such a type passes through
+    /// unprotected, without a record: nothing is replayed, the next
+    /// delivery runs the handler again, and in transaction mode the
+    /// handler's writes commit as if the layer were not there. Matched
+    /// case-insensitively on the media type, parameters ignored.
+    ///
+    /// ```
+    /// # use tower_idempotency::{IdempotencyLayer, MemoryStore};
+    /// let layer = IdempotencyLayer::new(MemoryStore::new(100)).streaming_content_type("application/x-ndjson");
+    /// # let _ = layer;
+    /// ```
+    pub fn streaming_content_type(self, media_type: impl Into<String>) -> Self {
+        let media_type = media_type.into().trim().to_ascii_lowercase();
+        self.with(|config| {
+            if !config.streaming_content_types.contains(&media_type) {
+                config.streaming_content_types.push(media_type);
+            }
+        })
+    }
+
+    /// The longest the layer reads a committing response's body to record it
+    /// (default 30 s), with a lease renewed meanwhile. Past it the response
+    /// passes through as it streams and its record keeps the status and
+    /// headers without the body, as for a body over
+    /// [`max_stored_response_bytes`](Self::max_stored_response_bytes); a
+    /// gRPC response, whose status is still unread, releases its claim.
+    pub fn response_buffer_timeout(self, timeout: Duration) -> Self {
+        self.with(|config| config.response_buffer_timeout = timeout)
+    }
 }
 
 impl IdempotencyLayer {
@@ -311,10 +385,106 @@ impl IdempotencyLayer {
     }
 }
 
+impl IdempotencyLayer {
+    /// Checks that the configuration can work: every duration at most
+    /// [`MAX_DURATION`], a non-zero store timeout and response buffering
+    /// bound, and a lease renewal interval (when not zero) shorter than the
+    /// lease. [`Layer::layer`] runs the same check, so a configuration that
+    /// cannot work is refused when the router is built, never at request
+    /// time; call this first to report the error instead of panicking.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_idempotency::{IdempotencyLayer, MemoryStore, Mode};
+    ///
+    /// let layer = IdempotencyLayer::new(MemoryStore::new(100)).mode(Mode::Lease {
+    ///     lease: Duration::from_secs(10),
+    ///     renew_every: Duration::from_secs(10),
+    /// });
+    /// assert!(layer.validate().is_err());
+    /// ```
+    pub fn validate(&self) -> Result<(), InvalidConfig> {
+        self.config.validate()
+    }
+}
+
+impl Config {
+    fn validate(&self) -> Result<(), InvalidConfig> {
+        let mut durations = vec![
+            ("retention", self.retention),
+            ("store_timeout", self.store_timeout),
+            ("response_buffer_timeout", self.response_buffer_timeout),
+        ];
+        if let InFlight::Wait(bound) = self.in_flight {
+            durations.push(("in_flight wait", bound));
+        }
+        if let Mode::Lease { lease, renew_every } = self.mode {
+            durations.push(("lease", lease));
+            durations.push(("lease renewal interval", renew_every));
+            if !renew_every.is_zero() && renew_every >= lease {
+                return Err(InvalidConfig::RenewalNotShorterThanLease { lease, renew_every });
+            }
+        }
+        if let Some((setting, value)) = durations.into_iter().find(|(_, value)| *value > MAX_DURATION) {
+            return Err(InvalidConfig::DurationTooLong { setting, value });
+        }
+        for (setting, value) in [
+            ("store_timeout", self.store_timeout),
+            ("response_buffer_timeout", self.response_buffer_timeout),
+        ] {
+            if value.is_zero() {
+                return Err(InvalidConfig::ZeroTimeout { setting });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A layer configuration that cannot work, refused when the layer is built
+/// (see [`IdempotencyLayer::validate`]).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum InvalidConfig {
+    /// A duration past [`MAX_DURATION`], which would overflow clocks or
+    /// timestamps.
+    #[error("the {setting} of {value:?} is longer than the most the layer accepts ({MAX_DURATION:?})")]
+    DurationTooLong {
+        /// The setting.
+        setting: &'static str,
+        /// Its value.
+        value: Duration,
+    },
+    /// A timeout of zero, which would fail every request.
+    #[error("the {setting} must be longer than zero")]
+    ZeroTimeout {
+        /// The setting.
+        setting: &'static str,
+    },
+    /// A lease renewed no sooner than it runs out, so another instance could
+    /// take it over while the handler runs.
+    #[error(
+        "the lease renewal interval ({renew_every:?}) must be shorter than the lease ({lease:?}); zero never renews"
+    )]
+    RenewalNotShorterThanLease {
+        /// The lease.
+        lease: Duration,
+        /// The renewal interval.
+        renew_every: Duration,
+    },
+}
+
 impl<S> Layer<S> for IdempotencyLayer {
     type Service = IdempotencyService<S>;
 
+    /// # Panics
+    ///
+    /// When the configuration cannot work (see
+    /// [`IdempotencyLayer::validate`]): at the time the router is built,
+    /// never while serving requests.
     fn layer(&self, inner: S) -> Self::Service {
+        if let Err(error) = self.config.validate() {
+            panic!("invalid IdempotencyLayer configuration: {error}");
+        }
         IdempotencyService::new(inner, self.store.clone(), self.config.clone(), self.in_flight.clone())
     }
 }

@@ -120,8 +120,9 @@ pub use body::{BoxError, ResponseBody};
 pub use fingerprint::Fingerprint;
 pub use key::{Extractor, InvalidJsonPath, KeyError, RecordKey};
 pub use layer::{
-    IdempotencyLayer, DEFAULT_MAX_KEY_BYTES, DEFAULT_MAX_REQUEST_BYTES, DEFAULT_MAX_STORED_RESPONSE_BYTES,
-    DEFAULT_RETENTION, DEFAULT_STORE_TIMEOUT,
+    IdempotencyLayer, InvalidConfig, DEFAULT_MAX_KEY_BYTES, DEFAULT_MAX_REQUEST_BYTES,
+    DEFAULT_MAX_STORED_RESPONSE_BYTES, DEFAULT_RESPONSE_BUFFER_TIMEOUT, DEFAULT_RETENTION, DEFAULT_STORE_TIMEOUT,
+    MAX_DURATION,
 };
 pub use ordering::{OrderingError, OrderingGuard, Transition};
 pub use policy::{InFlight, MissingKey, Mode, ResponseDecision};

@@ -5,10 +5,15 @@
 //! | `idempotency_requests_total` | counter | `source`, `outcome` |
 //! | `idempotency_store_duration_seconds` | histogram | `operation` (`lookup`, `claim`, `complete`, `release`) |
 //! | `idempotency_wait_duration_seconds` | histogram | `source`: time a duplicate waited for an in-flight first |
+//! | `idempotency_responses_unretained_total` | counter | `source`, `reason` (`too_large`, `too_slow`): responses recorded or released without their body |
+//!
+//! `source` is the route's metrics label (its configured source, or the
+//! label set with `IdempotencyLayer::metrics_label`), never a per-request
+//! value, so the number of series stays bounded.
 //!
 //! Outcomes: `first`, `replayed`, `conflict`, `waited`, `mismatch`,
 //! `missing_key`, `rejected`, `released`, `store_error`, `commit_failed`,
-//! `fenced_out`, `signature_rejected`. Install any `metrics` exporter (for
+//! `fenced_out`, `signature_rejected`, `streamed`. Install any `metrics` exporter (for
 //! example `metrics-exporter-prometheus`) to collect them.
 
 use std::time::Duration;
@@ -40,6 +45,8 @@ pub(crate) enum Outcome {
     FencedOut,
     /// The signature was refused.
     SignatureRejected,
+    /// A streaming response passed through without a record.
+    Streamed,
 }
 
 impl Outcome {
@@ -57,6 +64,7 @@ impl Outcome {
             Outcome::CommitFailed => "commit_failed",
             Outcome::FencedOut => "fenced_out",
             Outcome::SignatureRejected => "signature_rejected",
+            Outcome::Streamed => "streamed",
         }
     }
 }
@@ -66,6 +74,13 @@ pub(crate) fn count(source: &str, outcome: Outcome) {
     metrics::counter!("idempotency_requests_total", "source" => source.to_owned(), "outcome" => outcome.as_str())
         .increment(1);
     tracing::Span::current().record("outcome", outcome.as_str());
+}
+
+/// Counts a recorded response whose body was not kept: `too_large` or
+/// `too_slow`.
+pub(crate) fn unretained(source: &str, reason: &'static str) {
+    metrics::counter!("idempotency_responses_unretained_total", "source" => source.to_owned(), "reason" => reason)
+        .increment(1);
 }
 
 /// Records how long one store step took.

@@ -39,6 +39,16 @@ pub(crate) enum Problem {
     HandlerFailed,
     /// 500: a stored record could not be decoded.
     CorruptRecord,
+    /// 500: the store is set up wrong (the records table is missing, or the
+    /// role lacks a privilege); retrying will not help until an operator
+    /// fixes it.
+    StoreMisconfigured,
+    /// 500: the handler still held the request's transaction after it
+    /// answered, a bug in the handler; its writes were rolled back.
+    TransactionHeld,
+    /// 503: the commit was sent but its answer never came: it may have
+    /// committed. A retry replays the record if it did, or runs afresh.
+    CommitOutcomeUnknown,
 }
 
 /// The protocol a request speaks, which decides the shape of an error.
@@ -92,8 +102,13 @@ impl Problem {
             Problem::InvalidSignature => StatusCode::UNAUTHORIZED,
             Problem::InFlight => StatusCode::CONFLICT,
             Problem::FingerprintMismatch => StatusCode::UNPROCESSABLE_ENTITY,
-            Problem::StoreUnavailable | Problem::CommitFailed | Problem::StoreFull => StatusCode::SERVICE_UNAVAILABLE,
-            Problem::HandlerFailed | Problem::CorruptRecord => StatusCode::INTERNAL_SERVER_ERROR,
+            Problem::StoreUnavailable | Problem::CommitFailed | Problem::StoreFull | Problem::CommitOutcomeUnknown => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            Problem::HandlerFailed
+            | Problem::CorruptRecord
+            | Problem::StoreMisconfigured
+            | Problem::TransactionHeld => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -108,8 +123,13 @@ impl Problem {
             Problem::InvalidSignature => UNAUTHENTICATED,
             Problem::InFlight => ABORTED,
             Problem::FingerprintMismatch => FAILED_PRECONDITION,
-            Problem::StoreUnavailable | Problem::CommitFailed | Problem::StoreFull => UNAVAILABLE,
-            Problem::HandlerFailed | Problem::CorruptRecord => INTERNAL,
+            Problem::StoreUnavailable | Problem::CommitFailed | Problem::StoreFull | Problem::CommitOutcomeUnknown => {
+                UNAVAILABLE
+            }
+            Problem::HandlerFailed
+            | Problem::CorruptRecord
+            | Problem::TransactionHeld
+            | Problem::StoreMisconfigured => INTERNAL,
         }
     }
 
@@ -129,6 +149,9 @@ impl Problem {
             Problem::StoreFull => "urn:tower-idempotency:store-full",
             Problem::HandlerFailed => "urn:tower-idempotency:handler-failed",
             Problem::CorruptRecord => "urn:tower-idempotency:corrupt-record",
+            Problem::StoreMisconfigured => "urn:tower-idempotency:store-misconfigured",
+            Problem::TransactionHeld => "urn:tower-idempotency:transaction-held",
+            Problem::CommitOutcomeUnknown => "urn:tower-idempotency:commit-outcome-unknown",
         }
     }
 
@@ -147,13 +170,18 @@ impl Problem {
             Problem::StoreFull => "Idempotency store full",
             Problem::HandlerFailed => "The request handler failed",
             Problem::CorruptRecord => "Stored response unreadable",
+            Problem::StoreMisconfigured => "Idempotency store misconfigured",
+            Problem::TransactionHeld => "The handler kept its transaction after answering",
+            Problem::CommitOutcomeUnknown => "The outcome of the commit is unknown",
         }
     }
 
     fn retry_after(self) -> Option<u32> {
         match self {
             Problem::InFlight => Some(IN_FLIGHT_RETRY_AFTER),
-            Problem::StoreUnavailable | Problem::CommitFailed | Problem::StoreFull => Some(STORE_RETRY_AFTER),
+            Problem::StoreUnavailable | Problem::CommitFailed | Problem::StoreFull | Problem::CommitOutcomeUnknown => {
+                Some(STORE_RETRY_AFTER)
+            }
             _ => None,
         }
     }

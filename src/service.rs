@@ -26,7 +26,6 @@ use tracing::Instrument;
 
 use crate::body::{BoxError, ResponseBody};
 use crate::inflight::{Entry, HolderGuard, LocalInFlight};
-use crate::key::Source;
 use crate::key::{self, JsonBody, KeyError, RecordKey, Role};
 use crate::layer::Config;
 use crate::metrics::{self, Outcome};
@@ -54,6 +53,8 @@ struct Shared {
     store: Store,
     config: Arc<Config>,
     in_flight: Arc<LocalInFlight>,
+    /// The route's bounded `source` label for metrics.
+    metrics_label: Arc<str>,
 }
 
 impl<S> IdempotencyService<S> {
@@ -62,6 +63,7 @@ impl<S> IdempotencyService<S> {
             inner,
             shared: Arc::new(Shared {
                 store,
+                metrics_label: Arc::from(config.metrics_label()),
                 config,
                 in_flight,
             }),
@@ -150,6 +152,8 @@ struct Identity {
     key: RecordKey,
     fingerprint: [u8; 32],
     protocol: Protocol,
+    /// The route's metrics label (never the per-request source).
+    metrics_label: Arc<str>,
 }
 
 async fn handle<S, ReqBody, ResBody>(
@@ -167,35 +171,42 @@ where
     ResBody::Error: Into<BoxError>,
 {
     let config = &shared.config;
-    let protocol = Protocol::of(request.headers());
-    let is_protected = match protocol {
+    let protocol = config.protocol_of(request.headers());
+    let is_protected = match Protocol::of(request.headers()) {
         // Streaming RPCs must never be buffered: only listed unary methods.
         Protocol::Grpc => config.grpc_methods.iter().any(|method| method == request.uri().path()),
         Protocol::Http => config.protects(request.method()),
     };
-    if !is_protected {
+    // A route with a verifier checks every request before any other
+    // decision, so that what a request claims to be (its method, a
+    // gRPC-looking content type) can never route a forgery around the check.
+    if !is_protected && config.signature.is_none() {
         return pass_through(inner, request.map(Either::Right)).await;
     }
     let (parts, body) = request.into_parts();
     let body = match read_body(&parts, body, config.max_request_bytes).await {
         Ok(body) => body,
         Err((problem, detail)) => {
-            metrics::count(source_label(config), Outcome::Rejected);
+            metrics::count(config.metrics_label(), Outcome::Rejected);
             return Ok(problem.response(protocol, &detail));
         }
     };
     if let Some(verifier) = &config.signature {
         if let Err(error) = verifier.verify(&parts, &body, std::time::SystemTime::now()) {
             tracing::info!(%error, "signature refused before the claim");
-            metrics::count(source_label(config), Outcome::SignatureRejected);
+            metrics::count(config.metrics_label(), Outcome::SignatureRejected);
             return Ok(Problem::InvalidSignature.response(protocol, &error.to_string()));
         }
     }
-    let identity = match identify(config, &parts, &body) {
+    if !is_protected {
+        let request = Request::from_parts(parts, Either::Left(Full::new(body)));
+        return pass_through(inner, request).await;
+    }
+    let identity = match identify(config, &parts, &body, protocol, &shared.metrics_label) {
         Ok(Some(identity)) => identity,
         Ok(None) => {
             tracing::info!("request without a key passed through unprotected");
-            metrics::count(source_label(config), Outcome::MissingKey);
+            metrics::count(config.metrics_label(), Outcome::MissingKey);
             let request = Request::from_parts(parts, Either::Left(Full::new(body)));
             return pass_through(inner, request).await;
         }
@@ -211,7 +222,7 @@ where
             } else {
                 Outcome::Rejected
             };
-            metrics::count(source_label(config), outcome);
+            metrics::count(config.metrics_label(), outcome);
             return Ok(problem.response(protocol, &error.to_string()));
         }
     };
@@ -242,14 +253,6 @@ where
             tracing::error!(%error, "the idempotency task did not finish");
             Ok(Problem::HandlerFailed.response(protocol, "the request was cancelled before it finished"))
         }
-    }
-}
-
-/// The source label of requests refused before their source is resolved.
-fn source_label(config: &Config) -> &str {
-    match &config.source {
-        Source::Fixed(name) => name,
-        Source::PerRequest(_) => "per-request",
     }
 }
 
@@ -296,7 +299,13 @@ where
 
 /// Reads the source, event type and key, checks them, and fingerprints the
 /// request. `Ok(None)`: no key, and the route passes such requests through.
-fn identify(config: &Config, parts: &Parts, body: &Bytes) -> Result<Option<Identity>, KeyError> {
+fn identify(
+    config: &Config,
+    parts: &Parts,
+    body: &Bytes,
+    protocol: Protocol,
+    metrics_label: &Arc<str>,
+) -> Result<Option<Identity>, KeyError> {
     let mut json = JsonBody::new(body);
     if config.require_json || config.fingerprint.reads_json() || config.key.reads_json() {
         json.value()?;
@@ -327,7 +336,8 @@ fn identify(config: &Config, parts: &Parts, body: &Bytes) -> Result<Option<Ident
             key,
         },
         fingerprint,
-        protocol: Protocol::of(&parts.headers),
+        protocol,
+        metrics_label: metrics_label.clone(),
     }))
 }
 
@@ -360,17 +370,30 @@ where
         Acquired::Answer(response) => Ok(response),
         Acquired::StoreFailed(error) if shared.config.fail_open && error.is_unavailable() => {
             tracing::warn!(%error, "store unavailable; running the handler unprotected (fail-open)");
-            metrics::count(&identity.key.source, Outcome::StoreError);
+            metrics::count(&identity.metrics_label, Outcome::StoreError);
             pass_through(inner, request).await
         }
         Acquired::StoreFailed(error) => {
-            tracing::error!(%error, "store unavailable; request refused");
-            metrics::count(&identity.key.source, Outcome::StoreError);
+            metrics::count(&identity.metrics_label, Outcome::StoreError);
             let problem = match error {
                 StoreError::Full => Problem::StoreFull,
                 StoreError::Corrupt(_) => Problem::CorruptRecord,
+                _ if error.is_misconfiguration() => Problem::StoreMisconfigured,
                 _ => Problem::StoreUnavailable,
             };
+            match problem {
+                Problem::StoreUnavailable | Problem::StoreFull => {
+                    tracing::error!(%error, "store unavailable; request refused")
+                }
+                Problem::CorruptRecord => tracing::error!(
+                    %error,
+                    "a stored record is corrupt; inspect it with `idempotency-admin show` and delete it with `idempotency-admin release` to let the next delivery run"
+                ),
+                _ => tracing::error!(
+                    %error,
+                    "the store is misconfigured; every request with a key fails until it is fixed: run PostgresStore::migrate() (or apply the published schema) and grant the role DML on the records table"
+                ),
+            }
             Ok(problem.response(identity.protocol, &error.to_string()))
         }
     }
@@ -502,7 +525,7 @@ impl<'a> Waiting<'a> {
         let Some(since) = self.since.take() else {
             return false;
         };
-        metrics::wait_duration(&self.identity.key.source, since.elapsed());
+        metrics::wait_duration(&self.identity.metrics_label, since.elapsed());
         true
     }
 }
@@ -553,13 +576,13 @@ fn replay_or_mismatch<B>(completed: Completed, identity: &Identity, waited: bool
     }
     tracing::debug!(waited, "answered with the stored response");
     let outcome = if waited { Outcome::Waited } else { Outcome::Replayed };
-    metrics::count(&identity.key.source, outcome);
+    metrics::count(&identity.metrics_label, outcome);
     replay(completed.response)
 }
 
 fn mismatch<B>(identity: &Identity) -> Response<ResponseBody<B>> {
     tracing::info!("key reused with a different request");
-    metrics::count(&identity.key.source, Outcome::Mismatch);
+    metrics::count(&identity.metrics_label, Outcome::Mismatch);
     Problem::FingerprintMismatch.response(
         identity.protocol,
         &format!(
@@ -571,7 +594,7 @@ fn mismatch<B>(identity: &Identity) -> Response<ResponseBody<B>> {
 
 fn in_flight<B>(identity: &Identity) -> Response<ResponseBody<B>> {
     tracing::debug!("a request with this key is in flight");
-    metrics::count(&identity.key.source, Outcome::Conflict);
+    metrics::count(&identity.metrics_label, Outcome::Conflict);
     Problem::InFlight.response(
         identity.protocol,
         &format!("a request with the key `{}` is being processed", identity.key.key),
@@ -623,6 +646,8 @@ enum Handled<B> {
     },
     /// Release the claim and send this partly read response.
     ReleasedStream(Response<ResponseBody<B>>),
+    /// A streaming response: it passes through without a record.
+    Streaming(Response<B>),
 }
 
 /// Runs the handler under the claim, then commits or releases.
@@ -637,45 +662,51 @@ where
     ResBody: Body<Data = Bytes> + Send + 'static,
     ResBody::Error: Into<BoxError>,
 {
-    let protocol = Protocol::of(request.headers());
+    let protocol = config.protocol_of(request.headers());
     if let Some(transaction) = claim.transaction() {
         request.extensions_mut().insert(transaction);
     }
     request.extensions_mut().insert(claim.key().clone());
-    let handled = AssertUnwindSafe(async {
-        let response = with_renewal(config, &claim, inner.call(request)).await?;
-        Ok(classify(config, protocol, response).await)
-    })
-    .catch_unwind()
+    // The lease is renewed until the response is judged and read, not only
+    // while the handler computes its head: a slow body must not outlive it.
+    let handled = with_renewal(
+        config,
+        &claim,
+        AssertUnwindSafe(async {
+            let response = inner.call(request).await?;
+            Ok(classify(config, protocol, response).await)
+        })
+        .catch_unwind(),
+    )
     .await;
     let handled = match handled {
         Ok(Ok(Ok(handled))) => handled,
         Ok(Err(error)) => {
-            release(claim, "the handler returned an error").await;
+            release(config, claim, "the handler returned an error").await;
             return Err(error);
         }
         Ok(Ok(Err(error))) => {
-            release(claim, "the response body failed").await;
+            release(config, claim, "the response body failed").await;
             return Ok(
                 Problem::HandlerFailed.response(protocol, &format!("the response body could not be read: {error}"))
             );
         }
         Err(_panic) => {
-            release(claim, "the handler panicked").await;
+            release(config, claim, "the handler panicked").await;
             return Ok(Problem::HandlerFailed.response(protocol, "the handler panicked"));
         }
     };
     match handled {
         Handled::Released(response) => {
-            release(claim, "the response does not commit").await;
+            release(config, claim, "the response does not commit").await;
             Ok(response.map(ResponseBody::inner))
         }
         Handled::ReleasedBuffered { parts, body, trailers } => {
-            release(claim, "the response does not commit").await;
+            release(config, claim, "the response does not commit").await;
             Ok(Response::from_parts(parts, ResponseBody::buffered(body, trailers)))
         }
         Handled::ReleasedStream(response) => {
-            release(claim, "the response could not be judged").await;
+            release(config, claim, "the response could not be judged").await;
             Ok(response)
         }
         Handled::Buffered { parts, body, trailers } => {
@@ -686,6 +717,10 @@ where
         Handled::Unretained { parts, body } => {
             let stored = stored_response(config, protocol, &parts, None, None);
             commit(config, protocol, claim, &stored, Response::from_parts(parts, body)).await
+        }
+        Handled::Streaming(response) => {
+            end_unrecorded(config, claim).await;
+            Ok(response.map(ResponseBody::inner))
         }
     }
 }
@@ -736,17 +771,29 @@ where
     if !commits {
         return Ok(Handled::Released(response));
     }
-    let (parts, body) = response.into_parts();
-    if is_event_stream(&parts.headers) {
-        return Ok(Handled::Unretained {
-            parts,
-            body: ResponseBody::inner(body),
-        });
+    if is_streaming(config, response.headers()) {
+        return Ok(Handled::Streaming(response));
     }
-    Ok(match buffer(body, config.max_stored_response_bytes).await? {
-        Buffered::Whole { body, trailers } => Handled::Buffered { parts, body, trailers },
-        Buffered::TooLarge(body) => Handled::Unretained { parts, body },
-    })
+    let (parts, body) = response.into_parts();
+    let label = config.metrics_label();
+    Ok(
+        match buffer(body, config.max_stored_response_bytes, buffer_deadline(config)).await? {
+            Buffered::Whole { body, trailers } => Handled::Buffered { parts, body, trailers },
+            Buffered::TooLarge(body) => {
+                tracing::info!("the response body is over the storage limit; the record keeps its status and headers");
+                metrics::unretained(label, "too_large");
+                Handled::Unretained { parts, body }
+            }
+            Buffered::TooSlow(body) => {
+                tracing::warn!(
+                    timeout = ?config.response_buffer_timeout,
+                    "the response body was not read in time; it passes through and the record keeps its status and headers"
+                );
+                metrics::unretained(label, "too_slow");
+                Handled::Unretained { parts, body }
+            }
+        },
+    )
 }
 
 /// A gRPC response succeeds with HTTP 200 and `grpc-status: 0`, in the
@@ -765,7 +812,7 @@ where
         return Ok(Handled::Released(response));
     }
     let (parts, body) = response.into_parts();
-    match buffer(body, config.max_stored_response_bytes).await? {
+    match buffer(body, config.max_stored_response_bytes, buffer_deadline(config)).await? {
         Buffered::Whole { body, trailers } => {
             let status = grpc_status(&parts.headers).or_else(|| trailers.as_ref().and_then(grpc_status));
             let commits = decided == Some(ResponseDecision::Commit) || status == Some(0);
@@ -779,6 +826,15 @@ where
             // Its status is in trailers not yet read: it cannot be judged
             // without buffering it whole, so it is not protected.
             tracing::warn!("a gRPC response over the storage limit passes through; its claim is released");
+            metrics::unretained(config.metrics_label(), "too_large");
+            Ok(Handled::ReleasedStream(Response::from_parts(parts, body)))
+        }
+        Buffered::TooSlow(body) => {
+            tracing::warn!(
+                timeout = ?config.response_buffer_timeout,
+                "a gRPC response was not read in time; it passes through and its claim is released"
+            );
+            metrics::unretained(config.metrics_label(), "too_slow");
             Ok(Handled::ReleasedStream(Response::from_parts(parts, body)))
         }
     }
@@ -796,9 +852,17 @@ enum Buffered<B> {
     },
     /// What was read, then the rest still streaming.
     TooLarge(ResponseBody<B>),
+    /// What was read by the deadline, then the rest still streaming.
+    TooSlow(ResponseBody<B>),
 }
 
-async fn buffer<B>(body: B, limit: usize) -> Result<Buffered<B>, BoxError>
+/// When reading a response to record it must stop.
+fn buffer_deadline(config: &Config) -> Instant {
+    Instant::now() + config.response_buffer_timeout
+}
+
+/// Reads a body up to `limit` bytes and until `deadline`.
+async fn buffer<B>(body: B, limit: usize, deadline: Instant) -> Result<Buffered<B>, BoxError>
 where
     B: Body<Data = Bytes>,
     B::Error: Into<BoxError>,
@@ -809,7 +873,12 @@ where
     let mut single = Bytes::new();
     let mut joined: Option<BytesMut> = None;
     let mut trailers: Option<HeaderMap> = None;
-    while let Some(frame) = body.frame().await {
+    loop {
+        let Ok(next) = tokio::time::timeout_at(deadline, body.frame()).await else {
+            let read = joined.map_or(single, BytesMut::freeze);
+            return Ok(Buffered::TooSlow(ResponseBody::prefixed(read, body)));
+        };
+        let Some(frame) = next else { break };
         let frame = frame.map_err(Into::into)?;
         match frame.into_data() {
             Ok(data) => {
@@ -842,11 +911,16 @@ where
     })
 }
 
-fn is_event_stream(headers: &HeaderMap) -> bool {
-    headers
-        .get(CONTENT_TYPE)
-        .and_then(|value| value.to_str().ok())
-        .is_some_and(|value| value.trim_start().to_ascii_lowercase().starts_with("text/event-stream"))
+/// Whether the response's media type is one the route streams.
+fn is_streaming(config: &Config, headers: &HeaderMap) -> bool {
+    let Some(content_type) = headers.get(CONTENT_TYPE).and_then(|value| value.to_str().ok()) else {
+        return false;
+    };
+    let media_type = content_type.split(';').next().unwrap_or_default().trim();
+    config
+        .streaming_content_types
+        .iter()
+        .any(|streaming| streaming.eq_ignore_ascii_case(media_type))
 }
 
 /// What a record keeps of a response. An HTTP response keeps its
@@ -883,7 +957,7 @@ async fn commit<B, E>(
     stored: &StoredResponse,
     answer: Response<ResponseBody<B>>,
 ) -> Answer<B, E> {
-    let source = claim.key().source.clone();
+    let source = config.metrics_label();
     let started = Instant::now();
     let completion = tokio::time::timeout(config.store_timeout, claim.complete(stored))
         .await
@@ -892,30 +966,78 @@ async fn commit<B, E>(
     match (completion, config.mode) {
         (Ok(Completion::Recorded), _) => {
             tracing::info!(status = stored.status.as_u16(), "handled and recorded");
-            metrics::count(&source, Outcome::First);
+            metrics::count(source, Outcome::First);
             Ok(answer)
         }
         (Ok(Completion::FencedOut), _) => {
             tracing::warn!("the claim was taken over before completion; the response was not recorded");
-            metrics::count(&source, Outcome::FencedOut);
+            metrics::count(source, Outcome::FencedOut);
             Ok(answer)
         }
         (Err(error), Mode::Transaction) => {
-            tracing::error!(%error, "the transaction did not commit; the handler's writes were rolled back");
-            metrics::count(&source, Outcome::CommitFailed);
-            Ok(Problem::CommitFailed.response(protocol, &format!("the request could not be committed: {error}")))
+            metrics::count(source, Outcome::CommitFailed);
+            Ok(commit_failed(protocol, &error))
         }
         (Err(error), Mode::Lease { .. }) => {
             tracing::error!(%error, "the record could not be completed; it is left to its lease");
-            metrics::count(&source, Outcome::StoreError);
+            metrics::count(source, Outcome::StoreError);
             Ok(answer)
         }
     }
 }
 
-async fn release(claim: Claim, why: &str) {
+/// The answer to a transaction that did not commit, by what is known of
+/// its outcome.
+fn commit_failed<B>(protocol: Protocol, error: &StoreError) -> Response<ResponseBody<B>> {
+    if matches!(error, StoreError::TransactionInUse) {
+        tracing::error!(
+            %error,
+            "a handler kept its Tx after answering, a bug in the handler: drop every Tx before returning; its writes roll back when it lets go"
+        );
+        return Problem::TransactionHeld.response(
+            protocol,
+            "the handler still held the request's transaction after answering; its writes were not committed",
+        );
+    }
+    if error.is_misconfiguration() {
+        tracing::error!(%error, "the commit failed on a misconfigured store; the handler's writes were rolled back");
+        return Problem::StoreMisconfigured.response(protocol, &format!("the request could not be committed: {error}"));
+    }
+    if error.commit_outcome_unknown() {
+        tracing::error!(
+            %error,
+            "the commit was sent but not answered: it may have committed; a retry replays the record if it did"
+        );
+        return Problem::CommitOutcomeUnknown.response(
+            protocol,
+            &format!(
+                "the commit was sent but its outcome is unknown (it may have committed; retry to find out): {error}"
+            ),
+        );
+    }
+    tracing::error!(%error, "the transaction did not commit; the handler's writes were rolled back");
+    Problem::CommitFailed.response(
+        protocol,
+        &format!("the request was rolled back and can be retried: {error}"),
+    )
+}
+
+/// Ends a claim whose response streams: nothing is recorded, and the
+/// request counts as unprotected (its transaction's writes commit).
+async fn end_unrecorded(config: &Config, claim: Claim) {
+    tracing::info!("a streaming response passes through without a record");
+    metrics::count(config.metrics_label(), Outcome::Streamed);
+    let ended = tokio::time::timeout(config.store_timeout, claim.end_unrecorded())
+        .await
+        .unwrap_or(Err(StoreError::Timeout(config.store_timeout)));
+    if let Err(error) = ended {
+        tracing::error!(%error, "could not end the claim of a streaming response; its writes may not have committed");
+    }
+}
+
+async fn release(config: &Config, claim: Claim, why: &str) {
     tracing::info!(why, "claim released");
-    metrics::count(&claim.key().source, Outcome::Released);
+    metrics::count(config.metrics_label(), Outcome::Released);
     let started = Instant::now();
     let released = claim.release().await;
     metrics::store_duration("release", started.elapsed());
@@ -932,7 +1054,9 @@ pub(crate) mod bench {
 
     /// What `identify` reads from a request: its key, if it has one.
     pub(crate) fn identify(config: &Config, parts: &Parts, body: &Bytes) -> Result<Option<String>, KeyError> {
-        Ok(super::identify(config, parts, body)?.map(|identity| identity.key.key))
+        let protocol = config.protocol_of(&parts.headers);
+        let label = Arc::from(config.metrics_label());
+        Ok(super::identify(config, parts, body, protocol, &label)?.map(|identity| identity.key.key))
     }
 
     /// The replay of a stored response.

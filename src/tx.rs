@@ -45,6 +45,16 @@ impl TxConnection {
         }
     }
 
+    /// Commits and returns the connection to the pool, or discards it if
+    /// the commit fails (its outcome is then unknown).
+    pub(crate) async fn commit(mut self) -> Result<(), tokio_postgres::Error> {
+        let Some(object) = self.object.take() else {
+            return Ok(());
+        };
+        let guard = DiscardUnlessRolledBack(Some(object));
+        guard.end("COMMIT").await
+    }
+
     /// Rolls back and returns the connection to the pool, or discards it if
     /// the rollback fails.
     pub(crate) async fn rollback(mut self) -> Result<(), tokio_postgres::Error> {
@@ -77,11 +87,17 @@ impl Drop for TxConnection {
 struct DiscardUnlessRolledBack(Option<Object>);
 
 impl DiscardUnlessRolledBack {
-    async fn rollback(mut self) -> Result<(), tokio_postgres::Error> {
+    async fn rollback(self) -> Result<(), tokio_postgres::Error> {
+        self.end("ROLLBACK").await
+    }
+
+    /// Ends the transaction with `COMMIT` or `ROLLBACK`; only a clean end
+    /// returns the connection to the pool.
+    async fn end(mut self, statement: &str) -> Result<(), tokio_postgres::Error> {
         let Some(object) = self.0.as_ref() else {
             return Ok(());
         };
-        let result = object.batch_execute("ROLLBACK").await;
+        let result = object.batch_execute(statement).await;
         if result.is_ok() {
             // Back to the pool, clean.
             self.0.take();

@@ -415,7 +415,7 @@ async fn a_stale_lease_holder_cannot_overwrite_the_new_owner(ctx: Ctx) {
     // table keeps a live handler's key from being taken over at all.
     let mode = Mode::Lease {
         lease: Duration::ZERO,
-        renew_every: Duration::from_secs(3600),
+        renew_every: Duration::ZERO,
     };
     let probe = Probe::default();
     let instance_a = probe.app(ctx.layer().mode(mode));

@@ -95,3 +95,44 @@ async fn conflicts_waits_and_store_latency_are_recorded() {
     let text = recorder().render();
     assert!(text.contains("idempotency_store_duration_seconds"), "{text}");
 }
+
+#[tokio::test]
+async fn per_request_sources_never_become_label_values() {
+    recorder();
+    let probe = Probe::default();
+    let tenant_of = |parts: &http::request::Parts| {
+        parts
+            .headers
+            .get("x-tenant")
+            .and_then(|value| value.to_str().ok())
+            .map(str::to_owned)
+    };
+    let labelled = probe.app(
+        IdempotencyLayer::new(MemoryStore::new(30_000))
+            .source_fn(tenant_of)
+            .metrics_label("metrics-tenants"),
+    );
+    let unlabelled = probe.app(IdempotencyLayer::new(MemoryStore::new(30_000)).source_fn(tenant_of));
+
+    for tenant in 0..10_000 {
+        let tenant = format!("tenant-{tenant:05}");
+        let app = if tenant.ends_with('0') { &unlabelled } else { &labelled };
+        let reply = send(app, request(Some("k"), "{}", &[("x-tenant", &tenant)])).await;
+        assert_eq!(reply.status, 200, "{tenant}: {}", reply.text());
+        send(app, request(Some("k"), "{}", &[("x-tenant", &tenant)])).await;
+    }
+
+    let text = recorder().render();
+    assert!(!text.contains("tenant-"), "a tenant became a label value");
+    let series = |label: &str| {
+        text.lines()
+            .filter(|line| line.starts_with("idempotency_") && line.contains(&format!("source=\"{label}\"")))
+            .count()
+    };
+    // One series per outcome, plus the store histograms' own lines.
+    assert_eq!(requests("metrics-tenants", "first"), 9_000);
+    assert_eq!(requests("metrics-tenants", "replayed"), 9_000);
+    assert!(series("metrics-tenants") <= 4, "{}", series("metrics-tenants"));
+    assert_eq!(requests("per-request", "first"), 1_000);
+    assert!(series("per-request") <= 4, "{}", series("per-request"));
+}

@@ -382,7 +382,7 @@ impl System {
             .in_flight(self.in_flight)
             .mode(Mode::Lease {
                 lease: HUNG_LEASE,
-                renew_every: Duration::from_secs(3600),
+                renew_every: Duration::ZERO,
             })
             .layer(BoxCloneService::new(service_fn(move |request| {
                 handler.clone().handle(request)
@@ -609,12 +609,12 @@ fn check_answer(
                     matches!(
                         seen,
                         Seen::Answer {
-                            status: 503,
+                            status: 500,
                             replayed: false,
                             ..
                         }
-                    ) && seen.problem_type().as_deref() == Some("urn:tower-idempotency:commit-failed"),
-                    "{key:?}: run {} kept its transaction: it must answer 503 commit-failed, got {seen:?}",
+                    ) && seen.problem_type().as_deref() == Some("urn:tower-idempotency:transaction-held"),
+                    "{key:?}: run {} kept its transaction: it must answer 500 transaction-held, got {seen:?}",
                     o.tag
                 );
                 return Ok(());

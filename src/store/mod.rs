@@ -213,6 +213,27 @@ impl Claim {
         }
     }
 
+    /// Ends the claim without a record, as if the request had not been
+    /// protected: a transaction commits the handler's writes, a lease or
+    /// in-memory claim is deleted.
+    pub(crate) async fn end_unrecorded(mut self) -> Result<(), StoreError> {
+        let Some(held) = self.held.take() else {
+            return Ok(());
+        };
+        match held {
+            Held::PostgresTx { tx, .. } => {
+                let connection = tx.take().map_err(|_| StoreError::TransactionInUse)?;
+                let connection = connection.ok_or(StoreError::ConnectionGone)?;
+                connection.commit().await.map_err(StoreError::from)
+            }
+            Held::PostgresLease { store, token } => store.release_lease(&self.request.key, token).await,
+            Held::Memory { store, token } => {
+                store.release(&self.request.key, token);
+                Ok(())
+            }
+        }
+    }
+
     /// Gives the key up so the next delivery runs (rolls back in transaction
     /// mode).
     pub(crate) async fn release(mut self) -> Result<(), StoreError> {
@@ -295,15 +316,56 @@ fn describe(error: &tokio_postgres::Error) -> String {
     }
 }
 
+/// SQLSTATEs that say the store is set up wrong rather than down: retrying
+/// cannot help until an operator acts.
+const MISCONFIGURATION_CODES: [&str; 7] = [
+    "42P01", // undefined_table
+    "42703", // undefined_column
+    "3F000", // invalid_schema_name
+    "42501", // insufficient_privilege
+    "3D000", // invalid_catalog_name: the database does not exist
+    "28000", // invalid_authorization_specification
+    "28P01", // invalid_password
+];
+
 impl StoreError {
     /// Whether the store could not be reached or did not answer in time, as
     /// opposed to answering with something wrong (a full memory store, a
-    /// corrupt record, a missing table). Only the former fails open.
+    /// corrupt record, a missing table or privilege). Only the former fails
+    /// open.
     pub(crate) fn is_unavailable(&self) -> bool {
-        matches!(
+        let outage = matches!(
             self,
             StoreError::Pool(_) | StoreError::Database(_) | StoreError::Timeout(_) | StoreError::ConnectionGone
-        )
+        );
+        outage && !self.is_misconfiguration()
+    }
+
+    /// Whether the store is set up wrong (a missing table, column or
+    /// schema, a missing privilege, a wrong database or credentials): a
+    /// permanent fault until an operator fixes it.
+    pub(crate) fn is_misconfiguration(&self) -> bool {
+        let database_error = match self {
+            StoreError::TableMissing(_) => return true,
+            StoreError::Database(error) => error,
+            StoreError::Pool(deadpool_postgres::PoolError::Backend(error)) => error,
+            _ => return false,
+        };
+        database_error
+            .code()
+            .is_some_and(|code| MISCONFIGURATION_CODES.contains(&code.code()))
+    }
+
+    /// Whether a failed commit may still have committed: its request was
+    /// sent and no answer came (a timeout, a connection lost on the way).
+    /// An error the server answered with, or one raised before anything was
+    /// sent, leaves the transaction rolled back.
+    pub(crate) fn commit_outcome_unknown(&self) -> bool {
+        match self {
+            StoreError::Timeout(_) => true,
+            StoreError::Database(error) => error.as_db_error().is_none() && self.is_connection_lost(),
+            _ => false,
+        }
     }
 
     /// Whether the error came from a connection that died (a restarted
