@@ -76,8 +76,11 @@
 //! | 422 | `urn:tower-idempotency:fingerprint-mismatch` | the key was used with another request |
 //! | 500 | `urn:tower-idempotency:handler-failed` | the handler panicked or was cancelled |
 //! | 500 | `urn:tower-idempotency:corrupt-record` | a stored response could not be decoded |
+//! | 500 | `urn:tower-idempotency:store-misconfigured` | the records table is missing or the role lacks a privilege (permanent) |
+//! | 500 | `urn:tower-idempotency:transaction-held` | the handler kept its [`Tx`] after answering (a bug); its writes roll back |
 //! | 503 | `urn:tower-idempotency:store-unavailable` | the store is down or timed out (`Retry-After: 2`) |
-//! | 503 | `urn:tower-idempotency:commit-failed` | the handler's transaction did not commit (`Retry-After: 2`) |
+//! | 503 | `urn:tower-idempotency:commit-failed` | the handler's transaction did not commit and was rolled back (`Retry-After: 2`) |
+//! | 503 | `urn:tower-idempotency:commit-outcome-unknown` | the commit was sent but not answered: it may have committed (`Retry-After: 2`) |
 //! | 503 | `urn:tower-idempotency:store-full` | a [`MemoryStore`] is full of live records (`Retry-After: 2`) |
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![warn(

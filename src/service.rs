@@ -394,7 +394,13 @@ where
                     "the store is misconfigured; every request with a key fails until it is fixed: run PostgresStore::migrate() (or apply the published schema) and grant the role DML on the records table"
                 ),
             }
-            Ok(problem.response(identity.protocol, &error.to_string()))
+            let detail = match problem {
+                Problem::StoreMisconfigured => format!(
+                    "{error}; the records table must exist (PostgresStore::migrate()) and the role must hold DML on it"
+                ),
+                _ => error.to_string(),
+            };
+            Ok(problem.response(identity.protocol, &detail))
         }
     }
 }

@@ -182,8 +182,8 @@ async fn the_cache_answers_duplicates_without_the_database_and_only_for_complete
     assert!(cached.replayed(), "{cached:?}");
     assert_eq!(
         uncached.status,
-        StatusCode::SERVICE_UNAVAILABLE,
-        "a miss still goes to the database"
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "a miss still goes to the database, and finds no table"
     );
 
     // An open claim is never served from the cache: its duplicate is 409.
@@ -353,7 +353,9 @@ async fn a_store_without_its_table_says_to_migrate() {
     let probe = Probe::default();
     let app = probe.app(IdempotencyLayer::new(store.clone()));
     let reply = send(&app, request(Some("k"), "{}", &[])).await;
-    assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(reply.status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(reply.problem_type(), "urn:tower-idempotency:store-misconfigured");
+    assert!(reply.text().contains("migrate()"), "{}", reply.text());
     assert_eq!(probe.runs(), 0);
     db.drop_schema().await;
 }
