@@ -352,7 +352,7 @@ where
 {
     match acquire(&shared, &identity).await {
         Acquired::Claim(claim, holder) => {
-            let answer = run_claimed(&shared.config, inner, request, claim).await;
+            let answer = run_claimed(&shared.config, &shared.store, &identity, inner, request, claim).await;
             // Local waiters wake only once the record is final.
             drop(holder);
             answer
@@ -440,18 +440,23 @@ async fn acquire<B>(shared: &Shared, identity: &Identity) -> Acquired<B> {
                 }
             }
         }
-        let request = ClaimRequest {
-            key: identity.key.clone(),
-            fingerprint: identity.fingerprint,
-            mode: config.mode,
-            retention: config.retention,
-        };
+        let request = ClaimRequest::new(
+            identity.key.clone(),
+            identity.fingerprint,
+            config.mode,
+            config.retention,
+        );
         match store_step(&shared.store, "claim", config.store_timeout, || {
             shared.store.claim(request.clone())
         })
         .await
         {
-            Err(error) => return Acquired::StoreFailed(error),
+            Err(error) => {
+                shared
+                    .store
+                    .release_unknown_claim(&request, &error, config.store_timeout);
+                return Acquired::StoreFailed(error);
+            }
             Ok(ClaimOutcome::Claimed(claim)) => {
                 waiting.finish();
                 return Acquired::Claim(claim, holder);
@@ -628,6 +633,8 @@ enum Handled<B> {
 /// Runs the handler under the claim, then commits or releases.
 async fn run_claimed<S, ReqBody, ResBody>(
     config: &Config,
+    store: &Store,
+    identity: &Identity,
     mut inner: S,
     mut request: Request<RequestBody<ReqBody>>,
     claim: Claim,
@@ -681,11 +688,19 @@ where
         Handled::Buffered { parts, body, trailers } => {
             let stored = stored_response(config, protocol, &parts, Some(body.clone()), trailers.as_ref());
             let answer = Response::from_parts(parts, ResponseBody::buffered(body, trailers));
-            commit(config, protocol, claim, &stored, answer).await
+            commit(config, store, identity, claim, &stored, answer).await
         }
         Handled::Unretained { parts, body } => {
             let stored = stored_response(config, protocol, &parts, None, None);
-            commit(config, protocol, claim, &stored, Response::from_parts(parts, body)).await
+            commit(
+                config,
+                store,
+                identity,
+                claim,
+                &stored,
+                Response::from_parts(parts, body),
+            )
+            .await
         }
     }
 }
@@ -873,17 +888,19 @@ fn stored_response(
 }
 
 /// Completes the record, then sends the handler's response. In transaction
-/// mode a failed commit is `503`: the handler's writes did not land. In lease
-/// mode the handler's effects happened whatever the record says, so its
-/// response is sent and the failure logged.
+/// mode a failed commit is `503`: the handler's writes did not land; and
+/// where another claimant's record came first, that record is the answer.
+/// In lease mode the handler's effects happened whatever the record says, so
+/// its response is sent and the failure logged.
 async fn commit<B, E>(
     config: &Config,
-    protocol: Protocol,
+    store: &Store,
+    identity: &Identity,
     claim: Claim,
     stored: &StoredResponse,
     answer: Response<ResponseBody<B>>,
 ) -> Answer<B, E> {
-    let source = claim.key().source.clone();
+    let (source, protocol) = (&identity.key.source, identity.protocol);
     let started = Instant::now();
     let completion = tokio::time::timeout(config.store_timeout, claim.complete(stored))
         .await
@@ -892,24 +909,62 @@ async fn commit<B, E>(
     match (completion, config.mode) {
         (Ok(Completion::Recorded), _) => {
             tracing::info!(status = stored.status.as_u16(), "handled and recorded");
-            metrics::count(&source, Outcome::First);
+            metrics::count(source, Outcome::First);
             Ok(answer)
         }
         (Ok(Completion::FencedOut), _) => {
             tracing::warn!("the claim was taken over before completion; the response was not recorded");
-            metrics::count(&source, Outcome::FencedOut);
+            metrics::count(source, Outcome::FencedOut);
             Ok(answer)
+        }
+        (Ok(Completion::CompletedElsewhere), _) => {
+            tracing::warn!(
+                "another request completed this key first, past the advisory lock; this run's writes were rolled back and the key's record answers"
+            );
+            metrics::count(source, Outcome::CompletedElsewhere);
+            Ok(the_keys_record(config, store, identity).await)
         }
         (Err(error), Mode::Transaction) => {
             tracing::error!(%error, "the transaction did not commit; the handler's writes were rolled back");
-            metrics::count(&source, Outcome::CommitFailed);
+            metrics::count(source, Outcome::CommitFailed);
             Ok(Problem::CommitFailed.response(protocol, &format!("the request could not be committed: {error}")))
         }
         (Err(error), Mode::Lease { .. }) => {
             tracing::error!(%error, "the record could not be completed; it is left to its lease");
-            metrics::count(&source, Outcome::StoreError);
+            metrics::count(source, Outcome::StoreError);
             Ok(answer)
         }
+    }
+}
+
+/// The answer of a run whose record lost to another's: that record, read
+/// afresh, answers as it would a duplicate (a replay, or 422 for another
+/// payload). Should it be gone or unreadable, nothing of this run was kept,
+/// so the client is asked to retry.
+async fn the_keys_record<B>(config: &Config, store: &Store, identity: &Identity) -> Response<ResponseBody<B>> {
+    let found = store_step(store, "lookup", config.store_timeout, || store.lookup(&identity.key)).await;
+    let other_payload = || {
+        Problem::FingerprintMismatch.response(
+            identity.protocol,
+            &format!("the key `{}` was used with a different request", identity.key.key),
+        )
+    };
+    match found {
+        Ok(Lookup::Completed(completed)) if completed.fingerprint == identity.fingerprint => replay(completed.response),
+        Ok(Lookup::Completed(_)) => other_payload(),
+        Ok(Lookup::InProgress { fingerprint }) if fingerprint != identity.fingerprint => other_payload(),
+        Ok(Lookup::InProgress { .. }) => Problem::InFlight.response(
+            identity.protocol,
+            &format!("a request with the key `{}` is being processed", identity.key.key),
+        ),
+        Ok(Lookup::Absent) => Problem::CommitFailed.response(
+            identity.protocol,
+            "another request with this key came first, and its record is gone; retry",
+        ),
+        Err(error) => Problem::CommitFailed.response(
+            identity.protocol,
+            &format!("another request with this key came first, and its record could not be read: {error}"),
+        ),
     }
 }
 
