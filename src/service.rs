@@ -394,6 +394,13 @@ async fn acquire<B>(shared: &Shared, identity: &Identity) -> Acquired<B> {
     let mut backoff = Duration::from_millis(5);
     let mut waiting = Waiting::new(identity);
     let mut read_first = shared.store.likely_completed(&identity.key);
+    // One claim token for the request, so that a retried claim knows its own.
+    let request = ClaimRequest::new(
+        identity.key.clone(),
+        identity.fingerprint,
+        config.mode,
+        config.retention,
+    );
     loop {
         if read_first {
             match store_step(&shared.store, "lookup", config.store_timeout, || {
@@ -440,12 +447,6 @@ async fn acquire<B>(shared: &Shared, identity: &Identity) -> Acquired<B> {
                 }
             }
         }
-        let request = ClaimRequest::new(
-            identity.key.clone(),
-            identity.fingerprint,
-            config.mode,
-            config.retention,
-        );
         match store_step(&shared.store, "claim", config.store_timeout, || {
             shared.store.claim(request.clone())
         })
@@ -922,7 +923,7 @@ async fn commit<B, E>(
                 "another request completed this key first, past the advisory lock; this run's writes were rolled back and the key's record answers"
             );
             metrics::count(source, Outcome::CompletedElsewhere);
-            Ok(the_keys_record(config, store, identity).await)
+            Ok(answer_from_the_first_record(config, store, identity).await)
         }
         (Err(error), Mode::Transaction) => {
             tracing::error!(%error, "the transaction did not commit; the handler's writes were rolled back");
@@ -941,7 +942,11 @@ async fn commit<B, E>(
 /// afresh, answers as it would a duplicate (a replay, or 422 for another
 /// payload). Should it be gone or unreadable, nothing of this run was kept,
 /// so the client is asked to retry.
-async fn the_keys_record<B>(config: &Config, store: &Store, identity: &Identity) -> Response<ResponseBody<B>> {
+async fn answer_from_the_first_record<B>(
+    config: &Config,
+    store: &Store,
+    identity: &Identity,
+) -> Response<ResponseBody<B>> {
     let found = store_step(store, "lookup", config.store_timeout, || store.lookup(&identity.key)).await;
     let other_payload = || {
         Problem::FingerprintMismatch.response(
