@@ -265,8 +265,9 @@ impl IdempotencyLayer {
         })
     }
 
-    /// How long a completed record is kept and replayed (default 30 days);
-    /// an unfinished claim expires the same time after its creation.
+    /// How long a completed record is kept and replayed (default 30 days).
+    /// A lease-mode claim lives by its lease, renewed while the handler
+    /// runs, however long that is.
     pub fn retention(self, retention: Duration) -> Self {
         self.with(|config| config.retention = retention)
     }

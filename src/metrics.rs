@@ -13,7 +13,7 @@
 //!
 //! Outcomes: `first`, `replayed`, `conflict`, `waited`, `mismatch`,
 //! `missing_key`, `rejected`, `released`, `store_error`, `commit_failed`,
-//! `fenced_out`, `signature_rejected`, `streamed`. Install any `metrics` exporter (for
+//! `fenced_out`, `completed_elsewhere`, `signature_rejected`, `streamed`. Install any `metrics` exporter (for
 //! example `metrics-exporter-prometheus`) to collect them.
 
 use std::time::Duration;
@@ -43,6 +43,9 @@ pub(crate) enum Outcome {
     CommitFailed,
     /// The claim was taken over before completion.
     FencedOut,
+    /// Another request's record of the key came first, past the advisory
+    /// lock; that record answered and this run's writes were rolled back.
+    CompletedElsewhere,
     /// The signature was refused.
     SignatureRejected,
     /// A streaming response passed through without a record.
@@ -63,6 +66,7 @@ impl Outcome {
             Outcome::StoreError => "store_error",
             Outcome::CommitFailed => "commit_failed",
             Outcome::FencedOut => "fenced_out",
+            Outcome::CompletedElsewhere => "completed_elsewhere",
             Outcome::SignatureRejected => "signature_rejected",
             Outcome::Streamed => "streamed",
         }

@@ -362,7 +362,7 @@ where
 {
     match acquire(&shared, &identity).await {
         Acquired::Claim(claim, holder) => {
-            let answer = run_claimed(&shared.config, inner, request, claim).await;
+            let answer = run_claimed(&shared.config, &shared.store, &identity, inner, request, claim).await;
             // Local waiters wake only once the record is final.
             drop(holder);
             answer
@@ -423,6 +423,13 @@ async fn acquire<B>(shared: &Shared, identity: &Identity) -> Acquired<B> {
     let mut backoff = Duration::from_millis(5);
     let mut waiting = Waiting::new(identity);
     let mut read_first = shared.store.likely_completed(&identity.key);
+    // One claim token for the request, so that a retried claim knows its own.
+    let request = ClaimRequest::new(
+        identity.key.clone(),
+        identity.fingerprint,
+        config.mode,
+        config.retention,
+    );
     loop {
         if read_first {
             match store_step(&shared.store, "lookup", config.store_timeout, || {
@@ -469,18 +476,17 @@ async fn acquire<B>(shared: &Shared, identity: &Identity) -> Acquired<B> {
                 }
             }
         }
-        let request = ClaimRequest {
-            key: identity.key.clone(),
-            fingerprint: identity.fingerprint,
-            mode: config.mode,
-            retention: config.retention,
-        };
         match store_step(&shared.store, "claim", config.store_timeout, || {
             shared.store.claim(request.clone())
         })
         .await
         {
-            Err(error) => return Acquired::StoreFailed(error),
+            Err(error) => {
+                shared
+                    .store
+                    .release_unknown_claim(&request, &error, config.store_timeout);
+                return Acquired::StoreFailed(error);
+            }
             Ok(ClaimOutcome::Claimed(claim)) => {
                 waiting.finish();
                 return Acquired::Claim(claim, holder);
@@ -659,6 +665,8 @@ enum Handled<B> {
 /// Runs the handler under the claim, then commits or releases.
 async fn run_claimed<S, ReqBody, ResBody>(
     config: &Config,
+    store: &Store,
+    identity: &Identity,
     mut inner: S,
     mut request: Request<RequestBody<ReqBody>>,
     claim: Claim,
@@ -668,7 +676,7 @@ where
     ResBody: Body<Data = Bytes> + Send + 'static,
     ResBody::Error: Into<BoxError>,
 {
-    let protocol = config.protocol_of(request.headers());
+    let protocol = identity.protocol;
     if let Some(transaction) = claim.transaction() {
         request.extensions_mut().insert(transaction);
     }
@@ -718,11 +726,19 @@ where
         Handled::Buffered { parts, body, trailers } => {
             let stored = stored_response(config, protocol, &parts, Some(body.clone()), trailers.as_ref());
             let answer = Response::from_parts(parts, ResponseBody::buffered(body, trailers));
-            commit(config, protocol, claim, &stored, answer).await
+            commit(config, store, identity, claim, &stored, answer).await
         }
         Handled::Unretained { parts, body } => {
             let stored = stored_response(config, protocol, &parts, None, None);
-            commit(config, protocol, claim, &stored, Response::from_parts(parts, body)).await
+            commit(
+                config,
+                store,
+                identity,
+                claim,
+                &stored,
+                Response::from_parts(parts, body),
+            )
+            .await
         }
         Handled::Streaming(response) => {
             end_unrecorded(config, claim).await;
@@ -953,17 +969,19 @@ fn stored_response(
 }
 
 /// Completes the record, then sends the handler's response. In transaction
-/// mode a failed commit is `503`: the handler's writes did not land. In lease
-/// mode the handler's effects happened whatever the record says, so its
-/// response is sent and the failure logged.
+/// mode a failed commit is `503`: the handler's writes did not land; and
+/// where another claimant's record came first, that record is the answer.
+/// In lease mode the handler's effects happened whatever the record says, so
+/// its response is sent and the failure logged.
 async fn commit<B, E>(
     config: &Config,
-    protocol: Protocol,
+    store: &Store,
+    identity: &Identity,
     claim: Claim,
     stored: &StoredResponse,
     answer: Response<ResponseBody<B>>,
 ) -> Answer<B, E> {
-    let source = config.metrics_label();
+    let (source, protocol) = (config.metrics_label(), identity.protocol);
     let started = Instant::now();
     let completion = tokio::time::timeout(config.store_timeout, claim.complete(stored))
         .await
@@ -979,6 +997,13 @@ async fn commit<B, E>(
             tracing::warn!("the claim was taken over before completion; the response was not recorded");
             metrics::count(source, Outcome::FencedOut);
             Ok(answer)
+        }
+        (Ok(Completion::CompletedElsewhere), _) => {
+            tracing::warn!(
+                "another request completed this key first, past the advisory lock; this run's writes were rolled back and the key's record answers"
+            );
+            metrics::count(source, Outcome::CompletedElsewhere);
+            Ok(answer_from_the_first_record(config, store, identity).await)
         }
         (Err(error), Mode::Transaction) => {
             metrics::count(source, Outcome::CommitFailed);
@@ -1038,6 +1063,41 @@ async fn end_unrecorded(config: &Config, claim: Claim) {
         .unwrap_or(Err(StoreError::Timeout(config.store_timeout)));
     if let Err(error) = ended {
         tracing::error!(%error, "could not end the claim of a streaming response; its writes may not have committed");
+    }
+}
+
+/// The answer of a run whose record lost to another's: that record, read
+/// afresh, answers as it would a duplicate (a replay, or 422 for another
+/// payload). Should it be gone or unreadable, nothing of this run was kept,
+/// so the client is asked to retry.
+async fn answer_from_the_first_record<B>(
+    config: &Config,
+    store: &Store,
+    identity: &Identity,
+) -> Response<ResponseBody<B>> {
+    let found = store_step(store, "lookup", config.store_timeout, || store.lookup(&identity.key)).await;
+    let other_payload = || {
+        Problem::FingerprintMismatch.response(
+            identity.protocol,
+            &format!("the key `{}` was used with a different request", identity.key.key),
+        )
+    };
+    match found {
+        Ok(Lookup::Completed(completed)) if completed.fingerprint == identity.fingerprint => replay(completed.response),
+        Ok(Lookup::Completed(_)) => other_payload(),
+        Ok(Lookup::InProgress { fingerprint }) if fingerprint != identity.fingerprint => other_payload(),
+        Ok(Lookup::InProgress { .. }) => Problem::InFlight.response(
+            identity.protocol,
+            &format!("a request with the key `{}` is being processed", identity.key.key),
+        ),
+        Ok(Lookup::Absent) => Problem::CommitFailed.response(
+            identity.protocol,
+            "another request with this key came first, and its record is gone; retry",
+        ),
+        Err(error) => Problem::CommitFailed.response(
+            identity.protocol,
+            &format!("another request with this key came first, and its record could not be read: {error}"),
+        ),
     }
 }
 

@@ -486,3 +486,41 @@ async fn lease_mode_replays_and_releases_like_transaction_mode(ctx: Ctx) {
     ctx.finish().await;
 }
 both_stores!(lease_mode_replays_and_releases_like_transaction_mode);
+
+async fn a_lease_running_past_retention_is_neither_taken_over_nor_purged(ctx: Ctx) {
+    // Retention ends as soon as the claim is taken; the lease, renewed while
+    // the handler runs, has not. The second delivery comes through another
+    // instance, whose local in-flight table knows nothing of the first.
+    let mode = Mode::Lease {
+        lease: Duration::from_secs(60),
+        renew_every: Duration::from_millis(10),
+    };
+    let probe = Probe::default();
+    let running_on = probe.app(ctx.layer().mode(mode).retention(Duration::ZERO));
+    let other_instance = probe.app(ctx.layer().mode(mode).retention(Duration::ZERO));
+    let first = tokio::spawn({
+        let app = running_on.clone();
+        async move { send(&app, request(Some("k"), "{}", &[("x-test-block", "1")])).await }
+    });
+    probe.started().await;
+
+    let second = send(&other_instance, request(Some("k"), "{}", &[])).await;
+    let purged = match &ctx.db {
+        Some(db) => Some(
+            tower_idempotency::PostgresStore::new(db.pool.clone())
+                .purge_expired(100)
+                .await
+                .unwrap(),
+        ),
+        None => None,
+    };
+    probe.open_gate();
+    let first = first.await.unwrap();
+
+    assert_eq!(second.status, StatusCode::CONFLICT, "{second:?}");
+    assert_eq!(probe.runs(), 1);
+    assert_eq!(purged.unwrap_or(0), 0, "the purge left the live claim alone");
+    assert_eq!(first.status, StatusCode::OK);
+    ctx.finish().await;
+}
+both_stores!(a_lease_running_past_retention_is_neither_taken_over_nor_purged);

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use http::StatusCode;
 use support::{request, send, Probe};
-use tower_idempotency::{IdempotencyLayer, MemoryStore};
+use tower_idempotency::{IdempotencyLayer, MemoryStore, Mode};
 
 #[tokio::test]
 async fn a_full_memory_store_refuses_new_claims_but_keeps_replaying() {
@@ -62,5 +62,29 @@ async fn fail_open_does_not_bypass_a_full_store() {
         StatusCode::SERVICE_UNAVAILABLE,
         "a full store is not an outage"
     );
+    assert_eq!(probe.runs(), 1);
+}
+
+#[tokio::test]
+async fn a_full_memory_store_keeps_a_lease_running_past_its_retention() {
+    let store = MemoryStore::new(1);
+    let probe = Probe::default();
+    let app = probe.app(
+        IdempotencyLayer::new(store.clone())
+            .mode(Mode::lease(Duration::from_secs(60)))
+            .retention(Duration::ZERO),
+    );
+    let running = tokio::spawn({
+        let app = app.clone();
+        async move { send(&app, request(Some("running"), "{}", &[("x-test-block", "1")])).await }
+    });
+    probe.started().await;
+
+    let refused = send(&app, request(Some("other"), "{}", &[])).await;
+    probe.open_gate();
+    running.await.unwrap();
+
+    assert_eq!(refused.status, StatusCode::SERVICE_UNAVAILABLE, "{refused:?}");
+    assert_eq!(refused.problem_type(), "urn:tower-idempotency:store-full");
     assert_eq!(probe.runs(), 1);
 }

@@ -13,6 +13,7 @@ use futures_util::future::join_all;
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use sha2::{Digest, Sha256};
+use support::wire::{self, Fault, FaultyProxy};
 use support::{request, send, Probe, TestDb};
 use tokio::sync::Barrier;
 use tower::{service_fn, Layer, ServiceExt};
@@ -417,4 +418,204 @@ async fn same_named_tables_in_other_schemas_do_not_share_locks() {
     assert_eq!(in_flight_in_a.await.unwrap().status, StatusCode::OK);
     db_a.drop_schema().await;
     db_b.drop_schema().await;
+}
+
+// ---------------------------------------------------------------------------
+// The record's unique key as the final arbiter, where the advisory lock did
+// not exclude a second claimant.
+
+/// Two instances of a route on a store whose claims skip the advisory lock.
+async fn instances_past_the_lock(db: &TestDb, probe: &Probe, mode: Mode) -> [axum::Router; 2] {
+    let store = db.store().await.without_advisory_locks_for_tests_only();
+    // Layers of their own: one instance's local in-flight table does not
+    // see the other's request.
+    let layer = || IdempotencyLayer::new(store.clone()).source("test").mode(mode);
+    [probe.app(layer()), probe.app(layer())]
+}
+
+/// Sends two first deliveries of `k` with these bodies, one per instance,
+/// and lets them finish only once both handlers are inside.
+async fn both_inside_then_finish(
+    probe: &Probe,
+    apps: &[axum::Router; 2],
+    bodies: [&'static str; 2],
+) -> Vec<support::Reply> {
+    let sent: Vec<_> = apps
+        .iter()
+        .zip(bodies)
+        .map(|(app, body)| {
+            let app = app.clone();
+            tokio::spawn(async move { send(&app, request(Some("k"), body, &[("x-test-block", "1")])).await })
+        })
+        .collect();
+    probe.started().await;
+    probe.started().await;
+    probe.open_gate();
+    join_all(sent).await.into_iter().map(Result::unwrap).collect()
+}
+
+#[tokio::test]
+async fn past_the_lock_concurrent_first_deliveries_commit_one_record_and_replay_it() {
+    let db = TestDb::new("arbiter_tx_same").await;
+    let probe = Probe::default();
+    let apps = instances_past_the_lock(&db, &probe, Mode::Transaction).await;
+
+    let replies = both_inside_then_finish(&probe, &apps, ["{}", "{}"]).await;
+
+    assert_eq!(probe.runs(), 2, "both handlers ran: the lock did not exclude");
+    assert_eq!(
+        (db.records().await, db.ledger_rows().await),
+        (1, 1),
+        "one commit, one rollback"
+    );
+    assert!(replies.iter().all(|r| r.status == StatusCode::OK), "{replies:?}");
+    assert_eq!(replies.iter().filter(|r| r.replayed()).count(), 1, "{replies:?}");
+    let stored: Vec<u8> = db
+        .client()
+        .await
+        .query_one("SELECT response_body FROM idempotency_records WHERE key = 'k'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        replies.iter().all(|r| r.body == stored),
+        "every client gets the committed response: {replies:?}"
+    );
+    db.assert_no_idle_transactions().await;
+    db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn past_the_lock_a_losing_delivery_with_another_payload_gets_422() {
+    let db = TestDb::new("arbiter_tx_other").await;
+    let probe = Probe::default();
+    let apps = instances_past_the_lock(&db, &probe, Mode::Transaction).await;
+
+    let replies = both_inside_then_finish(&probe, &apps, [r#"{"a":1}"#, r#"{"a":2}"#]).await;
+
+    let statuses: Vec<_> = replies.iter().map(|r| r.status).collect();
+    assert!(
+        statuses.contains(&StatusCode::OK) && statuses.contains(&StatusCode::UNPROCESSABLE_ENTITY),
+        "{replies:?}"
+    );
+    let loser = replies.iter().find(|r| r.status != StatusCode::OK).unwrap();
+    assert_eq!(loser.problem_type(), "urn:tower-idempotency:fingerprint-mismatch");
+    assert_eq!((db.records().await, db.ledger_rows().await), (1, 1));
+    db.assert_no_idle_transactions().await;
+    db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn past_the_lock_a_lease_claim_never_overwrites_a_claim_or_a_completed_record() {
+    let db = TestDb::new("arbiter_lease").await;
+    let probe = Probe::default();
+    let apps = instances_past_the_lock(&db, &probe, Mode::lease(Duration::from_secs(60))).await;
+    let first = tokio::spawn({
+        let app = apps[0].clone();
+        async move { send(&app, request(Some("k"), "{}", &[("x-test-block", "1")])).await }
+    });
+    probe.started().await;
+
+    let while_running = send(&apps[1], request(Some("k"), "{}", &[])).await;
+    probe.open_gate();
+    let first = first.await.unwrap();
+    let completed_at = "SELECT completed_at FROM idempotency_records WHERE key = 'k'";
+    let before: std::time::SystemTime = db.client().await.query_one(completed_at, &[]).await.unwrap().get(0);
+    // A fresh instance claims at once rather than reading first.
+    let fresh = probe.app(
+        IdempotencyLayer::new(db.store().await.without_advisory_locks_for_tests_only())
+            .source("test")
+            .mode(Mode::lease(Duration::from_secs(60))),
+    );
+    let after = send(&fresh, request(Some("k"), "{}", &[])).await;
+    let after_other_payload = send(&fresh, request(Some("k"), r#"{"a":2}"#, &[])).await;
+
+    assert_eq!(while_running.status, StatusCode::CONFLICT);
+    assert_eq!(first.status, StatusCode::OK);
+    assert!(after.replayed() && after.body == first.body, "{after:?}");
+    assert_eq!(after_other_payload.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(probe.runs(), 1);
+    let now: std::time::SystemTime = db.client().await.query_one(completed_at, &[]).await.unwrap().get(0);
+    assert_eq!(now, before, "the completed record was not written again");
+    assert_eq!(db.records().await, 1);
+    db.drop_schema().await;
+}
+
+// ---------------------------------------------------------------------------
+// A lease claim whose answer was lost or late.
+
+/// A lease-mode route whose store reaches Postgres through `proxy`, which
+/// watches the lease claim.
+async fn lease_route_through(proxy: &FaultyProxy, db: &TestDb, probe: &Probe, store_timeout: Duration) -> axum::Router {
+    let store = PostgresStore::new(wire::pool_through(proxy.port, &db.schema, 4));
+    store.migrate().await.unwrap();
+    let app = probe.app(
+        IdempotencyLayer::new(store)
+            .source("test")
+            .mode(Mode::lease(Duration::from_secs(60)))
+            .store_timeout(store_timeout),
+    );
+    // Prepares the statements and resolves the lock namespace.
+    let warm = send(&app, request(Some("warm-up"), "{}", &[])).await;
+    assert_eq!(warm.status, StatusCode::OK, "{warm:?}");
+    app
+}
+
+/// Text only the lease claim's SQL holds.
+const LEASE_CLAIM_SQL: &str = "WITH claimed AS";
+
+#[tokio::test]
+async fn a_lease_claim_retried_after_its_answer_was_lost_runs_the_handler_once() {
+    let db = TestDb::new("claim_answer_lost").await;
+    let proxy = FaultyProxy::start(LEASE_CLAIM_SQL, Fault::CutBeforeAnswer).await;
+    let probe = Probe::default();
+    let app = lease_route_through(&proxy, &db, &probe, Duration::from_secs(10)).await;
+
+    proxy.arm();
+    let reply = send(&app, request(Some("k"), "{}", &[])).await;
+
+    // The claim committed before its connection was cut; the retry on a
+    // fresh connection finds it to be its own.
+    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    assert!(!reply.replayed());
+    assert_eq!(probe.runs(), 2, "the warm-up, then this key once");
+    let state: i16 = db
+        .client()
+        .await
+        .query_one("SELECT state FROM idempotency_records WHERE key = 'k'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(state, 2, "completed");
+    db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn a_lease_claim_that_timed_out_is_released_in_the_background() {
+    let db = TestDb::new("claim_timed_out").await;
+    let proxy = FaultyProxy::start(LEASE_CLAIM_SQL, Fault::HoldAnswer).await;
+    let probe = Probe::default();
+    let app = lease_route_through(&proxy, &db, &probe, Duration::from_secs(1)).await;
+
+    proxy.arm();
+    let timed_out = send(&app, request(Some("k"), "{}", &[])).await;
+    proxy.answered().await;
+    let claims = "SELECT count(*) FROM idempotency_records WHERE key = 'k'";
+    let released = tokio::time::timeout(Duration::from_secs(10), async {
+        while db.count(claims).await > 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    proxy.resume();
+    let next = send(&app, request(Some("k"), "{}", &[])).await;
+
+    assert_eq!(timed_out.status, StatusCode::SERVICE_UNAVAILABLE, "{timed_out:?}");
+    assert!(
+        released.is_ok(),
+        "the claim committed after its timeout was never released"
+    );
+    assert_eq!(next.status, StatusCode::OK, "{next:?}");
+    assert_eq!(probe.runs(), 2, "the warm-up, then this key once");
+    db.drop_schema().await;
 }

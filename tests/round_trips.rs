@@ -18,12 +18,12 @@ use std::time::Duration;
 
 use axum::routing::post;
 use axum::Router;
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use deadpool_postgres::Pool;
 use http::StatusCode;
+use support::wire::{pool_through, upstream, FrontendParser};
 use support::{request, send, TestDb};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio_postgres::NoTls;
 use tower_idempotency::{IdempotencyLayer, Mode, PostgresStore};
 
 /// What crossed the proxy since the last reset.
@@ -151,99 +151,6 @@ async fn relay(id: u64, client: TcpStream, server: TcpStream, meter: Meter) {
     tokio::join!(upstream, downstream);
 }
 
-/// Splits the client's byte stream into frontend messages.
-#[derive(Default)]
-struct FrontendParser {
-    started: bool,
-    pending: Vec<u8>,
-}
-
-impl FrontendParser {
-    /// The type bytes of the messages completed by `bytes` (the startup
-    /// packet counts as `0`), each with the number of statements it carries
-    /// if it is a simple Query.
-    fn feed(&mut self, bytes: &[u8]) -> Vec<(u8, u32)> {
-        self.pending.extend_from_slice(bytes);
-        let mut kinds = Vec::new();
-        loop {
-            if !self.started {
-                // Startup phase: length-prefixed packets without a type byte
-                // (an SSL or GSS request first, then the startup message).
-                let Some(length) = self.pending.get(..4) else { break };
-                let length = u32::from_be_bytes(length.try_into().unwrap()) as usize;
-                if self.pending.len() < length {
-                    break;
-                }
-                let code = u32::from_be_bytes(self.pending[4..8].try_into().unwrap());
-                self.pending.drain(..length);
-                if code != 80_877_103 && code != 80_877_104 {
-                    self.started = true;
-                }
-                kinds.push((b'0', 0));
-                continue;
-            }
-            let Some(header) = self.pending.get(..5) else { break };
-            let kind = header[0];
-            let length = u32::from_be_bytes(header[1..5].try_into().unwrap()) as usize;
-            if self.pending.len() < 1 + length {
-                break;
-            }
-            let message: Vec<u8> = self.pending.drain(..1 + length).collect();
-            let statements = if kind == b'Q' {
-                // The layer's SQL has no `;` inside literals.
-                String::from_utf8_lossy(&message[5..])
-                    .trim_end_matches('\0')
-                    .split(';')
-                    .filter(|statement| !statement.trim().is_empty())
-                    .count() as u32
-            } else {
-                0
-            };
-            kinds.push((kind, statements));
-        }
-        kinds
-    }
-}
-
-/// A pool of one connection through the proxy, on the test's schema.
-fn pool_through(port: u16, schema: &str) -> Pool {
-    let url: tokio_postgres::Config = support::database_url().parse().expect("DATABASE_URL");
-    let mut config = tokio_postgres::Config::new();
-    config.host("127.0.0.1").port(port);
-    if let Some(user) = url.get_user() {
-        config.user(user);
-    }
-    if let Some(password) = url.get_password() {
-        config.password(password);
-    }
-    if let Some(dbname) = url.get_dbname() {
-        config.dbname(dbname);
-    }
-    config.options(format!("-c search_path={schema}"));
-    config.application_name(schema);
-    let manager = Manager::from_config(
-        config,
-        NoTls,
-        ManagerConfig {
-            recycling_method: RecyclingMethod::Fast,
-        },
-    );
-    Pool::builder(manager)
-        .max_size(1)
-        .runtime(Runtime::Tokio1)
-        .build()
-        .expect("pool")
-}
-
-fn upstream() -> (String, u16) {
-    let config: tokio_postgres::Config = support::database_url().parse().expect("DATABASE_URL");
-    let host = match config.get_hosts().first() {
-        Some(tokio_postgres::config::Host::Tcp(host)) => host.clone(),
-        _ => panic!("the round-trip proxy needs a TCP DATABASE_URL"),
-    };
-    (host, config.get_ports().first().copied().unwrap_or(5432))
-}
-
 /// A layer whose handler answers 200 without touching the database.
 fn app(store: PostgresStore, mode: Mode) -> Router {
     Router::new()
@@ -309,7 +216,7 @@ async fn count_paths(mode: Mode, name: &str) -> Vec<Path> {
     let db = TestDb::new(name).await;
     let meter = Meter::default();
     let port = start_proxy(upstream(), meter.clone()).await;
-    let pool = pool_through(port, &db.schema);
+    let pool = pool_through(port, &db.schema, 1);
     let store = PostgresStore::new(pool.clone());
     store.migrate().await.unwrap();
     let layer_app = app(store.clone(), mode);

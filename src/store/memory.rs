@@ -35,8 +35,8 @@ struct Records {
     capacity: usize,
     by_key: HashMap<RecordKey, Record>,
     next_token: u64,
-    /// No record dies before this; lets a full store skip a sweep that
-    /// would find nothing.
+    /// No record dies before this (`None`: none can die before it is
+    /// released); lets a full store skip a sweep that would find nothing.
     earliest_death: Option<Instant>,
 }
 
@@ -52,22 +52,24 @@ enum State {
 }
 
 impl Record {
+    /// The one definition of a live record here, as in the Postgres store:
+    /// completed and unexpired, or in progress with a running lease,
+    /// whatever `expires_at` says (retention never ends a lease that is
+    /// still being renewed). A transaction-mode claim has no lease: it lives
+    /// until its request completes or releases it.
     fn is_live(&self, now: Instant) -> bool {
-        self.expires_at > now
-            && match &self.state {
-                State::Completed(_) => true,
-                State::InProgress { locked_until, .. } => locked_until.is_none_or(|until| until > now),
-            }
+        match &self.state {
+            State::Completed(_) => self.expires_at > now,
+            State::InProgress { locked_until, .. } => locked_until.is_none_or(|until| until > now),
+        }
     }
 
-    /// When the record stops being live unless renewed or completed.
-    fn dies_at(&self) -> Instant {
+    /// When the record stops being live unless renewed or completed; `None`
+    /// for a claim that lives until it is released.
+    fn dies_at(&self) -> Option<Instant> {
         match &self.state {
-            State::InProgress {
-                locked_until: Some(until),
-                ..
-            } => self.expires_at.min(*until),
-            _ => self.expires_at,
+            State::Completed(_) => Some(self.expires_at),
+            State::InProgress { locked_until, .. } => *locked_until,
         }
     }
 
@@ -192,7 +194,7 @@ impl MemoryStore {
             }
             _ => return Completion::FencedOut,
         }
-        records.note_death(expires_at);
+        records.note_death(Some(expires_at));
         Completion::Recorded
     }
 
@@ -205,17 +207,19 @@ impl MemoryStore {
 }
 
 impl Records {
-    fn note_death(&mut self, at: Instant) {
-        self.earliest_death = Some(self.earliest_death.map_or(at, |earliest| earliest.min(at)));
+    fn note_death(&mut self, at: Option<Instant>) {
+        if let Some(at) = at {
+            self.earliest_death = Some(self.earliest_death.map_or(at, |earliest| earliest.min(at)));
+        }
     }
 
     /// Drops dead records (expired, or claims whose lease ran out).
     fn sweep(&mut self, now: Instant) {
-        if self.earliest_death.is_some_and(|earliest| earliest > now) {
+        if self.earliest_death.is_none_or(|earliest| earliest > now) {
             return;
         }
         self.by_key.retain(|_, record| record.is_live(now));
-        self.earliest_death = self.by_key.values().map(Record::dies_at).min();
+        self.earliest_death = self.by_key.values().filter_map(Record::dies_at).min();
     }
 }
 

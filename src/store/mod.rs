@@ -93,6 +93,22 @@ pub(crate) struct ClaimRequest {
     pub(crate) fingerprint: [u8; 32],
     pub(crate) mode: Mode,
     pub(crate) retention: Duration,
+    /// The lease's fencing token, chosen once per request so that a retry
+    /// of a claim whose answer was lost finds its own row and claims it
+    /// again, instead of taking it for another request's.
+    pub(crate) claim_token: uuid::Uuid,
+}
+
+impl ClaimRequest {
+    pub(crate) fn new(key: RecordKey, fingerprint: [u8; 32], mode: Mode, retention: Duration) -> Self {
+        Self {
+            key,
+            fingerprint,
+            mode,
+            retention,
+            claim_token: uuid::Uuid::new_v4(),
+        }
+    }
 }
 
 /// How completing a claim went.
@@ -101,6 +117,11 @@ pub(crate) enum Completion {
     Recorded,
     /// The claim had been taken over (its lease ran out); nothing was written.
     FencedOut,
+    /// Another claimant's record of the key came first (the advisory lock
+    /// did not exclude it): nothing was written and, in transaction mode,
+    /// the handler's writes were rolled back. The key's record is the
+    /// other's.
+    CompletedElsewhere,
 }
 
 impl Store {
@@ -145,6 +166,32 @@ impl Store {
             Backend::Postgres(store) => store.claim(request).await,
             Backend::Memory(store) => store.claim(request),
         }
+    }
+
+    /// After a lease claim failed with `error`: when the claim may have
+    /// committed all the same (it timed out, or its connection died), deletes
+    /// it by its token in the background, within `bound`, so that the next
+    /// delivery need not wait out the lease. Best effort: a claim that
+    /// commits after this delete is left to its lease.
+    pub(crate) fn release_unknown_claim(&self, request: &ClaimRequest, error: &StoreError, bound: Duration) {
+        let Backend::Postgres(store) = &self.backend else {
+            return;
+        };
+        let outcome_unknown = matches!(error, StoreError::Timeout(_)) || error.is_connection_lost();
+        if !matches!(request.mode, Mode::Lease { .. }) || !outcome_unknown {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (store, key, token) = (store.clone(), request.key.clone(), request.claim_token);
+        runtime.spawn(async move {
+            match tokio::time::timeout(bound, store.release_lease(&key, token)).await {
+                Ok(Ok(())) => tracing::debug!(source = %key.source, key = %key.key, "released a claim whose outcome was unknown"),
+                Ok(Err(error)) => tracing::warn!(%error, source = %key.source, key = %key.key, "could not release a claim whose outcome was unknown; it stays until its lease ends"),
+                Err(_) => tracing::warn!(source = %key.source, key = %key.key, "releasing a claim whose outcome was unknown timed out; it stays until its lease ends"),
+            }
+        });
     }
 }
 
@@ -205,8 +252,7 @@ impl Claim {
             Held::PostgresTx { store, tx } => {
                 let connection = tx.take().map_err(|_| StoreError::TransactionInUse)?;
                 let connection = connection.ok_or(StoreError::ConnectionGone)?;
-                store.complete_transaction(connection, &self.request, response).await?;
-                Ok(Completion::Recorded)
+                store.complete_transaction(connection, &self.request, response).await
             }
             Held::PostgresLease { store, token } => store.complete_lease(&self.request, token, response).await,
             Held::Memory { store, token } => Ok(store.complete(&self.request, token, response)),

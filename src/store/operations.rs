@@ -8,24 +8,27 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use tokio::task::JoinHandle;
 
-use super::postgres::{COMPLETED, IN_PROGRESS};
+use super::postgres::{live, COMPLETED, IN_PROGRESS};
 use super::{PostgresStore, StoreError};
 use crate::key::RecordKey;
 use crate::record::decode_headers;
 
-/// Figures about the records table.
+/// Figures about the records table. Each record counts in exactly one of
+/// the four counts.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StoreStats {
-    /// Unexpired records whose claim is still open (lease mode).
+    /// Open claims with a running lease (lease mode), past their retention
+    /// or not: a lease still being renewed outlives retention.
     pub in_progress: i64,
     /// Unexpired completed records.
     pub completed: i64,
-    /// Records past `expires_at`, waiting for a purge.
+    /// Records a purge would delete now: past `expires_at`, and not an open
+    /// claim with a running lease.
     pub expired_awaiting_purge: i64,
-    /// Open claims whose lease has run out (their claimant died or stalled;
-    /// the next delivery takes them over).
+    /// Open claims whose lease has run out before their retention did (their
+    /// claimant died or stalled; the next delivery takes them over).
     pub leases_past_expiry: i64,
-    /// When the oldest open claim was taken.
+    /// When the oldest open claim with a running lease was taken.
     pub oldest_in_progress: Option<SystemTime>,
 }
 
@@ -72,34 +75,35 @@ struct Sql;
 
 impl Sql {
     fn stats(t: &str) -> String {
+        let live = live("");
         format!(
-            "SELECT count(*) FILTER (WHERE state = {IN_PROGRESS} AND expires_at > now()),
-                    count(*) FILTER (WHERE state = {COMPLETED} AND expires_at > now()),
-                    count(*) FILTER (WHERE expires_at <= now()),
-                    count(*) FILTER (WHERE state = {IN_PROGRESS} AND expires_at > now() AND locked_until <= now()),
-                    min(created_at) FILTER (WHERE state = {IN_PROGRESS} AND expires_at > now())
+            "SELECT count(*) FILTER (WHERE state = {IN_PROGRESS} AND {live}),
+                    count(*) FILTER (WHERE state = {COMPLETED} AND {live}),
+                    count(*) FILTER (WHERE expires_at <= now() AND NOT {live}),
+                    count(*) FILTER (WHERE state = {IN_PROGRESS} AND expires_at > now() AND NOT {live}),
+                    min(created_at) FILTER (WHERE state = {IN_PROGRESS} AND {live})
              FROM {t}"
         )
     }
 
     /// Deletes up to `$1` expired records, oldest first, through the expiry
     /// index. `SKIP LOCKED` lets concurrent purgers take disjoint batches
-    /// instead of waiting on each other or counting a row twice; an open
-    /// claim with a live lease is never purged.
+    /// instead of waiting on each other or counting a row twice. A live
+    /// record is never purged: an open claim with a running lease stays
+    /// however long ago its retention ran out.
     fn purge_batch(t: &str) -> String {
+        let live = live("");
         format!(
             "DELETE FROM {t} WHERE ctid = ANY(ARRAY(
                  SELECT ctid FROM {t}
-                 WHERE expires_at <= now() AND NOT (state = {IN_PROGRESS} AND locked_until > now())
+                 WHERE expires_at <= now() AND NOT {live}
                  ORDER BY expires_at LIMIT $1 FOR UPDATE SKIP LOCKED))"
         )
     }
 
     fn count_expired(t: &str) -> String {
-        format!(
-            "SELECT count(*) FROM {t}
-             WHERE expires_at <= now() AND NOT (state = {IN_PROGRESS} AND locked_until > now())"
-        )
+        let live = live("");
+        format!("SELECT count(*) FROM {t} WHERE expires_at <= now() AND NOT {live}")
     }
 
     fn show(t: &str) -> String {
@@ -113,10 +117,11 @@ impl Sql {
     /// Deletes the record unless it is an open claim with a live lease (or
     /// `$4`, force, is set); says what it found either way.
     fn release(t: &str) -> String {
+        let live = live("");
         format!(
             "WITH found AS (SELECT state, locked_until FROM {t} WHERE source = $1 AND event_type = $2 AND key = $3),
                   deleted AS (DELETE FROM {t} WHERE source = $1 AND event_type = $2 AND key = $3
-                                AND ($4 OR state <> {IN_PROGRESS} OR locked_until IS NULL OR locked_until <= now())
+                                AND ($4 OR NOT (state = {IN_PROGRESS} AND {live}))
                               RETURNING 1)
              SELECT EXISTS (SELECT 1 FROM found), EXISTS (SELECT 1 FROM deleted)"
         )

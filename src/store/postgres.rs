@@ -44,9 +44,26 @@ pub struct PostgresStore {
     inner: Arc<Inner>,
 }
 
-struct Inner {
+/// What the builders choose. Every builder changes one field and rebuilds
+/// [`Inner`] from the whole, so that none of them can drop another's choice,
+/// whatever order they are called in.
+#[derive(Clone)]
+struct Settings {
     pool: Pool,
     table: TableName,
+    cache: Option<CacheSettings>,
+    /// Off only in tests that need two claimants past the lock at once.
+    advisory_locks: bool,
+}
+
+#[derive(Clone, Copy)]
+struct CacheSettings {
+    max_bytes: u64,
+    ttl: Duration,
+}
+
+struct Inner {
+    settings: Settings,
     sql: Statements,
     /// The table's schema-qualified name as the server resolves it. Advisory
     /// locks are database-wide, so two tables of the same name in different
@@ -57,10 +74,22 @@ struct Inner {
     recent: RecentKeys,
 }
 
+impl Inner {
+    fn new(settings: Settings) -> Self {
+        Self {
+            sql: Statements::new(&settings.table, settings.advisory_locks),
+            lock_namespace: OnceCell::new(),
+            cache: settings.cache.map(|cache| RecordCache::new(cache.max_bytes, cache.ttl)),
+            recent: RecentKeys::new(),
+            settings,
+        }
+    }
+}
+
 impl fmt::Debug for PostgresStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PostgresStore")
-            .field("table", &self.inner.table.display)
+            .field("table", &self.inner.settings.table.display)
             .finish_non_exhaustive()
     }
 }
@@ -69,7 +98,23 @@ impl PostgresStore {
     /// A store on `pool` using the table `idempotency_records` in the
     /// connection's default schema.
     pub fn new(pool: Pool) -> Self {
-        Self::with_table_name(pool, TableName::unqualified(DEFAULT_TABLE))
+        Self {
+            inner: Arc::new(Inner::new(Settings {
+                pool,
+                table: TableName::unqualified(DEFAULT_TABLE),
+                cache: None,
+                advisory_locks: true,
+            })),
+        }
+    }
+
+    /// The same store with one setting changed, every other one kept.
+    fn with_settings(self, change: impl FnOnce(&mut Settings)) -> Self {
+        let mut settings = self.inner.settings.clone();
+        change(&mut settings);
+        Self {
+            inner: Arc::new(Inner::new(settings)),
+        }
     }
 
     /// Uses another table: `name` or `schema.name`, each an unquoted SQL
@@ -77,21 +122,7 @@ impl PostgresStore {
     /// most 63 bytes).
     pub fn with_table(self, name: &str) -> Result<Self, InvalidTableName> {
         let table = TableName::parse(name)?;
-        Ok(Self::with_table_name(self.inner.pool.clone(), table))
-    }
-
-    fn with_table_name(pool: Pool, table: TableName) -> Self {
-        let sql = Statements::new(&table);
-        Self {
-            inner: Arc::new(Inner {
-                pool,
-                table,
-                sql,
-                lock_namespace: OnceCell::new(),
-                cache: None,
-                recent: RecentKeys::new(),
-            }),
-        }
+        Ok(self.with_settings(|settings| settings.table = table))
     }
 
     /// Keeps completed records in process memory (at most `max_bytes` of
@@ -110,17 +141,17 @@ impl PostgresStore {
     /// # let _ = store; }
     /// ```
     pub fn with_cache(self, max_bytes: u64, ttl: Duration) -> Self {
-        let table = self.inner.table.clone();
-        Self {
-            inner: Arc::new(Inner {
-                pool: self.inner.pool.clone(),
-                sql: Statements::new(&table),
-                table,
-                lock_namespace: OnceCell::new(),
-                cache: Some(RecordCache::new(max_bytes, ttl)),
-                recent: RecentKeys::new(),
-            }),
-        }
+        self.with_settings(|settings| settings.cache = Some(CacheSettings { max_bytes, ttl }))
+    }
+
+    /// Claims without the key's advisory lock, so that two claimants of one
+    /// key can both get past it, as they can where the lock does not exclude
+    /// (a lock-id collision, a misconfigured pooler, a distributed Postgres
+    /// whose nodes keep their own locks). For tests of what the record's
+    /// unique key still guarantees then; never for production.
+    #[doc(hidden)]
+    pub fn without_advisory_locks_for_tests_only(self) -> Self {
+        self.with_settings(|settings| settings.advisory_locks = false)
     }
 
     /// Forgets a released record: its cache entry and its hint.
@@ -172,21 +203,21 @@ impl PostgresStore {
 
     /// The pool the store uses.
     pub fn pool(&self) -> &Pool {
-        &self.inner.pool
+        &self.inner.settings.pool
     }
 
     /// Creates the schema (if named), the table and its expiry index when
     /// absent. Safe to run on every start, from many instances at once: the
     /// statements run in one transaction under an advisory lock.
     pub async fn migrate(&self) -> Result<(), StoreError> {
-        let mut client = self.inner.pool.get().await?;
+        let mut client = self.inner.settings.pool.get().await?;
         let transaction = client.transaction().await?;
         let lock_id = RecordKey {
             source: String::new(),
             event_type: String::new(),
             key: String::new(),
         }
-        .lock_id(&format!("migrate {}", self.inner.table.display));
+        .lock_id(&format!("migrate {}", self.inner.settings.table.display));
         transaction
             .execute("SELECT pg_advisory_xact_lock($1)", &[&lock_id])
             .await?;
@@ -197,11 +228,11 @@ impl PostgresStore {
 
     /// The table name, quoted for SQL.
     pub(super) fn quoted_table(&self) -> String {
-        self.inner.table.quoted()
+        self.inner.settings.table.quoted()
     }
 
     pub(super) async fn connection(&self) -> Result<Object, StoreError> {
-        Ok(self.inner.pool.get().await?)
+        Ok(self.inner.settings.pool.get().await?)
     }
 
     /// The advisory lock id of a key, namespaced by the resolved table (one
@@ -212,11 +243,11 @@ impl PostgresStore {
             .lock_namespace
             .get_or_try_init(|| async {
                 let row = client
-                    .query_opt(&self.inner.sql.resolve_table, &[&self.inner.table.quoted()])
+                    .query_opt(&self.inner.sql.resolve_table, &[&self.inner.settings.table.quoted()])
                     .await?;
                 match row {
                     Some(row) => Ok::<_, StoreError>(row.try_get::<_, String>(0)?),
-                    None => Err(StoreError::TableMissing(self.inner.table.display.clone())),
+                    None => Err(StoreError::TableMissing(self.inner.settings.table.display.clone())),
                 }
             })
             .await?;
@@ -319,15 +350,29 @@ impl PostgresStore {
     /// found (if any), so that a duplicate is answered by the same round
     /// trip. It writes nothing when a live record is there.
     async fn claim_lease(&self, request: ClaimRequest, lease: Duration) -> Result<ClaimOutcome, StoreError> {
-        let client = self.connection().await?;
+        let connection = ClosedIfAbandoned(Some(self.connection().await?));
+        let Some(client) = &connection.0 else {
+            return Err(StoreError::ConnectionGone);
+        };
+        let outcome = self.claim_lease_on(client, request, lease).await;
+        connection.keep();
+        outcome
+    }
+
+    async fn claim_lease_on(
+        &self,
+        client: &Object,
+        request: ClaimRequest,
+        lease: Duration,
+    ) -> Result<ClaimOutcome, StoreError> {
         let claim = client.prepare_cached(&self.inner.sql.claim_lease).await?;
         let key = &request.key;
-        let lock_id = self.lock_id(&client, key).await?;
+        let lock_id = self.lock_id(client, key).await?;
         // The statement reads the record as of its start: one that went away
         // since (released, expired) leaves nothing claimed and nothing found,
         // and the claim is tried again.
+        let token = request.claim_token;
         for _ in 0..3 {
-            let token = uuid::Uuid::new_v4();
             let row = client
                 .query_one(
                     &claim,
@@ -424,15 +469,18 @@ impl PostgresStore {
         Ok(())
     }
 
-    /// Writes the record and commits in one pipelined round trip. On any
-    /// error the connection is closed rather than reused, since the
-    /// transaction's state is then unknown.
+    /// Writes the record and commits in one pipelined round trip.
+    /// [`Completion::CompletedElsewhere`] when another claimant's live record
+    /// holds the key: the write failed and the `COMMIT` rolled back, so the
+    /// connection, its state known, goes back to the pool. On any other error
+    /// the connection is closed rather than reused, since the transaction's
+    /// state is then unknown.
     pub(super) async fn complete_transaction(
         &self,
         connection: TxConnection,
         request: &ClaimRequest,
         response: &StoredResponse,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Completion, StoreError> {
         let Some(client) = connection.object() else {
             return Err(StoreError::ConnectionGone);
         };
@@ -457,17 +505,54 @@ impl PostgresStore {
             &body,
             &retention,
         ];
-        let result = tokio::try_join!(client.execute(&statement, &params), client.batch_execute("COMMIT"));
-        match result {
-            Ok(_) => {
+        // Both run to the end: after a failed write, the server still runs
+        // the pipelined `COMMIT`, which then rolls back (and says so only in
+        // its command tag, not as an error).
+        let (written, committed) = tokio::join!(client.execute(&statement, &params), client.batch_execute("COMMIT"));
+        match (written, committed) {
+            (Ok(_), Ok(())) => {
                 connection.closed_cleanly();
                 self.cache_completion(request, response);
-                Ok(())
+                Ok(Completion::Recorded)
             }
-            Err(error) => {
+            (Err(error), Ok(())) if self.is_key_taken(&error) => {
+                connection.closed_cleanly();
+                Ok(Completion::CompletedElsewhere)
+            }
+            (Err(error), _) | (Ok(_), Err(error)) => {
                 connection.discard();
                 Err(error.into())
             }
+        }
+    }
+
+    /// Whether `error` is the records table's primary key refusing a second
+    /// record of a key.
+    fn is_key_taken(&self, error: &tokio_postgres::Error) -> bool {
+        error.as_db_error().is_some_and(|db| {
+            db.code() == &tokio_postgres::error::SqlState::UNIQUE_VIOLATION
+                && db.table() == Some(self.inner.settings.table.table.as_str())
+        })
+    }
+}
+
+/// A pooled connection that is closed instead of going back to the pool when
+/// the statement it runs is abandoned half-way (its future dropped by the
+/// store timeout). An answer still to come would hold up the connection's
+/// next user, such as the background release of the abandoned claim.
+struct ClosedIfAbandoned(Option<Object>);
+
+impl ClosedIfAbandoned {
+    /// The statement finished: the connection goes back to the pool.
+    fn keep(mut self) {
+        self.0.take();
+    }
+}
+
+impl Drop for ClosedIfAbandoned {
+    fn drop(&mut self) {
+        if let Some(object) = self.0.take() {
+            drop(Object::take(object));
         }
     }
 }
@@ -561,6 +646,18 @@ impl TableName {
 #[error("`{0}` is not a valid table name: use `table` or `schema.table` with letters, digits and `_`")]
 pub struct InvalidTableName(String);
 
+/// Whether a row is a live record: completed and unexpired, or in progress
+/// with a running lease, whatever its `expires_at` (retention never ends a
+/// lease that is still being renewed). Every statement that asks uses this
+/// one definition; `row` is the row's alias with its dot, or empty. Never
+/// NULL, so that `NOT` of it is a plain negation.
+pub(super) fn live(row: &str) -> String {
+    format!(
+        "(({row}state = {COMPLETED} AND {row}expires_at > now())
+          OR ({row}state = {IN_PROGRESS} AND ({row}locked_until > now()) IS TRUE))"
+    )
+}
+
 /// Every statement, formatted once with the table name.
 struct Statements {
     migrate: String,
@@ -571,16 +668,21 @@ struct Statements {
     renew_lease: String,
     complete_lease: String,
     release_lease: String,
+    advisory_locks: bool,
 }
 
 impl Statements {
     /// Begins a transaction and tries the key's advisory lock; the answer's
     /// one row says `t` when the lock is had.
     fn begin_and_try_lock(&self, lock_id: i64) -> String {
-        format!("BEGIN ISOLATION LEVEL READ COMMITTED; SELECT pg_try_advisory_xact_lock({lock_id})")
+        if self.advisory_locks {
+            format!("BEGIN ISOLATION LEVEL READ COMMITTED; SELECT pg_try_advisory_xact_lock({lock_id})")
+        } else {
+            "BEGIN ISOLATION LEVEL READ COMMITTED; SELECT true".to_owned()
+        }
     }
 
-    fn new(name: &TableName) -> Self {
+    fn new(name: &TableName, advisory_locks: bool) -> Self {
         let t = name.quoted();
         let index = format!("\"{}_expires_at\"", name.table);
         let create_schema = name
@@ -589,8 +691,13 @@ impl Statements {
             .map(|schema| format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\";"))
             .unwrap_or_default();
         let key = "source = $1 AND event_type = $2 AND key = $3";
-        // A live record: completed, or in progress with a running lease.
-        let live = format!("expires_at > now() AND (state = {COMPLETED} OR locked_until > now())");
+        let live_row = live("");
+        let live_conflicting = live("r.");
+        let try_lock = if advisory_locks {
+            "pg_try_advisory_xact_lock($8::int8)"
+        } else {
+            "$8::int8 IS NOT NULL"
+        };
         Self {
             migrate: format!(
                 "{create_schema}
@@ -618,35 +725,50 @@ impl Statements {
                 .to_owned(),
             lookup: format!(
                 "SELECT state, fingerprint, response_status, response_headers, response_body, expires_at
-                 FROM {t} WHERE {key} AND {live}"
+                 FROM {t} WHERE {key} AND {live_row}"
             ),
             // Written once, at completion; `now()` is the transaction's start,
-            // which is when the claim was taken. An existing row can only be
-            // a dead one: the read under the advisory lock found no live
-            // record, and every claimant takes that lock.
+            // which is when the claim was taken. The advisory lock and the
+            // claim's read mean an existing row is normally a dead one, which
+            // the upsert replaces. Where the lock did not exclude another
+            // claimant, the key is the arbiter: the upsert leaves a live row
+            // alone (waiting first for the other's transaction, if still
+            // open), and then the outer insert, run only when the upsert
+            // wrote nothing, violates the primary key, so that this
+            // transaction fails and its `COMMIT` rolls back.
             complete_transaction: format!(
-                "INSERT INTO {t} AS r (source, event_type, key, fingerprint, state,
-                                       response_status, response_headers, response_body,
-                                       created_at, completed_at, expires_at)
-                 VALUES ($1, $2, $3, $4, {COMPLETED}, $5, $6, $7, now(), clock_timestamp(),
-                         clock_timestamp() + $8 * interval '1 second')
-                 ON CONFLICT (source, event_type, key) DO UPDATE SET
-                     fingerprint = EXCLUDED.fingerprint, state = {COMPLETED},
-                     claim_token = NULL, locked_until = NULL,
-                     response_status = EXCLUDED.response_status,
-                     response_headers = EXCLUDED.response_headers,
-                     response_body = EXCLUDED.response_body,
-                     created_at = EXCLUDED.created_at, completed_at = EXCLUDED.completed_at,
-                     expires_at = EXCLUDED.expires_at"
+                "WITH upsert AS (
+                     INSERT INTO {t} AS r (source, event_type, key, fingerprint, state,
+                                           response_status, response_headers, response_body,
+                                           created_at, completed_at, expires_at)
+                     VALUES ($1, $2, $3, $4, {COMPLETED}, $5, $6, $7, now(), clock_timestamp(),
+                             clock_timestamp() + $8 * interval '1 second')
+                     ON CONFLICT (source, event_type, key) DO UPDATE SET
+                         fingerprint = EXCLUDED.fingerprint, state = {COMPLETED},
+                         claim_token = NULL, locked_until = NULL,
+                         response_status = EXCLUDED.response_status,
+                         response_headers = EXCLUDED.response_headers,
+                         response_body = EXCLUDED.response_body,
+                         created_at = EXCLUDED.created_at, completed_at = EXCLUDED.completed_at,
+                         expires_at = EXCLUDED.expires_at
+                     WHERE NOT {live_conflicting}
+                     RETURNING 1
+                 )
+                 INSERT INTO {t} (source, event_type, key, fingerprint, state, expires_at)
+                 SELECT $1, $2, $3, $4, {COMPLETED}, now()
+                 WHERE NOT EXISTS (SELECT 1 FROM upsert)"
             ),
             // The claim takes the key's advisory lock for the length of this
             // one statement, so it never slips in while a transaction-mode
             // claimant holds the key. It inserts nothing when the statement's
             // snapshot holds a live record (no row lock, no write: a
             // duplicate stays a read); the upsert's condition, checked on the
-            // latest row version, decides a takeover. The outer query
-            // returns the claim token written, if any, and the live record
-            // of the snapshot, if any: always one row.
+            // latest row version, decides a takeover. A row carrying this
+            // claim's own token is this request's claim, committed by an
+            // attempt whose answer was lost: it is claimed again, never taken
+            // for another's. The outer query returns the claim token
+            // written, if any, and the live record of the snapshot, if any:
+            // always one row.
             claim_lease: format!(
                 "WITH claimed AS (
                      INSERT INTO {t} AS r (source, event_type, key, fingerprint, state, claim_token,
@@ -654,22 +776,24 @@ impl Statements {
                      SELECT $1::text, $2::text, $3::text, $4::bytea, {IN_PROGRESS}, $5::uuid,
                             clock_timestamp() + $6::float8 * interval '1 second', clock_timestamp(),
                             clock_timestamp() + $7::float8 * interval '1 second'
-                     WHERE pg_try_advisory_xact_lock($8::int8)
-                       AND NOT EXISTS (SELECT 1 FROM {t} WHERE {key} AND {live})
+                     WHERE {try_lock}
+                       AND NOT EXISTS (SELECT 1 FROM {t}
+                                       WHERE {key} AND {live_row} AND claim_token IS DISTINCT FROM $5::uuid)
                      ON CONFLICT (source, event_type, key) DO UPDATE SET
                          fingerprint = EXCLUDED.fingerprint, state = {IN_PROGRESS},
                          claim_token = EXCLUDED.claim_token, locked_until = EXCLUDED.locked_until,
                          response_status = NULL, response_headers = NULL, response_body = NULL,
                          created_at = EXCLUDED.created_at, completed_at = NULL,
                          expires_at = EXCLUDED.expires_at
-                     WHERE r.expires_at <= now() OR (r.state = {IN_PROGRESS} AND r.locked_until <= now())
+                     WHERE NOT {live_conflicting}
+                        OR (r.state = {IN_PROGRESS} AND r.claim_token = EXCLUDED.claim_token)
                      RETURNING claim_token
                  )
                  SELECT (SELECT claim_token FROM claimed) AS claimed,
                         live.state, live.fingerprint, live.response_status, live.response_headers,
                         live.response_body, live.expires_at
                  FROM (VALUES (1)) AS one
-                 LEFT JOIN (SELECT * FROM {t} WHERE {key} AND {live}) AS live ON true"
+                 LEFT JOIN (SELECT * FROM {t} WHERE {key} AND {live_row}) AS live ON true"
             ),
             renew_lease: format!(
                 "UPDATE {t} SET locked_until = clock_timestamp() + $5 * interval '1 second'
@@ -683,6 +807,7 @@ impl Statements {
                  WHERE {key} AND claim_token = $4 AND state = {IN_PROGRESS}"
             ),
             release_lease: format!("DELETE FROM {t} WHERE {key} AND claim_token = $4 AND state = {IN_PROGRESS}"),
+            advisory_locks,
         }
     }
 }

@@ -3,6 +3,8 @@
 //! request helpers.
 #![allow(dead_code)]
 
+pub mod wire;
+
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;

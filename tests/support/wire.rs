@@ -1,0 +1,337 @@
+//! The Postgres wire protocol as a proxy between the store's pool and the
+//! server sees it: a parser of the client's messages, a pool that connects
+//! through a proxy, and a proxy that loses or holds back one statement's
+//! answer after the server has run it.
+//!
+//! After the startup packet every message, either way, is one type byte and
+//! a 4-byte length that counts itself, so messages can be told apart exactly.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
+use tokio_postgres::NoTls;
+
+/// One frontend message: its type byte and its body (after the length).
+pub struct Frame {
+    pub kind: u8,
+    pub body: Vec<u8>,
+}
+
+impl Frame {
+    /// The first NUL-terminated string of the body from `offset`, and where
+    /// the next field starts.
+    fn c_str(&self, offset: usize) -> Option<(&str, usize)> {
+        let rest = self.body.get(offset..)?;
+        let end = rest.iter().position(|&byte| byte == 0)?;
+        let text = std::str::from_utf8(&rest[..end]).ok()?;
+        Some((text, offset + end + 1))
+    }
+
+    /// A Parse message's statement name and SQL.
+    pub fn parsed_statement(&self) -> Option<(&str, &str)> {
+        if self.kind != b'P' {
+            return None;
+        }
+        let (name, next) = self.c_str(0)?;
+        let (sql, _) = self.c_str(next)?;
+        Some((name, sql))
+    }
+
+    /// The statement a Bind message binds.
+    pub fn bound_statement(&self) -> Option<&str> {
+        if self.kind != b'B' {
+            return None;
+        }
+        let (_portal, next) = self.c_str(0)?;
+        Some(self.c_str(next)?.0)
+    }
+
+    /// How many statements a simple Query message carries.
+    pub fn query_statements(&self) -> u32 {
+        if self.kind != b'Q' {
+            return 0;
+        }
+        // The layer's SQL has no `;` inside literals.
+        String::from_utf8_lossy(&self.body)
+            .trim_end_matches('\0')
+            .split(';')
+            .filter(|statement| !statement.trim().is_empty())
+            .count() as u32
+    }
+}
+
+/// Splits the client's byte stream into frontend messages.
+#[derive(Default)]
+pub struct FrontendParser {
+    started: bool,
+    pending: Vec<u8>,
+}
+
+impl FrontendParser {
+    /// The type bytes of the messages completed by `bytes` (the startup
+    /// packet counts as `0`), each with the number of statements it carries
+    /// if it is a simple Query.
+    pub fn feed(&mut self, bytes: &[u8]) -> Vec<(u8, u32)> {
+        self.frames(bytes)
+            .iter()
+            .map(|frame| (frame.kind, frame.query_statements()))
+            .collect()
+    }
+
+    /// The messages completed by `bytes`.
+    pub fn frames(&mut self, bytes: &[u8]) -> Vec<Frame> {
+        self.pending.extend_from_slice(bytes);
+        let mut frames = Vec::new();
+        loop {
+            if !self.started {
+                // Startup phase: length-prefixed packets without a type byte
+                // (an SSL or GSS request first, then the startup message).
+                let Some(length) = self.pending.get(..4) else { break };
+                let length = u32::from_be_bytes(length.try_into().unwrap()) as usize;
+                if self.pending.len() < length {
+                    break;
+                }
+                let code = u32::from_be_bytes(self.pending[4..8].try_into().unwrap());
+                self.pending.drain(..length);
+                if code != 80_877_103 && code != 80_877_104 {
+                    self.started = true;
+                }
+                frames.push(Frame {
+                    kind: b'0',
+                    body: Vec::new(),
+                });
+                continue;
+            }
+            let Some(header) = self.pending.get(..5) else { break };
+            let kind = header[0];
+            let length = u32::from_be_bytes(header[1..5].try_into().unwrap()) as usize;
+            if self.pending.len() < 1 + length {
+                break;
+            }
+            let message: Vec<u8> = self.pending.drain(..1 + length).collect();
+            frames.push(Frame {
+                kind,
+                body: message[5..].to_vec(),
+            });
+        }
+        frames
+    }
+}
+
+/// Whether `bytes`, backend messages from a message boundary on, hold a
+/// complete ReadyForQuery: the server has finished (and, outside a
+/// transaction block, committed) everything it was sent before.
+fn holds_ready_for_query(bytes: &[u8]) -> bool {
+    let mut at = 0;
+    while let Some(header) = bytes.get(at..at + 5) {
+        let length = u32::from_be_bytes(header[1..5].try_into().unwrap()) as usize;
+        if bytes.len() < at + 1 + length {
+            return false;
+        }
+        if header[0] == b'Z' {
+            return true;
+        }
+        at += 1 + length;
+    }
+    false
+}
+
+/// The server DATABASE_URL names, as a TCP address.
+pub fn upstream() -> (String, u16) {
+    let config: tokio_postgres::Config = super::database_url().parse().expect("DATABASE_URL");
+    let host = match config.get_hosts().first() {
+        Some(tokio_postgres::config::Host::Tcp(host)) => host.clone(),
+        _ => panic!("the wire proxy needs a TCP DATABASE_URL"),
+    };
+    (host, config.get_ports().first().copied().unwrap_or(5432))
+}
+
+/// A pool of `size` connections through a proxy on `port`, on the test's
+/// schema.
+pub fn pool_through(port: u16, schema: &str, size: usize) -> Pool {
+    let url: tokio_postgres::Config = super::database_url().parse().expect("DATABASE_URL");
+    let mut config = tokio_postgres::Config::new();
+    config.host("127.0.0.1").port(port);
+    if let Some(user) = url.get_user() {
+        config.user(user);
+    }
+    if let Some(password) = url.get_password() {
+        config.password(password);
+    }
+    if let Some(dbname) = url.get_dbname() {
+        config.dbname(dbname);
+    }
+    config.options(format!("-c search_path={schema}"));
+    config.application_name(schema);
+    let manager = Manager::from_config(
+        config,
+        NoTls,
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    Pool::builder(manager)
+        .max_size(size)
+        .runtime(Runtime::Tokio1)
+        .build()
+        .expect("pool")
+}
+
+/// What happens to the answer of the statement a [`FaultyProxy`] watches,
+/// once the server has sent all of it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// The connection is cut before the client reads the answer, as when the
+    /// network or the server's host fails right after the commit.
+    CutBeforeAnswer,
+    /// The answer is held back until [`FaultyProxy::resume`], as on a link
+    /// so slow that the client gives up first.
+    HoldAnswer,
+}
+
+struct Watch {
+    marker: String,
+    fault: Fault,
+    armed: AtomicBool,
+    answered: Notify,
+    resume: Notify,
+}
+
+/// A proxy that relays every connection faithfully, except for the next
+/// execution, once armed, of a prepared statement whose SQL contains a
+/// marker: the server runs it, and then its answer meets the [`Fault`].
+#[derive(Clone)]
+pub struct FaultyProxy {
+    pub port: u16,
+    watch: Arc<Watch>,
+}
+
+impl FaultyProxy {
+    pub async fn start(marker: &str, fault: Fault) -> Self {
+        let watch = Arc::new(Watch {
+            marker: marker.to_owned(),
+            fault,
+            armed: AtomicBool::new(false),
+            answered: Notify::new(),
+            resume: Notify::new(),
+        });
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind the proxy");
+        let port = listener.local_addr().expect("the proxy's address").port();
+        let upstream = upstream();
+        tokio::spawn({
+            let watch = watch.clone();
+            async move {
+                while let Ok((client, _)) = listener.accept().await {
+                    let server = TcpStream::connect((upstream.0.as_str(), upstream.1))
+                        .await
+                        .expect("reach Postgres from the proxy");
+                    tokio::spawn(relay(client, server, watch.clone()));
+                }
+            }
+        });
+        Self { port, watch }
+    }
+
+    /// Applies the fault to the next execution of the watched statement.
+    pub fn arm(&self) {
+        self.watch.armed.store(true, Ordering::SeqCst);
+    }
+
+    /// Waits until the server has answered the watched statement in full
+    /// (so, outside a transaction block, committed it).
+    pub async fn answered(&self) {
+        tokio::time::timeout(Duration::from_secs(10), self.watch.answered.notified())
+            .await
+            .expect("the watched statement to be answered by the server");
+    }
+
+    /// Lets a held answer, and everything after it, through.
+    pub fn resume(&self) {
+        self.watch.resume.notify_one();
+    }
+}
+
+async fn relay(client: TcpStream, server: TcpStream, watch: Arc<Watch>) {
+    let (mut client_read, mut client_write) = client.into_split();
+    let (mut server_read, mut server_write) = server.into_split();
+    // Set when this connection has sent the watched statement; the server's
+    // bytes from then on are its answer (the client waits for one answer
+    // before sending the next statement of a store step).
+    let faulted = Arc::new(AtomicBool::new(false));
+    let cut = Arc::new(Notify::new());
+    let upstream = {
+        let (watch, faulted, cut) = (watch.clone(), faulted.clone(), cut.clone());
+        async move {
+            let mut parser = FrontendParser::default();
+            let mut watched = HashSet::new();
+            let mut buffer = vec![0_u8; 64 * 1024];
+            loop {
+                let read = tokio::select! {
+                    read = client_read.read(&mut buffer) => match read {
+                        Ok(0) | Err(_) => break,
+                        Ok(read) => read,
+                    },
+                    () = cut.notified() => break,
+                };
+                for frame in parser.frames(&buffer[..read]) {
+                    if let Some((name, sql)) = frame.parsed_statement() {
+                        if sql.contains(&watch.marker) {
+                            watched.insert(name.to_owned());
+                        }
+                    }
+                    if frame.bound_statement().is_some_and(|name| watched.contains(name))
+                        && watch.armed.swap(false, Ordering::SeqCst)
+                    {
+                        faulted.store(true, Ordering::SeqCst);
+                    }
+                }
+                if server_write.write_all(&buffer[..read]).await.is_err() {
+                    break;
+                }
+            }
+            let _ = server_write.shutdown().await;
+        }
+    };
+    let downstream = async move {
+        let mut buffer = vec![0_u8; 64 * 1024];
+        let mut answer = Vec::new();
+        loop {
+            let read = match server_read.read(&mut buffer).await {
+                Ok(0) | Err(_) => break,
+                Ok(read) => read,
+            };
+            if !faulted.load(Ordering::SeqCst) {
+                if client_write.write_all(&buffer[..read]).await.is_err() {
+                    break;
+                }
+                continue;
+            }
+            answer.extend_from_slice(&buffer[..read]);
+            if !holds_ready_for_query(&answer) {
+                continue;
+            }
+            faulted.store(false, Ordering::SeqCst);
+            watch.answered.notify_one();
+            match watch.fault {
+                Fault::CutBeforeAnswer => {
+                    cut.notify_one();
+                    break;
+                }
+                Fault::HoldAnswer => {
+                    watch.resume.notified().await;
+                    if client_write.write_all(&std::mem::take(&mut answer)).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        let _ = client_write.shutdown().await;
+    };
+    tokio::join!(upstream, downstream);
+}
