@@ -138,6 +138,8 @@ pub enum OrderingError {
 
 /// Every statement, formatted once with the table and key column.
 struct Statements {
+    /// The table, quoted.
+    table: String,
     advance: String,
     current: String,
     lock_current: String,
@@ -308,13 +310,24 @@ impl OrderingGuard {
 
     /// Creates the table if absent (the schema must exist), in a
     /// transaction of its own under an advisory lock, so that many
-    /// instances may run it at start-up at once.
+    /// instances may run it at start-up at once. The table is looked up
+    /// first (as the server resolves the name: schema-qualified, or through
+    /// the `search_path`) and created only when missing, so that a role
+    /// with only `SELECT`, `INSERT` and `UPDATE` on an existing table
+    /// passes: `CREATE TABLE IF NOT EXISTS` alone would demand the schema's
+    /// `CREATE` privilege before it looks.
     pub async fn create_table(&self, client: &mut ClientWrapper) -> Result<(), OrderingError> {
         let transaction = client.transaction().await?;
         transaction
             .execute("SELECT pg_advisory_xact_lock($1)", &[&self.statements.create_lock])
             .await?;
-        transaction.batch_execute(&self.statements.create).await?;
+        let exists: bool = transaction
+            .query_one("SELECT to_regclass($1) IS NOT NULL", &[&self.statements.table])
+            .await?
+            .try_get(0)?;
+        if !exists {
+            transaction.batch_execute(&self.statements.create).await?;
+        }
         transaction.commit().await?;
         Ok(())
     }
@@ -336,6 +349,7 @@ impl Statements {
         let mut first = [0u8; 8];
         first.copy_from_slice(&digest[..8]);
         Self {
+            table: table.to_owned(),
             // $1 key, $2 new status, $3 its rank, $4/$5 every declared state
             // and its rank, $6 the terminal states. An undeclared current
             // state has no rank, so the comparison is NULL: never replaced.

@@ -3,6 +3,7 @@
 
 mod support;
 
+#[cfg(feature = "admin")]
 use std::process::Output;
 use std::time::Duration;
 
@@ -266,9 +267,10 @@ async fn the_purge_task_deletes_expired_records_in_the_background() {
 }
 
 // ---------------------------------------------------------------------------
-// The admin command
+// The admin command, built with the `admin` feature
 
 /// Runs `idempotency-admin` against the test's schema.
+#[cfg(feature = "admin")]
 fn admin(db: &TestDb, args: &[&str]) -> Output {
     let url = support::database_url();
     let separator = if url.contains('?') { '&' } else { '?' };
@@ -282,14 +284,17 @@ fn admin(db: &TestDb, args: &[&str]) -> Output {
         .expect("run idempotency-admin")
 }
 
+#[cfg(feature = "admin")]
 fn stdout(output: &Output) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
+#[cfg(feature = "admin")]
 fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
 
+#[cfg(feature = "admin")]
 #[tokio::test]
 async fn admin_migrate_stats_and_purge() {
     let db = TestDb::new("admin_basics").await;
@@ -320,6 +325,7 @@ async fn admin_migrate_stats_and_purge() {
     db.drop_schema().await;
 }
 
+#[cfg(feature = "admin")]
 #[tokio::test]
 async fn admin_show_and_release() {
     let db = TestDb::new("admin_records").await;
@@ -359,6 +365,7 @@ async fn admin_show_and_release() {
     db.drop_schema().await;
 }
 
+#[cfg(feature = "admin")]
 #[tokio::test]
 async fn admin_usage_errors_and_help() {
     let db = TestDb::new("admin_usage").await;

@@ -166,14 +166,23 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
     text
 }
 
-/// Creates `ledger_entries` when absent.
+/// Creates `ledger_entries` when absent. It is looked up first (through the
+/// `search_path`, as the server resolves it), so that a role with only DML
+/// grants starts once the table exists: `CREATE TABLE IF NOT EXISTS` alone
+/// would demand the schema's CREATE privilege before it looks.
 pub async fn create_ledger(pool: &Pool) -> Result<(), Box<dyn std::error::Error>> {
     let mut client = pool.get().await?;
     let transaction = client.transaction().await?;
     transaction
         .execute("SELECT pg_advisory_xact_lock($1)", &[&LEDGER_MIGRATION_LOCK])
         .await?;
-    transaction.batch_execute(CREATE_LEDGER).await?;
+    let exists: bool = transaction
+        .query_one("SELECT to_regclass('ledger_entries') IS NOT NULL", &[])
+        .await?
+        .try_get(0)?;
+    if !exists {
+        transaction.batch_execute(CREATE_LEDGER).await?;
+    }
     transaction.commit().await?;
     Ok(())
 }

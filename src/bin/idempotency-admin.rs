@@ -1,14 +1,20 @@
 //! `idempotency-admin`: see, purge and fix idempotency records without SQL.
 //!
-//! Reads `DATABASE_URL` (default `postgres://postgres@127.0.0.1:5432/postgres`).
+//! Reads `DATABASE_URL` (default `postgres://postgres@127.0.0.1:5432/postgres`),
+//! whose `sslmode` and `sslrootcert` it honours as libpq does (see `tls`).
 //! Exit codes: 0 done, 1 database error, 2 usage error, 3 no such record,
 //! 4 refused (an in-progress claim, without `--force`).
+
+// Beside this file rather than in src/bin/, where Cargo would take it for
+// a binary of its own.
+#[path = "idempotency-admin/tls.rs"]
+mod tls;
 
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::json;
-use tower_idempotency::{PostgresStore, RecordView, Released, StoreStats, DEFAULT_TABLE};
+use tower_idempotency::{PostgresStore, RecordView, Released, StoreError, StoreStats, DEFAULT_TABLE};
 
 const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 const DEFAULT_BATCH: u32 = 10_000;
@@ -34,7 +40,9 @@ Options:
                  [default: idempotency_records]
 
 Environment:
-  DATABASE_URL   the Postgres to use [default: postgres://postgres@127.0.0.1:5432/postgres]
+  DATABASE_URL   the Postgres to use [default: postgres://postgres@127.0.0.1:5432/postgres];
+                 sslmode (disable, allow, prefer, require, verify-ca, verify-full)
+                 and sslrootcert=<file> as for psql
 
 Exit codes: 0 done, 1 database error, 2 usage error, 3 no such record,
 4 refused (an in-progress claim, without --force).
@@ -148,8 +156,24 @@ fn usage_error(error: &str) -> ExitCode {
     ExitCode::from(2)
 }
 
-fn database_error(error: &dyn std::fmt::Display) -> ExitCode {
-    eprintln!("idempotency-admin: {error}");
+fn database_error(error: &StoreError) -> ExitCode {
+    let mut text = error.to_string();
+    // Why a connection failed (a refused certificate, say) is only in the
+    // chain; the store's other errors already say it.
+    if let StoreError::Pool(_) = error {
+        let mut cause = std::error::Error::source(error);
+        while let Some(current) = cause {
+            let cause_text = current.to_string();
+            if !text.contains(&cause_text) {
+                text = format!("{text}: {cause_text}");
+            }
+            cause = current.source();
+        }
+    }
+    eprintln!("idempotency-admin: {text}");
+    if let Some(advice) = tls::certificate_advice(error) {
+        eprintln!("idempotency-admin: {advice}");
+    }
     ExitCode::FAILURE
 }
 
@@ -210,8 +234,8 @@ async fn run(invocation: Invocation) -> ExitCode {
 fn connect(table: &str) -> Result<PostgresStore, String> {
     let url = std::env::var("DATABASE_URL").ok().filter(|url| !url.is_empty());
     let url = url.as_deref().unwrap_or(DEFAULT_DATABASE_URL);
-    let database: tokio_postgres::Config = url.parse().map_err(|error| format!("invalid DATABASE_URL: {error}"))?;
-    let manager = deadpool_postgres::Manager::new(database, tokio_postgres::NoTls);
+    let (database, tls) = tls::connection_settings(url)?;
+    let manager = deadpool_postgres::Manager::new(database, tls);
     let pool = deadpool_postgres::Pool::builder(manager)
         .max_size(2)
         .wait_timeout(Some(Duration::from_secs(10)))

@@ -3,6 +3,7 @@
 
 mod cache;
 mod memory;
+mod migration;
 mod operations;
 mod postgres;
 mod recent;
@@ -344,6 +345,35 @@ pub enum StoreError {
     /// The records table does not exist.
     #[error("the records table `{0}` does not exist: run PostgresStore::migrate() first")]
     TableMissing(String),
+    /// [`PostgresStore::migrate`] found the schema, the records table or its
+    /// expiry index missing, and the role may not create it.
+    #[error(
+        "cannot create {object}: the role `{role}` lacks {privilege}; run the migration as a role that has it \
+         (the owner), or apply PostgresStore::migration_sql() with your migration tool \
+         (migrations/0001_idempotency_records.sql for the default table)"
+    )]
+    CannotCreate {
+        /// What was missing, as `table schema.name`, `index schema.name` or
+        /// `schema name`.
+        object: String,
+        /// The role that tried.
+        role: String,
+        /// What creating it takes, as `CREATE on schema public`.
+        privilege: String,
+    },
+    /// The role lacks a privilege the layer needs on the records table or
+    /// its schema.
+    #[error("the role `{role}` lacks {privileges} on {object}, which the layer needs: as the owner, run GRANT {privileges} ON {object} TO {grantee}")]
+    MissingGrant {
+        /// `table schema.name` or `schema name`.
+        object: String,
+        /// The role.
+        role: String,
+        /// The role as an SQL identifier.
+        grantee: String,
+        /// The missing privileges, as `UPDATE, DELETE`.
+        privileges: String,
+    },
     /// The claim's connection was already gone.
     #[error("the claim's connection is no longer available")]
     ConnectionGone,

@@ -206,29 +206,14 @@ impl PostgresStore {
         &self.inner.settings.pool
     }
 
-    /// Creates the schema (if named), the table and its expiry index when
-    /// absent. Safe to run on every start, from many instances at once: the
-    /// statements run in one transaction under an advisory lock.
-    pub async fn migrate(&self) -> Result<(), StoreError> {
-        let mut client = self.inner.settings.pool.get().await?;
-        let transaction = client.transaction().await?;
-        let lock_id = RecordKey {
-            source: String::new(),
-            event_type: String::new(),
-            key: String::new(),
-        }
-        .lock_id(&format!("migrate {}", self.inner.settings.table.display));
-        transaction
-            .execute("SELECT pg_advisory_xact_lock($1)", &[&lock_id])
-            .await?;
-        transaction.batch_execute(&self.inner.sql.migrate).await?;
-        transaction.commit().await?;
-        Ok(())
-    }
-
     /// The table name, quoted for SQL.
     pub(super) fn quoted_table(&self) -> String {
         self.inner.settings.table.quoted()
+    }
+
+    /// The table name as configured.
+    pub(super) fn table_name(&self) -> &TableName {
+        &self.inner.settings.table
     }
 
     pub(super) async fn connection(&self) -> Result<Object, StoreError> {
@@ -596,11 +581,11 @@ fn fingerprint_from(bytes: &[u8]) -> Result<[u8; 32], StoreError> {
 
 /// A validated, quoted table name.
 #[derive(Clone, Debug)]
-struct TableName {
-    schema: Option<String>,
-    table: String,
+pub(super) struct TableName {
+    pub(super) schema: Option<String>,
+    pub(super) table: String,
     /// As the user wrote it; also the advisory lock namespace.
-    display: String,
+    pub(super) display: String,
 }
 
 impl TableName {
@@ -612,7 +597,7 @@ impl TableName {
         }
     }
 
-    fn parse(name: &str) -> Result<Self, InvalidTableName> {
+    pub(super) fn parse(name: &str) -> Result<Self, InvalidTableName> {
         let invalid = || InvalidTableName(name.to_owned());
         let (schema, table) = match name.split_once('.') {
             Some((schema, table)) => (Some(schema), table),
@@ -633,7 +618,7 @@ impl TableName {
         })
     }
 
-    fn quoted(&self) -> String {
+    pub(super) fn quoted(&self) -> String {
         match &self.schema {
             Some(schema) => format!("\"{schema}\".\"{}\"", self.table),
             None => format!("\"{}\"", self.table),
@@ -660,7 +645,6 @@ pub(super) fn live(row: &str) -> String {
 
 /// Every statement, formatted once with the table name.
 struct Statements {
-    migrate: String,
     resolve_table: String,
     lookup: String,
     complete_transaction: String,
@@ -684,12 +668,6 @@ impl Statements {
 
     fn new(name: &TableName, advisory_locks: bool) -> Self {
         let t = name.quoted();
-        let index = format!("\"{}_expires_at\"", name.table);
-        let create_schema = name
-            .schema
-            .as_ref()
-            .map(|schema| format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\";"))
-            .unwrap_or_default();
         let key = "source = $1 AND event_type = $2 AND key = $3";
         let live_row = live("");
         let live_conflicting = live("r.");
@@ -699,26 +677,6 @@ impl Statements {
             "$8::int8 IS NOT NULL"
         };
         Self {
-            migrate: format!(
-                "{create_schema}
-                CREATE TABLE IF NOT EXISTS {t} (
-                    source           text        NOT NULL,
-                    event_type       text        NOT NULL DEFAULT '',
-                    key              text        NOT NULL,
-                    fingerprint      bytea       NOT NULL,
-                    state            smallint    NOT NULL,
-                    claim_token      uuid,
-                    locked_until     timestamptz,
-                    response_status  smallint,
-                    response_headers bytea,
-                    response_body    bytea,
-                    created_at       timestamptz NOT NULL DEFAULT now(),
-                    completed_at     timestamptz,
-                    expires_at       timestamptz NOT NULL,
-                    PRIMARY KEY (source, event_type, key)
-                );
-                CREATE INDEX IF NOT EXISTS {index} ON {t} (expires_at);"
-            ),
             resolve_table: "SELECT n.nspname || '.' || c.relname
                             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
                             WHERE c.oid = to_regclass($1)"

@@ -1,0 +1,291 @@
+//! The records table's schema: the SQL that creates it, published for
+//! migration tools, and [`PostgresStore::migrate`], which runs only the part
+//! of it that is missing, so that a role without DDL rights can start once
+//! the table exists.
+
+use tokio_postgres::Transaction;
+
+use super::postgres::{InvalidTableName, TableName};
+use super::{PostgresStore, StoreError};
+use crate::key::RecordKey;
+
+/// The privileges the layer uses on the records table: reads, claims,
+/// completions, releases and purges.
+const TABLE_PRIVILEGES: [&str; 4] = ["SELECT", "INSERT", "UPDATE", "DELETE"];
+
+/// Where the table is (or would be created) and what of it exists, as the
+/// server sees it for the current role.
+///
+/// An unqualified name resolves through the connection's effective
+/// `search_path` (`current_schemas(true)`, which leaves out schemas the role
+/// may not use), as the layer's own statements will; a new table goes to
+/// `current_schema()`, as `CREATE TABLE` would put it. Catalogs are read
+/// directly rather than through `to_regclass`, which raises for a schema the
+/// role may not use.
+const INSPECT: &str = "
+WITH candidate AS (
+    SELECT n.oid AS namespace, n.nspname, path.position
+    FROM unnest(CASE WHEN $1::text IS NULL THEN current_schemas(true) ELSE ARRAY[$1::text]::name[] END)
+         WITH ORDINALITY AS path(nspname, position)
+    JOIN pg_namespace n ON n.nspname = path.nspname
+), found AS (
+    SELECT c.oid AS relation, candidate.nspname::text AS schema
+    FROM candidate JOIN pg_class c ON c.relnamespace = candidate.namespace AND c.relname = $2::text
+    ORDER BY candidate.position
+    LIMIT 1
+), target AS (
+    SELECT (SELECT relation FROM found) AS relation,
+           coalesce((SELECT schema FROM found), $1::text, current_schema()::text) AS schema
+)
+SELECT current_user::text AS role,
+       quote_ident(current_user) AS grantee,
+       current_database()::text AS database,
+       target.schema,
+       n.oid IS NOT NULL AS schema_exists,
+       n.oid IS NOT NULL AND has_schema_privilege(n.oid, 'USAGE') AS schema_usage,
+       target.relation IS NOT NULL AS table_exists,
+       EXISTS (SELECT 1 FROM pg_index x
+               JOIN pg_attribute a ON a.attrelid = x.indrelid AND a.attnum = x.indkey[0]
+               WHERE x.indrelid = target.relation AND a.attname = 'expires_at') AS index_exists,
+       ARRAY(SELECT wanted.privilege
+             FROM unnest($3::text[]) WITH ORDINALITY AS wanted(privilege, position)
+             WHERE target.relation IS NOT NULL AND NOT has_table_privilege(target.relation, wanted.privilege)
+             ORDER BY wanted.position) AS missing_privileges
+FROM target LEFT JOIN pg_namespace n ON n.nspname = target.schema";
+
+/// Postgres' `insufficient_privilege`.
+const INSUFFICIENT_PRIVILEGE: &str = "42501";
+
+impl PostgresStore {
+    /// The SQL that creates the records table `table` (`table` or
+    /// `schema.table`, as for [`PostgresStore::with_table`]), its expiry
+    /// index and, for `schema.table`, the schema: for the migration tool you
+    /// already use (sqlx-cli, refinery, Flyway, dbmate), run by a role
+    /// allowed to create them. Every statement is `IF NOT EXISTS`.
+    /// [`PostgresStore::migrate`] then only checks, and the application's
+    /// role needs no more than `USAGE` on the schema and `SELECT`, `INSERT`,
+    /// `UPDATE` and `DELETE` on the table.
+    ///
+    /// The SQL for the default table is also committed as
+    /// `migrations/0001_idempotency_records.sql`.
+    ///
+    /// ```
+    /// use tower_idempotency::PostgresStore;
+    ///
+    /// let sql = PostgresStore::migration_sql("billing.idempotency_records")?;
+    /// assert!(sql.contains(r#"CREATE TABLE IF NOT EXISTS "billing"."idempotency_records""#));
+    /// // Write it where your tool looks, e.g. migrations/20250101000000_idempotency.sql
+    /// # Ok::<(), tower_idempotency::InvalidTableName>(())
+    /// ```
+    pub fn migration_sql(table: &str) -> Result<String, InvalidTableName> {
+        let name = TableName::parse(table)?;
+        let mut sql = format!(
+            "-- tower-idempotency's records table{}, from PostgresStore::migration_sql({:?}).\n\
+             -- Once it is applied, PostgresStore::migrate() only checks it.\n",
+            if name.schema.is_some() {
+                ", its expiry index and its schema"
+            } else {
+                " and its expiry index"
+            },
+            name.display,
+        );
+        if let Some(schema) = &name.schema {
+            sql.push_str(&create_schema(schema));
+        }
+        sql.push_str(&create_table(&name));
+        sql.push_str(&create_index(&name));
+        Ok(sql)
+    }
+
+    /// Makes sure the schema (if named), the table and its expiry index
+    /// exist, creating only what is missing, and that the role may use them.
+    /// Safe to run on every start, from many instances at once: the check
+    /// and any creation run in one transaction under an advisory lock.
+    ///
+    /// Once the table exists (created by a privileged role, or by your
+    /// migration tool from [`PostgresStore::migration_sql`]), a role with
+    /// only `USAGE` on the schema and `SELECT`, `INSERT`, `UPDATE`, `DELETE`
+    /// on the table passes. Something missing that the role may not create
+    /// is [`StoreError::CannotCreate`]; a missing grant is
+    /// [`StoreError::MissingGrant`]; each names the object and privilege.
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        let name = self.table_name();
+        let mut client = self.connection().await?;
+        let transaction = client.transaction().await?;
+        let lock_id = RecordKey {
+            source: String::new(),
+            event_type: String::new(),
+            key: String::new(),
+        }
+        .lock_id(&format!("migrate {}", name.display));
+        transaction
+            .execute("SELECT pg_advisory_xact_lock($1)", &[&lock_id])
+            .await?;
+        let found = Found::inspect(&transaction, name).await?;
+        for step in found.missing_steps(name) {
+            if let Err(error) = transaction.batch_execute(&step.sql).await {
+                return Err(step.refused(error, &found.role));
+            }
+        }
+        if found.table_exists {
+            found.check_grants(name)?;
+        }
+        transaction.commit().await?;
+        Ok(())
+    }
+}
+
+/// What [`INSPECT`] found.
+struct Found {
+    role: String,
+    /// The role as an SQL identifier, for a `GRANT` to suggest.
+    grantee: String,
+    database: String,
+    /// The table's schema, or where it would be created (none when no
+    /// schema of the `search_path` exists).
+    schema: Option<String>,
+    schema_exists: bool,
+    schema_usage: bool,
+    table_exists: bool,
+    index_exists: bool,
+    missing_privileges: Vec<String>,
+}
+
+impl Found {
+    async fn inspect(transaction: &Transaction<'_>, name: &TableName) -> Result<Self, StoreError> {
+        let row = transaction
+            .query_one(INSPECT, &[&name.schema, &name.table, &&TABLE_PRIVILEGES[..]])
+            .await?;
+        Ok(Self {
+            role: row.try_get("role")?,
+            grantee: row.try_get("grantee")?,
+            database: row.try_get("database")?,
+            schema: row.try_get("schema")?,
+            schema_exists: row.try_get("schema_exists")?,
+            schema_usage: row.try_get("schema_usage")?,
+            table_exists: row.try_get("table_exists")?,
+            index_exists: row.try_get("index_exists")?,
+            missing_privileges: row.try_get("missing_privileges")?,
+        })
+    }
+
+    /// The table as the server names it, for messages.
+    fn qualified(&self, relation: &str) -> String {
+        match &self.schema {
+            Some(schema) => format!("{schema}.{relation}"),
+            None => relation.to_owned(),
+        }
+    }
+
+    /// The statements still to run, in order.
+    fn missing_steps(&self, name: &TableName) -> Vec<Step> {
+        let table = format!("table {}", self.qualified(&name.table));
+        let mut steps = Vec::new();
+        if let (Some(schema), false) = (&name.schema, self.schema_exists) {
+            steps.push(Step {
+                sql: create_schema(schema),
+                object: format!("schema {schema}"),
+                privilege: format!("CREATE on database {}", self.database),
+            });
+        }
+        if !self.table_exists {
+            steps.push(Step {
+                sql: create_table(name),
+                object: table.clone(),
+                privilege: match &self.schema {
+                    Some(schema) => format!("CREATE on schema {schema}"),
+                    None => "CREATE on a schema of its search_path".to_owned(),
+                },
+            });
+        }
+        if !self.table_exists || !self.index_exists {
+            steps.push(Step {
+                sql: create_index(name),
+                object: format!("index {}", self.qualified(&index_name(name))),
+                // Only a table's owner may index it, whatever the schema's grants.
+                privilege: format!("ownership of {table}"),
+            });
+        }
+        steps
+    }
+
+    /// The grants the layer needs on an existing table.
+    fn check_grants(&self, name: &TableName) -> Result<(), StoreError> {
+        if let (Some(schema), false) = (&self.schema, self.schema_usage) {
+            return Err(StoreError::MissingGrant {
+                object: format!("schema {schema}"),
+                role: self.role.clone(),
+                grantee: self.grantee.clone(),
+                privileges: "USAGE".to_owned(),
+            });
+        }
+        if !self.missing_privileges.is_empty() {
+            return Err(StoreError::MissingGrant {
+                object: format!("table {}", self.qualified(&name.table)),
+                role: self.role.clone(),
+                grantee: self.grantee.clone(),
+                privileges: self.missing_privileges.join(", "),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// One creation, and what it needs.
+struct Step {
+    sql: String,
+    object: String,
+    privilege: String,
+}
+
+impl Step {
+    /// The error to report when the step failed.
+    fn refused(self, error: tokio_postgres::Error, role: &str) -> StoreError {
+        if error.code().map(|code| code.code()) != Some(INSUFFICIENT_PRIVILEGE) {
+            return error.into();
+        }
+        StoreError::CannotCreate {
+            object: self.object,
+            role: role.to_owned(),
+            privilege: self.privilege,
+        }
+    }
+}
+
+fn create_schema(schema: &str) -> String {
+    format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\";\n")
+}
+
+fn create_table(name: &TableName) -> String {
+    format!(
+        "CREATE TABLE IF NOT EXISTS {} (
+    source           text        NOT NULL,
+    event_type       text        NOT NULL DEFAULT '',
+    key              text        NOT NULL,
+    fingerprint      bytea       NOT NULL,
+    state            smallint    NOT NULL,
+    claim_token      uuid,
+    locked_until     timestamptz,
+    response_status  smallint,
+    response_headers bytea,
+    response_body    bytea,
+    created_at       timestamptz NOT NULL DEFAULT now(),
+    completed_at     timestamptz,
+    expires_at       timestamptz NOT NULL,
+    PRIMARY KEY (source, event_type, key)
+);\n",
+        name.quoted()
+    )
+}
+
+fn index_name(name: &TableName) -> String {
+    format!("{}_expires_at", name.table)
+}
+
+fn create_index(name: &TableName) -> String {
+    format!(
+        "CREATE INDEX IF NOT EXISTS \"{}\" ON {} (expires_at);\n",
+        index_name(name),
+        name.quoted()
+    )
+}
