@@ -14,6 +14,7 @@ use crate::inflight::LocalInFlight;
 use crate::key::{Extractor, Source};
 use crate::policy::{CommitWhen, InFlight, MissingKey, Mode};
 use crate::service::IdempotencyService;
+use crate::shutdown::{ShutdownHandle, Tracker};
 use crate::signature::VerifySignature;
 use crate::store::Store;
 
@@ -54,6 +55,7 @@ pub struct IdempotencyLayer {
     store: Store,
     config: Arc<Config>,
     in_flight: Arc<LocalInFlight>,
+    shutdown: Arc<Tracker>,
 }
 
 /// Everything a route configures.
@@ -130,7 +132,32 @@ impl IdempotencyLayer {
             store: store.into(),
             config: Arc::new(Config::default()),
             in_flight: Arc::default(),
+            shutdown: Arc::default(),
         }
+    }
+
+    /// The handle that shuts this layer's requests down gracefully: it waits
+    /// for handlers (detached ones included) and background releases up to
+    /// a deadline, then cuts off what is left and releases its claims. See
+    /// [`ShutdownHandle`] for a server that uses it.
+    ///
+    /// Layers made from this one by the builder methods share the handle.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_idempotency::{IdempotencyLayer, MemoryStore};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let layer = IdempotencyLayer::new(MemoryStore::new(10_000));
+    /// let shutdown = layer.shutdown_handle();
+    /// // ... serve with `layer`; on SIGTERM:
+    /// let report = shutdown.shutdown(Duration::from_secs(10)).await;
+    /// assert_eq!(report.cancelled, 0);
+    /// # }
+    /// ```
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        ShutdownHandle::new(self.shutdown.clone())
     }
 
     /// The route's configuration, for the micro-benchmarks.
@@ -315,6 +342,12 @@ impl<S> Layer<S> for IdempotencyLayer {
     type Service = IdempotencyService<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        IdempotencyService::new(inner, self.store.clone(), self.config.clone(), self.in_flight.clone())
+        IdempotencyService::new(
+            inner,
+            self.store.clone(),
+            self.config.clone(),
+            self.in_flight.clone(),
+            self.shutdown.clone(),
+        )
     }
 }

@@ -35,6 +35,9 @@ pub(crate) enum Problem {
     CommitFailed,
     /// 503: the in-memory store is full of live records.
     StoreFull,
+    /// 503: the layer is shutting down and takes no new claims, or cut this
+    /// request off at its deadline.
+    ShuttingDown,
     /// 500: the handler panicked or was cancelled.
     HandlerFailed,
     /// 500: a stored record could not be decoded.
@@ -92,7 +95,9 @@ impl Problem {
             Problem::InvalidSignature => StatusCode::UNAUTHORIZED,
             Problem::InFlight => StatusCode::CONFLICT,
             Problem::FingerprintMismatch => StatusCode::UNPROCESSABLE_ENTITY,
-            Problem::StoreUnavailable | Problem::CommitFailed | Problem::StoreFull => StatusCode::SERVICE_UNAVAILABLE,
+            Problem::StoreUnavailable | Problem::CommitFailed | Problem::StoreFull | Problem::ShuttingDown => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Problem::HandlerFailed | Problem::CorruptRecord => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -108,7 +113,9 @@ impl Problem {
             Problem::InvalidSignature => UNAUTHENTICATED,
             Problem::InFlight => ABORTED,
             Problem::FingerprintMismatch => FAILED_PRECONDITION,
-            Problem::StoreUnavailable | Problem::CommitFailed | Problem::StoreFull => UNAVAILABLE,
+            Problem::StoreUnavailable | Problem::CommitFailed | Problem::StoreFull | Problem::ShuttingDown => {
+                UNAVAILABLE
+            }
             Problem::HandlerFailed | Problem::CorruptRecord => INTERNAL,
         }
     }
@@ -127,6 +134,7 @@ impl Problem {
             Problem::StoreUnavailable => "urn:tower-idempotency:store-unavailable",
             Problem::CommitFailed => "urn:tower-idempotency:commit-failed",
             Problem::StoreFull => "urn:tower-idempotency:store-full",
+            Problem::ShuttingDown => "urn:tower-idempotency:shutting-down",
             Problem::HandlerFailed => "urn:tower-idempotency:handler-failed",
             Problem::CorruptRecord => "urn:tower-idempotency:corrupt-record",
         }
@@ -145,6 +153,7 @@ impl Problem {
             Problem::StoreUnavailable => "Idempotency store unavailable",
             Problem::CommitFailed => "The request could not be committed",
             Problem::StoreFull => "Idempotency store full",
+            Problem::ShuttingDown => "Shutting down",
             Problem::HandlerFailed => "The request handler failed",
             Problem::CorruptRecord => "Stored response unreadable",
         }
@@ -153,7 +162,9 @@ impl Problem {
     fn retry_after(self) -> Option<u32> {
         match self {
             Problem::InFlight => Some(IN_FLIGHT_RETRY_AFTER),
-            Problem::StoreUnavailable | Problem::CommitFailed | Problem::StoreFull => Some(STORE_RETRY_AFTER),
+            Problem::StoreUnavailable | Problem::CommitFailed | Problem::StoreFull | Problem::ShuttingDown => {
+                Some(STORE_RETRY_AFTER)
+            }
             _ => None,
         }
     }
