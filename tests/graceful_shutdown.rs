@@ -14,7 +14,7 @@ mod process;
 use std::time::Duration;
 
 use http::StatusCode;
-use process::{wait_until, Receiver, Schema};
+use process::{wait_until, Receiver, Schema, REQUEST_TIMEOUT};
 use tonic::transport::Channel;
 use tonic::Request;
 
@@ -34,6 +34,10 @@ const LONG_GRACE_MS: &str = "60000";
 /// A handler that would outlive any test, and a grace that cuts it off.
 const ENDLESS_DELAY_MS: &str = "600000";
 const SHORT_GRACE_MS: &str = "500";
+/// How long a process cut off after [`SHORT_GRACE_MS`] may take to exit:
+/// generous, yet well below the clients' own 30 s timeout, whose giving up
+/// would close the connection and let a server that waits for it exit too.
+const PROMPT_EXIT: Duration = Duration::from_secs(10);
 
 /// Waits until the handler has written its ledger row inside the request's
 /// transaction and sleeps.
@@ -76,7 +80,7 @@ async fn on_sigterm_a_handler_within_the_grace_finishes_and_commits_and_the_proc
     let delivery = tokio::spawn(async move { http.deliver("evt_graceful").await });
     wait_for_the_ledger_write(&schema).await;
 
-    let exit = receiver.stop_with("TERM").await;
+    let exit = receiver.stop_with("TERM", REQUEST_TIMEOUT).await;
 
     assert!(exit.success(), "{exit:?}");
     let answer = delivery.await.expect("the delivery task").expect("an answer");
@@ -101,9 +105,8 @@ async fn on_sigterm_past_the_grace_the_handler_is_rolled_back_and_its_redelivery
     let delivery = tokio::spawn(async move { http.deliver("evt_cut_off").await });
     wait_for_the_ledger_write(&schema).await;
 
-    // Bounded by the harness far below the handler's delay: the process
-    // does not wait for the handler.
-    let exit = receiver.stop_with("TERM").await;
+    // Far below the handler's delay: the process does not wait for it.
+    let exit = receiver.stop_with("TERM", PROMPT_EXIT).await;
 
     assert!(exit.success(), "{exit:?}");
     let answer = delivery.await.expect("the delivery task");
@@ -144,7 +147,7 @@ async fn in_lease_mode_past_the_grace_the_claim_is_deleted_and_the_redelivery_is
     )
     .await;
 
-    let exit = receiver.stop_with("TERM").await;
+    let exit = receiver.stop_with("TERM", PROMPT_EXIT).await;
 
     assert!(exit.success(), "{exit:?}");
     let _ = delivery.await.expect("the delivery task");
@@ -191,7 +194,7 @@ async fn on_ctrl_c_a_grpc_call_within_the_grace_finishes_and_commits() {
     let call = tokio::spawn(async move { client.create_payment(payment("order-graceful")).await });
     wait_for_the_ledger_write(&schema).await;
 
-    let exit = receiver.stop_with("INT").await;
+    let exit = receiver.stop_with("INT", REQUEST_TIMEOUT).await;
 
     assert!(exit.success(), "{exit:?}");
     let first = call.await.expect("the call task").expect("the call succeeds");
@@ -225,7 +228,7 @@ async fn on_ctrl_c_a_grpc_call_past_the_grace_is_rolled_back_and_its_retry_runs_
     let call = tokio::spawn(async move { client.create_payment(payment("order-cut-off")).await });
     wait_for_the_ledger_write(&schema).await;
 
-    let exit = receiver.stop_with("INT").await;
+    let exit = receiver.stop_with("INT", PROMPT_EXIT).await;
 
     assert!(exit.success(), "{exit:?}");
     assert!(

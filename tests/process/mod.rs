@@ -280,18 +280,18 @@ impl Receiver {
     }
 
     /// Sends `signal` (`TERM`, `INT`, ...), then waits for the process to
-    /// exit, at most [`REQUEST_TIMEOUT`]; returns how it exited.
-    pub async fn stop_with(mut self, signal: &str) -> std::process::ExitStatus {
+    /// exit, at most `bound`; returns how it exited.
+    pub async fn stop_with(mut self, signal: &str, bound: Duration) -> std::process::ExitStatus {
         let sent = std::process::Command::new("kill")
             .args(["-s", signal, &self.pid.to_string()])
             .status()
             .expect("run kill");
         assert!(sent.success(), "kill -s {signal} {} failed", self.pid);
-        match timeout(REQUEST_TIMEOUT, self.child.wait()).await {
+        match timeout(bound, self.child.wait()).await {
             Ok(Ok(status)) => status,
             Ok(Err(error)) => panic!("cannot wait for the receiver: {error}"),
             Err(_) => panic!(
-                "the receiver did not exit within {REQUEST_TIMEOUT:?} of SIG{signal}; its stderr:\n{}",
+                "the receiver did not exit within {bound:?} of SIG{signal}; its stderr:\n{}",
                 self.stderr()
             ),
         }
