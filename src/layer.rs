@@ -304,7 +304,11 @@ impl IdempotencyLayer {
     }
 
     /// The longest a store step (a read, a claim, a completion) may take
-    /// before the request fails with `503` (default 5 s).
+    /// before the request fails with `503` (default 5 s). Releasing a claim
+    /// holds its response back for at most as long: a rollback that takes
+    /// longer closes its connection, and a lease release that cannot get a
+    /// connection in time goes on in the background (until the lease would
+    /// have run out anyway) while the response goes out.
     pub fn store_timeout(self, timeout: Duration) -> Self {
         self.with(|config| config.store_timeout = timeout)
     }

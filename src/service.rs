@@ -959,7 +959,7 @@ async fn release(claim: Claim, why: &str) {
     let released = claim.release().await;
     metrics::store_duration("release", started.elapsed());
     if let Err(error) = released {
-        tracing::warn!(%error, "could not release the claim; it ends with its lease or connection");
+        tracing::warn!(%error, "could not release the claim in time; it is released in the background, or ends with its lease or connection");
     }
 }
 

@@ -1,7 +1,7 @@
 //! Shared helpers for the tests that run `examples/webhook_receiver.rs` as a
 //! real child process and do violent things to it or to its database: a
 //! schema of the test's own, the receiver started (and restarted) on it,
-//! SIGKILL, HTTP without panics (a killed server is an expected outcome),
+//! SIGKILL or another signal, HTTP without panics (a killed server is an expected outcome),
 //! and bounded polling of the database.
 //!
 //! `cargo test` builds the example before it runs the tests; a filtered run
