@@ -23,6 +23,10 @@
 //! its initial metadata; an in-flight duplicate is `ABORTED`, a reused key
 //! with another request `FAILED_PRECONDITION`, a missing or invalid key
 //! `INVALID_ARGUMENT`, an unavailable database `UNAVAILABLE`.
+//!
+//! On SIGTERM or Ctrl-C it stops accepting, lets in-flight calls finish for
+//! up to `SHUTDOWN_GRACE_MS`, then cuts off what is left, rolls their
+//! transactions back (so their retries run at once) and exits 0.
 
 #[path = "common/mod.rs"]
 mod common;
@@ -40,7 +44,7 @@ use std::io::Write as _;
 use std::net::SocketAddr;
 use std::process::ExitCode;
 
-use common::{Demo, DEFAULT_POOL_SIZE};
+use common::{Demo, DEFAULT_POOL_SIZE, DEFAULT_SHUTDOWN_GRACE_MS};
 use payments::payments_server::{Payments, PaymentsServer};
 use payments::{CreatePaymentRequest, Payment};
 use tonic::{Request, Response, Status};
@@ -72,6 +76,10 @@ Environment (all optional; an empty value counts as unset):
   POOL_SIZE              database connections in the pool; every in-flight
                          protected call holds one for its duration
                          [default: {DEFAULT_POOL_SIZE}]
+  SHUTDOWN_GRACE_MS      on SIGTERM or Ctrl-C, how long in-flight calls may take
+                         to finish; past it they are cut off, their transactions
+                         rolled back so that retries run at once, and the
+                         process exits 0 [default: {DEFAULT_SHUTDOWN_GRACE_MS}]
 ",
         database = common::DEFAULT_DATABASE_URL,
     )
@@ -119,6 +127,7 @@ struct Settings {
     bind: SocketAddr,
     pool_size: usize,
     demo: Demo,
+    shutdown_grace: std::time::Duration,
 }
 
 impl Settings {
@@ -131,6 +140,7 @@ impl Settings {
             })?,
             pool_size: common::setting("POOL_SIZE", DEFAULT_POOL_SIZE, common::positive)?,
             demo: Demo::from_env()?,
+            shutdown_grace: common::shutdown_grace_setting()?,
         })
     }
 }
@@ -160,6 +170,7 @@ async fn run(settings: Settings) -> Result<(), String> {
         .source("grpc")
         .grpc_unary_methods([CREATE_PAYMENT])
         .in_flight(InFlight::Conflict);
+    let shutdown = idempotency.shutdown_handle();
 
     let listener = tokio::net::TcpListener::bind(settings.bind)
         .await
@@ -172,15 +183,14 @@ async fn run(settings: Settings) -> Result<(), String> {
         .flush()
         .map_err(|error| format!("cannot write to stdout: {error}"))?;
 
-    tonic::transport::Server::builder()
+    let server = tonic::transport::Server::builder()
         .layer(idempotency)
         .add_service(PaymentsServer::new(PaymentsService { demo: settings.demo }))
         .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
-            common::shutdown_signal(),
-        )
+        .add_service(reflection_v1alpha);
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let serve = |stop| server.serve_with_incoming_shutdown(incoming, stop);
+    common::serve_until_shutdown(serve, &shutdown, settings.shutdown_grace)
         .await
         .map_err(|error| format!("server error: {error}"))
 }

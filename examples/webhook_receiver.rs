@@ -33,6 +33,10 @@
 //! through an [`OrderingGuard`]: a late `payment_intent.processing` never
 //! overwrites `succeeded`.
 //!
+//! On SIGTERM or Ctrl-C it stops accepting, lets in-flight and detached
+//! handlers finish for up to `SHUTDOWN_GRACE_MS`, then cuts off what is
+//! left, releases its claims (so their redeliveries run at once) and exits 0.
+//!
 //! `RECORD_MODE=lease` (with `LEASE_SECS`) records in lease mode instead:
 //! the ledger row autocommits outside the record's transaction while the
 //! handler holds a renewed lease, so a run cut off by a crash is taken over
@@ -45,6 +49,7 @@
 #[path = "common/mod.rs"]
 mod common;
 
+use std::future::IntoFuture;
 use std::io::Write as _;
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -61,8 +66,8 @@ use axum::routing::{get, post};
 use axum::{Extension, Router};
 use bytes::Bytes;
 use common::{
-    connection_pool, create_ledger, describe_database, error_chain, positive, setting, shutdown_signal, Demo,
-    CONNECT_TIMEOUT, DEFAULT_DATABASE_URL, DEFAULT_POOL_SIZE, POOL_WAIT_TIMEOUT, STATEMENT_TIMEOUT,
+    connection_pool, create_ledger, describe_database, error_chain, positive, setting, Demo, CONNECT_TIMEOUT,
+    DEFAULT_DATABASE_URL, DEFAULT_POOL_SIZE, DEFAULT_SHUTDOWN_GRACE_MS, POOL_WAIT_TIMEOUT, STATEMENT_TIMEOUT,
 };
 use deadpool_postgres::{ClientWrapper, Pool};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
@@ -71,7 +76,7 @@ use serde_json::Value;
 use tokio::net::TcpListener;
 use tower_idempotency::{
     Extractor, GitHubSignature, IdempotencyLayer, InFlight, InvalidJsonPath, Mode, OrderingGuard, PostgresStore,
-    RecordKey, StandardWebhooksSignature, StripeSignature, Tx, VerifySignature,
+    RecordKey, ShutdownHandle, StandardWebhooksSignature, StripeSignature, Tx, VerifySignature,
 };
 
 const DEFAULT_BIND: &str = "127.0.0.1:3000";
@@ -130,6 +135,11 @@ Environment (all optional; an empty value counts as unset):
                          completed event costs no database round trip; another
                          instance's release of a record may go unseen here for
                          that long [default: 0, off]
+  SHUTDOWN_GRACE_MS      on SIGTERM or Ctrl-C, how long in-flight and detached
+                         handlers may take to finish; past it they are cut off,
+                         their claims released (rolled back, or deleted in lease
+                         mode) so that redeliveries run at once, and the process
+                         exits 0 [default: {DEFAULT_SHUTDOWN_GRACE_MS}]
   STRIPE_WEBHOOK_SECRET  the Stripe endpoint's signing secret (whsec_...); when
                          set, /webhooks/stripe verifies Stripe-Signature
                          [default: unset, no verification]
@@ -205,6 +215,8 @@ struct Settings {
     signatures: Signatures,
     /// `RECORD_CACHE_TTL_MS`; zero keeps the record cache off.
     record_cache_ttl: Duration,
+    /// `SHUTDOWN_GRACE_MS`.
+    shutdown_grace: Duration,
 }
 
 impl Settings {
@@ -240,6 +252,7 @@ impl Settings {
             record_mode,
             signatures,
             record_cache_ttl: Duration::from_millis(record_cache_ms),
+            shutdown_grace: common::shutdown_grace_setting()?,
         })
     }
 }
@@ -382,7 +395,7 @@ async fn run(settings: Settings) -> Result<(), String> {
         .install_recorder()
         .map_err(|error| format!("cannot install the metrics recorder: {error}"))?;
     let _ = METRICS.set(metrics);
-    let router =
+    let (router, shutdown) =
         router(app, &store, settings.signatures).map_err(|error| format!("invalid route configuration: {error}"))?;
 
     let listener = TcpListener::bind(settings.bind)
@@ -403,8 +416,8 @@ async fn run(settings: Settings) -> Result<(), String> {
         .flush()
         .map_err(|error| format!("cannot write to stdout: {error}"))?;
 
-    axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown_signal())
+    let serve = |stop| axum::serve(listener, router).with_graceful_shutdown(stop).into_future();
+    common::serve_until_shutdown(serve, &shutdown, settings.shutdown_grace)
         .await
         .map_err(|error| format!("server error: {error}"))
 }
@@ -425,18 +438,22 @@ async fn create_payment_states(pool: &Pool, guard: &OrderingGuard) -> Result<(),
 }
 
 /// Each protected route gets a layer of its own: its source, where its key
-/// and event type come from, and what a concurrent duplicate gets.
-fn router(app: App, store: &PostgresStore, signatures: Signatures) -> Result<Router, InvalidJsonPath> {
+/// and event type come from, and what a concurrent duplicate gets. They are
+/// all made from one base layer, so one handle shuts them all down.
+fn router(
+    app: App,
+    store: &PostgresStore,
+    signatures: Signatures,
+) -> Result<(Router, ShutdownHandle), InvalidJsonPath> {
     let mode = match app.record_mode {
         RecordMode::Transaction => Mode::Transaction,
         RecordMode::Lease(lease) => Mode::lease(lease),
     };
-    let layer = |source: &str| {
-        IdempotencyLayer::new(store.clone())
-            .source(source)
-            .max_request_bytes(app.max_body_bytes)
-            .mode(mode)
-    };
+    let base = IdempotencyLayer::new(store.clone())
+        .max_request_bytes(app.max_body_bytes)
+        .mode(mode);
+    let shutdown = base.shutdown_handle();
+    let layer = |source: &str| base.clone().source(source);
     // Providers retry on 409 anyway, but waiting answers them at once.
     let webhook = |source: &str| layer(source).in_flight(InFlight::Wait(WEBHOOK_WAIT));
 
@@ -464,7 +481,7 @@ fn router(app: App, store: &PostgresStore, signatures: Signatures) -> Result<Rou
         .in_flight(InFlight::Conflict)
         .json_body(true);
 
-    Ok(Router::new()
+    let router = Router::new()
         .route("/webhooks/stripe", post(stripe_webhook).route_layer(stripe))
         .route("/webhooks/github", post(github_webhook).route_layer(github))
         .route("/webhooks/standard", post(standard_webhook).route_layer(standard))
@@ -476,7 +493,8 @@ fn router(app: App, store: &PostgresStore, signatures: Signatures) -> Result<Rou
         // /baseline does the same by hand; axum's own limit would answer in
         // plain text, or refuse a body the layer had accepted.
         .layer(DefaultBodyLimit::disable())
-        .with_state(app))
+        .with_state(app);
+    Ok((router, shutdown))
 }
 
 async fn stripe_webhook(

@@ -15,6 +15,7 @@ use crate::key::{Extractor, Source};
 use crate::policy::{CommitWhen, InFlight, MissingKey, Mode};
 use crate::problem::Protocol;
 use crate::service::IdempotencyService;
+use crate::shutdown::{ShutdownHandle, Tracker};
 use crate::signature::VerifySignature;
 use crate::store::Store;
 
@@ -61,6 +62,7 @@ pub struct IdempotencyLayer {
     store: Store,
     config: Arc<Config>,
     in_flight: Arc<LocalInFlight>,
+    shutdown: Arc<Tracker>,
 }
 
 /// Everything a route configures.
@@ -164,7 +166,32 @@ impl IdempotencyLayer {
             store: store.into(),
             config: Arc::new(Config::default()),
             in_flight: Arc::default(),
+            shutdown: Arc::default(),
         }
+    }
+
+    /// The handle that shuts this layer's requests down gracefully: it waits
+    /// for handlers (detached ones included) and background releases up to
+    /// a deadline, then cuts off what is left and releases its claims. See
+    /// [`ShutdownHandle`] for a server that uses it.
+    ///
+    /// Layers made from this one by the builder methods share the handle.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_idempotency::{IdempotencyLayer, MemoryStore};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let layer = IdempotencyLayer::new(MemoryStore::new(10_000));
+    /// let shutdown = layer.shutdown_handle();
+    /// // ... serve with `layer`; on SIGTERM:
+    /// let report = shutdown.shutdown(Duration::from_secs(10)).await;
+    /// assert_eq!(report.cancelled, 0);
+    /// # }
+    /// ```
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        ShutdownHandle::new(self.shutdown.clone())
     }
 
     /// The route's configuration, for the micro-benchmarks.
@@ -312,7 +339,11 @@ impl IdempotencyLayer {
     }
 
     /// The longest a store step (a read, a claim, a completion) may take
-    /// before the request fails with `503` (default 5 s).
+    /// before the request fails with `503` (default 5 s). Releasing a claim
+    /// holds its response back for at most as long: a rollback that takes
+    /// longer closes its connection, and a lease release that cannot get a
+    /// connection in time goes on in the background (until the lease would
+    /// have run out anyway) while the response goes out.
     pub fn store_timeout(self, timeout: Duration) -> Self {
         self.with(|config| config.store_timeout = timeout)
     }
@@ -486,6 +517,12 @@ impl<S> Layer<S> for IdempotencyLayer {
         if let Err(error) = self.config.validate() {
             panic!("invalid IdempotencyLayer configuration: {error}");
         }
-        IdempotencyService::new(inner, self.store.clone(), self.config.clone(), self.in_flight.clone())
+        IdempotencyService::new(
+            inner,
+            self.store.clone(),
+            self.config.clone(),
+            self.in_flight.clone(),
+            self.shutdown.clone(),
+        )
     }
 }

@@ -82,6 +82,7 @@
 //! | 503 | `urn:tower-idempotency:commit-failed` | the handler's transaction did not commit and was rolled back (`Retry-After: 2`) |
 //! | 503 | `urn:tower-idempotency:commit-outcome-unknown` | the commit was sent but not answered: it may have committed (`Retry-After: 2`) |
 //! | 503 | `urn:tower-idempotency:store-full` | a [`MemoryStore`] is full of live records (`Retry-After: 2`) |
+//! | 503 | `urn:tower-idempotency:shutting-down` | the layer is shutting down ([`ShutdownHandle`]): the request needed a new claim, or was cut off at the deadline (`Retry-After: 2`) |
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![warn(
     clippy::all,
@@ -115,6 +116,7 @@ mod preset;
 mod problem;
 mod record;
 mod service;
+mod shutdown;
 mod signature;
 mod store;
 mod tx;
@@ -131,6 +133,7 @@ pub use ordering::{OrderingError, OrderingGuard, Transition};
 pub use policy::{InFlight, MissingKey, Mode, ResponseDecision};
 pub use preset::Preset;
 pub use service::{IdempotencyService, RequestBody, ResponseFuture, REPLAYED_HEADER};
+pub use shutdown::{ShutdownHandle, ShutdownReport};
 pub use signature::{
     FlutterwaveSignature, GitHubSignature, InvalidSignatureConfig, PaystackSignature, ShopifySignature, SignatureError,
     SlackSignature, StandardWebhooksSignature, StripeSignature, TwilioSignature, VerifySignature,

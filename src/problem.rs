@@ -35,6 +35,9 @@ pub(crate) enum Problem {
     CommitFailed,
     /// 503: the in-memory store is full of live records.
     StoreFull,
+    /// 503: the layer is shutting down and takes no new claims, or cut this
+    /// request off at its deadline.
+    ShuttingDown,
     /// 500: the handler panicked or was cancelled.
     HandlerFailed,
     /// 500: a stored record could not be decoded.
@@ -102,9 +105,11 @@ impl Problem {
             Problem::InvalidSignature => StatusCode::UNAUTHORIZED,
             Problem::InFlight => StatusCode::CONFLICT,
             Problem::FingerprintMismatch => StatusCode::UNPROCESSABLE_ENTITY,
-            Problem::StoreUnavailable | Problem::CommitFailed | Problem::StoreFull | Problem::CommitOutcomeUnknown => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            Problem::StoreUnavailable
+            | Problem::CommitFailed
+            | Problem::StoreFull
+            | Problem::CommitOutcomeUnknown
+            | Problem::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             Problem::HandlerFailed
             | Problem::CorruptRecord
             | Problem::StoreMisconfigured
@@ -123,9 +128,11 @@ impl Problem {
             Problem::InvalidSignature => UNAUTHENTICATED,
             Problem::InFlight => ABORTED,
             Problem::FingerprintMismatch => FAILED_PRECONDITION,
-            Problem::StoreUnavailable | Problem::CommitFailed | Problem::StoreFull | Problem::CommitOutcomeUnknown => {
-                UNAVAILABLE
-            }
+            Problem::StoreUnavailable
+            | Problem::CommitFailed
+            | Problem::StoreFull
+            | Problem::CommitOutcomeUnknown
+            | Problem::ShuttingDown => UNAVAILABLE,
             Problem::HandlerFailed
             | Problem::CorruptRecord
             | Problem::TransactionHeld
@@ -147,6 +154,7 @@ impl Problem {
             Problem::StoreUnavailable => "urn:tower-idempotency:store-unavailable",
             Problem::CommitFailed => "urn:tower-idempotency:commit-failed",
             Problem::StoreFull => "urn:tower-idempotency:store-full",
+            Problem::ShuttingDown => "urn:tower-idempotency:shutting-down",
             Problem::HandlerFailed => "urn:tower-idempotency:handler-failed",
             Problem::CorruptRecord => "urn:tower-idempotency:corrupt-record",
             Problem::StoreMisconfigured => "urn:tower-idempotency:store-misconfigured",
@@ -168,6 +176,7 @@ impl Problem {
             Problem::StoreUnavailable => "Idempotency store unavailable",
             Problem::CommitFailed => "The request could not be committed",
             Problem::StoreFull => "Idempotency store full",
+            Problem::ShuttingDown => "Shutting down",
             Problem::HandlerFailed => "The request handler failed",
             Problem::CorruptRecord => "Stored response unreadable",
             Problem::StoreMisconfigured => "Idempotency store misconfigured",
@@ -179,9 +188,11 @@ impl Problem {
     fn retry_after(self) -> Option<u32> {
         match self {
             Problem::InFlight => Some(IN_FLIGHT_RETRY_AFTER),
-            Problem::StoreUnavailable | Problem::CommitFailed | Problem::StoreFull | Problem::CommitOutcomeUnknown => {
-                Some(STORE_RETRY_AFTER)
-            }
+            Problem::StoreUnavailable
+            | Problem::CommitFailed
+            | Problem::StoreFull
+            | Problem::CommitOutcomeUnknown
+            | Problem::ShuttingDown => Some(STORE_RETRY_AFTER),
             _ => None,
         }
     }

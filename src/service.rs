@@ -32,6 +32,7 @@ use crate::metrics::{self, Outcome};
 use crate::policy::{InFlight, MissingKey, Mode, ResponseDecision};
 use crate::problem::{Problem, Protocol};
 use crate::record::{allowed_headers, storable_headers, StoredResponse};
+use crate::shutdown::Tracker;
 use crate::store::{Claim, ClaimOutcome, ClaimRequest, Completed, Completion, Lookup, Store, StoreError};
 
 /// The request body the inner service receives: the buffered body of a
@@ -55,10 +56,17 @@ struct Shared {
     in_flight: Arc<LocalInFlight>,
     /// The route's bounded `source` label for metrics.
     metrics_label: Arc<str>,
+    shutdown: Arc<Tracker>,
 }
 
 impl<S> IdempotencyService<S> {
-    pub(crate) fn new(inner: S, store: Store, config: Arc<Config>, in_flight: Arc<LocalInFlight>) -> Self {
+    pub(crate) fn new(
+        inner: S,
+        store: Store,
+        config: Arc<Config>,
+        in_flight: Arc<LocalInFlight>,
+        shutdown: Arc<Tracker>,
+    ) -> Self {
         Self {
             inner,
             shared: Arc::new(Shared {
@@ -66,6 +74,7 @@ impl<S> IdempotencyService<S> {
                 metrics_label: Arc::from(config.metrics_label()),
                 config,
                 in_flight,
+                shutdown,
             }),
         }
     }
@@ -242,6 +251,8 @@ where
     // Boxed once here: the state machine is several KiB, and moving it into
     // the task by value would copy it on every request.
     let protected = Box::pin(protected(shared.clone(), inner, request, identity).instrument(span));
+    // Tracked from here, so that a graceful shutdown waits for it.
+    let protected = shared.shutdown.track(protected);
     if !shared.config.detach {
         return protected.await;
     }
@@ -362,7 +373,17 @@ where
 {
     match acquire(&shared, &identity).await {
         Acquired::Claim(claim, holder) => {
-            let answer = run_claimed(&shared.config, &shared.store, &identity, inner, request, claim).await;
+            let claim = claim.released_within(shared.config.store_timeout, &shared.shutdown);
+            let answer = run_claimed(
+                &shared.config,
+                &shared.store,
+                &shared.shutdown,
+                &identity,
+                inner,
+                request,
+                claim,
+            )
+            .await;
             // Local waiters wake only once the record is final.
             drop(holder);
             answer
@@ -371,7 +392,13 @@ where
         Acquired::StoreFailed(error) if shared.config.fail_open && error.is_unavailable() => {
             tracing::warn!(%error, "store unavailable; running the handler unprotected (fail-open)");
             metrics::count(&identity.metrics_label, Outcome::StoreError);
-            pass_through(inner, request).await
+            match shared.shutdown.until_cancelled(pass_through(inner, request)).await {
+                Some(answer) => answer,
+                None => Ok(shutting_down(
+                    identity.protocol,
+                    "the request was cut off by the shutdown",
+                )),
+            }
         }
         Acquired::StoreFailed(error) => {
             metrics::count(&identity.metrics_label, Outcome::StoreError);
@@ -475,6 +502,15 @@ async fn acquire<B>(shared: &Shared, identity: &Identity) -> Acquired<B> {
                     continue;
                 }
             }
+        }
+        if shared.shutdown.is_draining() {
+            if !read_first {
+                // A plain read still answers a duplicate of a completed key.
+                read_first = true;
+                continue;
+            }
+            tracing::info!("refused: shutting down, no new claims");
+            return Acquired::Answer(shutting_down(identity.protocol, "the server is shutting down"));
         }
         match store_step(&shared.store, "claim", config.store_timeout, || {
             shared.store.claim(request.clone())
@@ -604,6 +640,11 @@ fn mismatch<B>(identity: &Identity) -> Response<ResponseBody<B>> {
     )
 }
 
+/// `503` with `Retry-After`: the layer takes no new claims.
+fn shutting_down<B>(protocol: Protocol, detail: &str) -> Response<ResponseBody<B>> {
+    Problem::ShuttingDown.response(protocol, detail)
+}
+
 fn in_flight<B>(identity: &Identity) -> Response<ResponseBody<B>> {
     tracing::debug!("a request with this key is in flight");
     metrics::count(&identity.metrics_label, Outcome::Conflict);
@@ -666,6 +707,7 @@ enum Handled<B> {
 async fn run_claimed<S, ReqBody, ResBody>(
     config: &Config,
     store: &Store,
+    shutdown: &Tracker,
     identity: &Identity,
     mut inner: S,
     mut request: Request<RequestBody<ReqBody>>,
@@ -691,8 +733,14 @@ where
             Ok(classify(config, protocol, response).await)
         })
         .catch_unwind(),
-    )
-    .await;
+    );
+    // Past the shutdown deadline the handler is dropped (and with it its
+    // hold on the transaction) before the claim is released.
+    let Some(handled) = shutdown.until_cancelled(handled).await else {
+        release(config, claim, "the handler was cut off by the shutdown").await;
+        shutdown.note_cancelled();
+        return Ok(shutting_down(protocol, "the request was cut off by the shutdown"));
+    };
     let handled = match handled {
         Ok(Ok(Ok(handled))) => handled,
         Ok(Err(error)) => {
@@ -1108,7 +1156,7 @@ async fn release(config: &Config, claim: Claim, why: &str) {
     let released = claim.release().await;
     metrics::store_duration("release", started.elapsed());
     if let Err(error) = released {
-        tracing::warn!(%error, "could not release the claim; it ends with its lease or connection");
+        tracing::warn!(%error, "could not release the claim in time; it is released in the background, or ends with its lease or connection");
     }
 }
 

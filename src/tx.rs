@@ -13,6 +13,8 @@ use std::sync::Arc;
 use deadpool_postgres::{ClientWrapper, Object};
 use tokio::sync::{Mutex, OwnedMappedMutexGuard, OwnedMutexGuard};
 
+use crate::layer::DEFAULT_STORE_TIMEOUT;
+
 /// A pooled connection inside an open transaction.
 ///
 /// Dropped while still open, it rolls back before the connection can go back
@@ -73,7 +75,10 @@ impl Drop for TxConnection {
             match tokio::runtime::Handle::try_current() {
                 Ok(runtime) => {
                     runtime.spawn(async move {
-                        let _ = guard.rollback().await;
+                        // A stalled server must not keep the connection (and
+                        // its pool slot) forever: past the bound the guard is
+                        // dropped, which closes it.
+                        let _ = tokio::time::timeout(DEFAULT_STORE_TIMEOUT, guard.rollback()).await;
                     });
                 }
                 Err(_) => drop(guard),

@@ -3,13 +3,17 @@
 #![allow(dead_code)]
 
 use std::fmt::Write as _;
+use std::future::Future;
+use std::pin::Pin;
 use std::time::Duration;
 
 use deadpool_postgres::{ClientWrapper, Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio_postgres::NoTls;
+use tower_idempotency::ShutdownHandle;
 
 pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 pub const DEFAULT_POOL_SIZE: &str = "32";
+pub const DEFAULT_SHUTDOWN_GRACE_MS: &str = "10000";
 
 /// How long opening a database connection may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -46,6 +50,16 @@ pub fn positive(text: &str) -> Result<usize, String> {
         Ok(value) if value > 0 => Ok(value),
         _ => Err("expected a whole number greater than 0".to_owned()),
     }
+}
+
+/// `SHUTDOWN_GRACE_MS`: how long handlers may take to finish once a
+/// shutdown signal has come.
+pub fn shutdown_grace_setting() -> Result<Duration, String> {
+    setting("SHUTDOWN_GRACE_MS", DEFAULT_SHUTDOWN_GRACE_MS, |text| {
+        text.parse::<u64>()
+            .map(Duration::from_millis)
+            .map_err(|_| "expected a whole number of milliseconds".to_owned())
+    })
 }
 
 /// `DATABASE_URL`, parsed apart so that an error never echoes a password.
@@ -202,8 +216,7 @@ pub async fn insert_ledger_entry(
     row.try_get(0)
 }
 
-/// Resolves on ctrl-c or SIGTERM; in-flight requests then finish, so their
-/// transactions commit or roll back rather than being cut off.
+/// Resolves on ctrl-c or SIGTERM.
 pub async fn shutdown_signal() {
     let ctrl_c = async {
         if let Err(error) = tokio::signal::ctrl_c().await {
@@ -231,5 +244,49 @@ pub async fn shutdown_signal() {
         () = ctrl_c => {}
         () = terminate => {}
     }
-    tracing::info!("shutting down: finishing in-flight requests");
+}
+
+/// The future a server stops accepting on.
+pub type StopSignal = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// Runs the server that `serve` builds around a stop signal until SIGTERM or
+/// Ctrl-C, then shuts down within `grace` of it: the server stops accepting
+/// and the layer takes no new claims at once; in-flight and detached handlers
+/// may finish until the deadline; past it the layer cuts them off and
+/// releases their claims (rolled back, or deleted by their claim token), and
+/// connections still open are dropped. axum and tonic alone would wait for
+/// open connections without any bound.
+pub async fn serve_until_shutdown<S, E>(
+    serve: impl FnOnce(StopSignal) -> S,
+    layer: &ShutdownHandle,
+    grace: Duration,
+) -> Result<(), E>
+where
+    S: Future<Output = Result<(), E>>,
+{
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = serve(Box::pin(async move {
+        let _ = stopped.await;
+    }));
+    tokio::pin!(server);
+    tokio::select! {
+        result = &mut server => return result,
+        () = shutdown_signal() => {}
+    }
+    let deadline = tokio::time::Instant::now() + grace;
+    tracing::info!(
+        grace_ms = grace.as_millis() as u64,
+        "shutting down: letting in-flight requests finish"
+    );
+    let _ = stop.send(());
+    let (served, report) = tokio::join!(tokio::time::timeout_at(deadline, &mut server), layer.shutdown(grace));
+    match served {
+        Ok(result) => result?,
+        Err(_) => tracing::warn!("connections still open at the shutdown deadline were closed"),
+    }
+    tracing::info!(
+        cut_off = report.cancelled,
+        "shut down; requests cut off at the deadline had their claims released"
+    );
+    Ok(())
 }

@@ -9,6 +9,8 @@ mod postgres;
 mod recent;
 
 use std::error::Error as _;
+use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 pub use memory::MemoryStore;
@@ -16,8 +18,10 @@ pub use operations::{RecordView, Released, StoreStats};
 pub use postgres::{InvalidTableName, PostgresStore, DEFAULT_TABLE};
 
 use crate::key::RecordKey;
+use crate::layer::DEFAULT_STORE_TIMEOUT;
 use crate::policy::Mode;
 use crate::record::StoredResponse;
+use crate::shutdown::{self, Tracker};
 use crate::tx::IdempotencyTx;
 
 /// The store a layer keeps its records in: a [`PostgresStore`] or a
@@ -197,13 +201,22 @@ impl Store {
 }
 
 /// A held claim. Dropped without [`Claim::complete`] or [`Claim::release`]
-/// (a cancelled future), it releases itself: a transaction rolls back, a
-/// lease row is deleted in the background (or left to its lease when no
-/// runtime is left), an in-memory claim is removed.
+/// (a cancelled future), it releases itself in the background: a
+/// transaction rolls back, a lease row is deleted (or left to its lease when
+/// no runtime is left), an in-memory claim is removed.
 #[derive(Debug)]
 pub(crate) struct Claim {
     request: ClaimRequest,
     held: Option<Held>,
+    release: ReleaseBound,
+}
+
+/// How long releasing a claim may hold its caller up, and who tracks the
+/// part of a release that outlives it.
+#[derive(Clone, Debug)]
+struct ReleaseBound {
+    timeout: Duration,
+    tracker: Option<Arc<Tracker>>,
 }
 
 #[derive(Debug)]
@@ -218,7 +231,22 @@ impl Claim {
         Self {
             request,
             held: Some(held),
+            release: ReleaseBound {
+                timeout: DEFAULT_STORE_TIMEOUT,
+                tracker: None,
+            },
         }
+    }
+
+    /// Bounds this claim's release by `timeout`; what must go on after it
+    /// (and any release in the background) is tracked by `tracker`, so that
+    /// a graceful shutdown waits for it.
+    pub(crate) fn released_within(mut self, timeout: Duration, tracker: &Arc<Tracker>) -> Self {
+        self.release = ReleaseBound {
+            timeout,
+            tracker: Some(tracker.clone()),
+        };
+        self
     }
 
     pub(crate) fn key(&self) -> &RecordKey {
@@ -282,41 +310,102 @@ impl Claim {
     }
 
     /// Gives the key up so the next delivery runs (rolls back in transaction
-    /// mode).
+    /// mode), holding the caller up for at most the release bound.
+    ///
+    /// A rollback that does not finish in time drops its connection, which
+    /// is then closed rather than returned to the pool (the server rolls
+    /// back when it notices). A lease release that does not finish in time
+    /// (no free pooled connection, a slow server) goes on in the background
+    /// until the lease would have run out anyway, and `Err(Timeout)` says so.
     pub(crate) async fn release(mut self) -> Result<(), StoreError> {
         let Some(held) = self.held.take() else {
             return Ok(());
         };
+        let bound = self.release.timeout;
         match held {
             Held::PostgresTx { tx, .. } => match tx.take() {
-                Ok(Some(connection)) => connection.rollback().await.map_err(StoreError::from),
+                Ok(Some(connection)) => match tokio::time::timeout(bound, connection.rollback()).await {
+                    Ok(rolled_back) => rolled_back.map_err(StoreError::from),
+                    Err(_) => Err(StoreError::Timeout(bound)),
+                },
                 // The slot's own guard rolls back once the handler lets go.
                 Ok(None) | Err(_) => Ok(()),
             },
-            Held::PostgresLease { store, token } => store.release_lease(&self.request.key, token).await,
+            Held::PostgresLease { store, token } => {
+                let mut release = Box::pin(release_lease(store, self.request.key.clone(), token));
+                match tokio::time::timeout(bound, &mut release).await {
+                    Ok(released) => released,
+                    Err(_) => {
+                        self.finish_in_background(release);
+                        Err(StoreError::Timeout(bound))
+                    }
+                }
+            }
             Held::Memory { store, token } => {
                 store.release(&self.request.key, token);
                 Ok(())
             }
         }
     }
+
+    /// Lets a lease release go on in the background, tracked, until the
+    /// lease would have run out anyway or a shutdown cuts it off.
+    fn finish_in_background<F>(&self, release: F)
+    where
+        F: Future<Output = Result<(), StoreError>> + Send + 'static,
+    {
+        let Mode::Lease { lease, .. } = self.request.mode else {
+            return;
+        };
+        let key = self.request.key.clone();
+        let tracker = self.release.tracker.clone();
+        let task = {
+            let tracker = tracker.clone();
+            async move {
+                let bounded = tokio::time::timeout(lease, release);
+                let outcome = match &tracker {
+                    Some(tracker) => tracker.until_cancelled(bounded).await,
+                    None => Some(bounded.await),
+                };
+                match outcome {
+                    Some(Ok(Ok(()))) => {
+                        tracing::debug!(source = %key.source, key = %key.key, "claim released in the background")
+                    }
+                    Some(Ok(Err(error))) => {
+                        tracing::warn!(%error, source = %key.source, key = %key.key, "could not release a claim; it stays until its lease ends")
+                    }
+                    Some(Err(_)) | None => {
+                        tracing::warn!(source = %key.source, key = %key.key, "gave up releasing a claim; it stays until its lease ends")
+                    }
+                }
+            }
+        };
+        shutdown::spawn(tracker.as_ref(), task);
+    }
+}
+
+async fn release_lease(store: PostgresStore, key: RecordKey, token: uuid::Uuid) -> Result<(), StoreError> {
+    store.release_lease(&key, token).await
 }
 
 impl Drop for Claim {
     fn drop(&mut self) {
         match self.held.take() {
-            // Dropping the last handle drops the connection guard, which
-            // rolls back.
-            Some(Held::PostgresTx { .. }) | None => {}
-            Some(Held::PostgresLease { store, token }) => {
-                let key = self.request.key.clone();
-                if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-                    runtime.spawn(async move {
-                        if let Err(error) = store.release_lease(&key, token).await {
-                            tracing::warn!(%error, source = %key.source, key = %key.key, "could not release an abandoned claim; it stays until its lease ends");
-                        }
+            None => {}
+            Some(Held::PostgresTx { tx, .. }) => {
+                // A handler that still holds a `Tx` lets go later; the
+                // connection's own guard rolls back then.
+                if let Ok(Some(connection)) = tx.take() {
+                    let bound = self.release.timeout;
+                    shutdown::spawn(self.release.tracker.as_ref(), async move {
+                        // Past the bound the connection is closed, not reused.
+                        let _ = tokio::time::timeout(bound, connection.rollback()).await;
                     });
                 }
+            }
+            Some(Held::PostgresLease { store, token }) => {
+                let release = release_lease(store, self.request.key.clone(), token);
+                self.finish_in_background(release);
             }
             Some(Held::Memory { store, token }) => store.release(&self.request.key, token),
         }

@@ -1,7 +1,7 @@
 //! Shared helpers for the tests that run `examples/webhook_receiver.rs` as a
 //! real child process and do violent things to it or to its database: a
 //! schema of the test's own, the receiver started (and restarted) on it,
-//! SIGKILL, HTTP without panics (a killed server is an expected outcome),
+//! SIGKILL or another signal, HTTP without panics (a killed server is an expected outcome),
 //! and bounded polling of the database.
 //!
 //! `cargo test` builds the example before it runs the tests; a filtered run
@@ -33,7 +33,7 @@ pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
 /// A bound on every request, so that a hung server fails the test.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// Settings the tests set themselves; inherited values would skew them.
-const SERVER_SETTINGS: [&str; 8] = [
+const SERVER_SETTINGS: [&str; 9] = [
     "BIND",
     "MAX_BODY_BYTES",
     "DEMO_FAILURE_RATE",
@@ -42,6 +42,7 @@ const SERVER_SETTINGS: [&str; 8] = [
     "DATABASE_URL",
     "RECORD_MODE",
     "LEASE_SECS",
+    "SHUTDOWN_GRACE_MS",
 ];
 
 pub fn base_database_url() -> String {
@@ -276,6 +277,24 @@ impl Receiver {
             .await
             .expect("the killed receiver exits")
             .expect("wait for the receiver");
+    }
+
+    /// Sends `signal` (`TERM`, `INT`, ...), then waits for the process to
+    /// exit, at most `bound`; returns how it exited.
+    pub async fn stop_with(mut self, signal: &str, bound: Duration) -> std::process::ExitStatus {
+        let sent = std::process::Command::new("kill")
+            .args(["-s", signal, &self.pid.to_string()])
+            .status()
+            .expect("run kill");
+        assert!(sent.success(), "kill -s {signal} {} failed", self.pid);
+        match timeout(bound, self.child.wait()).await {
+            Ok(Ok(status)) => status,
+            Ok(Err(error)) => panic!("cannot wait for the receiver: {error}"),
+            Err(_) => panic!(
+                "the receiver did not exit within {bound:?} of SIG{signal}; its stderr:\n{}",
+                self.stderr()
+            ),
+        }
     }
 
     /// The receiver's log so far.
