@@ -97,7 +97,8 @@ impl ShutdownHandle {
     pub fn shutdown(&self, grace: Duration) -> impl Future<Output = ShutdownReport> + Send + 'static {
         let tracker = self.tracker.clone();
         tracker.draining.store(true, Ordering::SeqCst);
-        let deadline = Instant::now() + grace;
+        // Past any clock's reach, a grace is as good as forever.
+        let deadline = Instant::now() + grace.min(crate::layer::MAX_DURATION);
         let cancelled_before = tracker.cancelled_requests.load(Ordering::SeqCst);
         async move {
             if tokio::time::timeout_at(deadline, tracker.idle()).await.is_err() {
