@@ -450,13 +450,9 @@ async fn acquire<B>(shared: &Shared, identity: &Identity) -> Acquired<B> {
     let mut backoff = Duration::from_millis(5);
     let mut waiting = Waiting::new(identity);
     let mut read_first = shared.store.likely_completed(&identity.key);
-    // One claim token for the request, so that a retried claim knows its own.
-    let request = ClaimRequest::new(
-        identity.key.clone(),
-        identity.fingerprint,
-        config.mode,
-        config.retention,
-    );
+    // One claim token for the request, so that a retried claim knows its
+    // own; made at the first claim, since a duplicate never needs one.
+    let mut request: Option<ClaimRequest> = None;
     loop {
         if read_first {
             match store_step(&shared.store, "lookup", config.store_timeout, || {
@@ -512,6 +508,14 @@ async fn acquire<B>(shared: &Shared, identity: &Identity) -> Acquired<B> {
             tracing::info!("refused: shutting down, no new claims");
             return Acquired::Answer(shutting_down(identity.protocol, "the server is shutting down"));
         }
+        let request = request.get_or_insert_with(|| {
+            ClaimRequest::new(
+                identity.key.clone(),
+                identity.fingerprint,
+                config.mode,
+                config.retention,
+            )
+        });
         match store_step(&shared.store, "claim", config.store_timeout, || {
             shared.store.claim(request.clone())
         })
@@ -520,7 +524,7 @@ async fn acquire<B>(shared: &Shared, identity: &Identity) -> Acquired<B> {
             Err(error) => {
                 shared
                     .store
-                    .release_unknown_claim(&request, &error, config.store_timeout);
+                    .release_unknown_claim(request, &error, config.store_timeout, &shared.shutdown);
                 return Acquired::StoreFailed(error);
             }
             Ok(ClaimOutcome::Claimed(claim)) => {
@@ -943,13 +947,14 @@ where
     let mut single = Bytes::new();
     let mut joined: Option<BytesMut> = None;
     let mut trailers: Option<HeaderMap> = None;
+    let mut timer: Option<Pin<Box<tokio::time::Sleep>>> = None;
     loop {
-        let Ok(next) = tokio::time::timeout_at(deadline, body.frame()).await else {
+        let Some(next) = next_frame(&mut body, &mut timer, deadline).await else {
             let read = joined.map_or(single, BytesMut::freeze);
             return Ok(Buffered::TooSlow(ResponseBody::prefixed(read, body)));
         };
         let Some(frame) = next else { break };
-        let frame = frame.map_err(Into::into)?;
+        let frame = frame?;
         match frame.into_data() {
             Ok(data) => {
                 match &mut joined {
@@ -979,6 +984,28 @@ where
         body: joined.map_or(single, BytesMut::freeze),
         trailers,
     })
+}
+
+/// The body's next frame, or `None` once `deadline` has passed. The timer
+/// is set only once a frame is not ready at once: a body already in memory
+/// (the usual case) is read without one.
+async fn next_frame<B>(
+    body: &mut Pin<Box<B>>,
+    timer: &mut Option<Pin<Box<tokio::time::Sleep>>>,
+    deadline: Instant,
+) -> Option<Option<Result<http_body::Frame<Bytes>, BoxError>>>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    if let Some(next) = body.frame().now_or_never() {
+        return Some(next.map(|frame| frame.map_err(Into::into)));
+    }
+    let timer = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+    tokio::select! {
+        next = body.frame() => Some(next.map(|frame| frame.map_err(Into::into))),
+        () = timer.as_mut() => None,
+    }
 }
 
 /// Whether the response's media type is one the route streams.

@@ -265,7 +265,9 @@ impl Running {
 
 impl Drop for Running {
     fn drop(&mut self) {
-        if self.tracker.active.fetch_sub(1, Ordering::SeqCst) == 1 {
+        // Only a shutdown waits for idleness, and it sets `draining` before
+        // it looks, so no wake-up is lost by skipping it otherwise.
+        if self.tracker.active.fetch_sub(1, Ordering::SeqCst) == 1 && self.tracker.draining.load(Ordering::SeqCst) {
             self.tracker.idle.notify_waiters();
         }
     }

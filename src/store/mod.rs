@@ -111,7 +111,12 @@ impl ClaimRequest {
             fingerprint,
             mode,
             retention,
-            claim_token: uuid::Uuid::new_v4(),
+            // Only a lease claim is a row that carries its token; a
+            // transaction's claim is its open transaction.
+            claim_token: match mode {
+                Mode::Lease { .. } => uuid::Uuid::new_v4(),
+                Mode::Transaction => uuid::Uuid::nil(),
+            },
         }
     }
 }
@@ -178,7 +183,13 @@ impl Store {
     /// it by its token in the background, within `bound`, so that the next
     /// delivery need not wait out the lease. Best effort: a claim that
     /// commits after this delete is left to its lease.
-    pub(crate) fn release_unknown_claim(&self, request: &ClaimRequest, error: &StoreError, bound: Duration) {
+    pub(crate) fn release_unknown_claim(
+        &self,
+        request: &ClaimRequest,
+        error: &StoreError,
+        bound: Duration,
+        tracker: &Arc<Tracker>,
+    ) {
         let Backend::Postgres(store) = &self.backend else {
             return;
         };
@@ -186,15 +197,19 @@ impl Store {
         if !matches!(request.mode, Mode::Lease { .. }) || !outcome_unknown {
             return;
         }
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
         let (store, key, token) = (store.clone(), request.key.clone(), request.claim_token);
-        runtime.spawn(async move {
+        // Tracked, so that a graceful shutdown waits for it.
+        shutdown::spawn(Some(tracker), async move {
             match tokio::time::timeout(bound, store.release_lease(&key, token)).await {
-                Ok(Ok(())) => tracing::debug!(source = %key.source, key = %key.key, "released a claim whose outcome was unknown"),
-                Ok(Err(error)) => tracing::warn!(%error, source = %key.source, key = %key.key, "could not release a claim whose outcome was unknown; it stays until its lease ends"),
-                Err(_) => tracing::warn!(source = %key.source, key = %key.key, "releasing a claim whose outcome was unknown timed out; it stays until its lease ends"),
+                Ok(Ok(())) => {
+                    tracing::debug!(source = %key.source, key = %key.key, "released a claim whose outcome was unknown")
+                }
+                Ok(Err(error)) => {
+                    tracing::warn!(%error, source = %key.source, key = %key.key, "could not release a claim whose outcome was unknown; it stays until its lease ends")
+                }
+                Err(_) => {
+                    tracing::warn!(source = %key.source, key = %key.key, "releasing a claim whose outcome was unknown timed out; it stays until its lease ends")
+                }
             }
         });
     }
