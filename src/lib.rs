@@ -89,10 +89,12 @@
     clippy::dbg_macro,
     clippy::todo,
     clippy::unwrap_used,
+    missing_debug_implementations,
     missing_docs,
     rust_2018_idioms
 )]
-#![deny(unreachable_pub, unsafe_code)]
+#![deny(unreachable_pub)]
+#![forbid(unsafe_code)]
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 // Entry points for the micro-benchmarks in benches/, built only with the
