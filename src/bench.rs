@@ -16,7 +16,7 @@ use crate::{Extractor, Fingerprint, IdempotencyLayer};
 /// the body parsed as JSON where the route needs it, the source, event type
 /// and key extracted and checked, and the fingerprint. Returns the key.
 pub fn identify(layer: &IdempotencyLayer, parts: &Parts, body: &Bytes) -> Result<Option<String>, KeyError> {
-    crate::service::bench::identify(layer.config(), parts, body)
+    crate::pipeline::bench::identify(layer.config(), parts, body)
 }
 
 /// One extractor on its own, with a fresh JSON parse as the layer does once
@@ -53,5 +53,5 @@ pub fn replay_from_columns(
         body: Some(Bytes::copy_from_slice(response_body)),
         trailers,
     };
-    Ok(crate::service::bench::replay(stored))
+    Ok(crate::pipeline::bench::replay(stored))
 }

@@ -113,6 +113,7 @@ mod key;
 mod layer;
 mod metrics;
 mod ordering;
+mod pipeline;
 mod policy;
 mod preset;
 mod problem;
