@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use http::Response;
+use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::answer::{in_flight, mismatch, replay_or_mismatch, shutting_down};
@@ -11,7 +12,7 @@ use super::store_step::store_step;
 use super::Identity;
 use crate::body::ResponseBody;
 use crate::inflight::{Entry, HolderGuard};
-use crate::metrics::{self};
+use crate::metrics;
 use crate::policy::InFlight;
 use crate::service::Shared;
 use crate::store::{Claim, ClaimOutcome, ClaimRequest, Lookup, StoreError};
@@ -22,6 +23,25 @@ pub(super) enum Acquired<B> {
     /// Answered without running the handler: a replay or a refusal.
     Answer(Response<ResponseBody<B>>),
     StoreFailed(StoreError),
+}
+
+/// Where the search for a claim stands. `read` says whether the record has
+/// been read since the last wait, so that no answer of 409 or of shutting
+/// down is given before a duplicate of a completed key has had its replay.
+enum Step {
+    /// A plain read: it answers a duplicate of a completed key, and refuses
+    /// another payload for a key in flight where the claim is a visible row.
+    Read,
+    /// Take the key in this instance's in-flight table (once per request).
+    EnterLocally { read: bool },
+    /// Another request on this instance holds the key: wait for it, holding
+    /// no connection.
+    WaitLocally(watch::Receiver<()>),
+    /// Claim the key in the store; the claim's own read answers a duplicate.
+    Claim { read: bool },
+    /// Another instance holds the key: back off, holding no connection,
+    /// then claim again.
+    WaitElsewhere,
 }
 
 /// Fast-path read, local in-flight check, claim; waits and retries under the
@@ -41,99 +61,109 @@ pub(super) async fn acquire<B>(shared: &Shared, identity: &Identity) -> Acquired
     let mut holder: Option<HolderGuard> = None;
     let mut backoff = Duration::from_millis(5);
     let mut waiting = Waiting::new(identity);
-    let mut read_first = shared.store.likely_completed(&identity.key);
     // One claim token for the request, so that a retried claim knows its
     // own; made at the first claim, since a duplicate never needs one.
     let mut request: Option<ClaimRequest> = None;
+    let mut step = if shared.store.likely_completed(&identity.key) {
+        Step::Read
+    } else {
+        Step::EnterLocally { read: false }
+    };
     loop {
-        if read_first {
-            match store_step(&shared.store, "lookup", config.store_timeout, || {
-                shared.store.lookup(&identity.key)
-            })
-            .await
-            {
-                Err(error) => return Acquired::StoreFailed(error),
-                Ok(Lookup::Completed(completed)) => {
-                    return Acquired::Answer(replay_or_mismatch(completed, identity, waiting.finish()))
-                }
-                Ok(Lookup::InProgress { fingerprint }) if fingerprint != identity.fingerprint => {
-                    return Acquired::Answer(mismatch(identity));
-                }
-                Ok(Lookup::InProgress { .. } | Lookup::Absent) => {}
-            }
-        }
-        if holder.is_none() {
-            match shared.in_flight.enter(&identity.key) {
-                Entry::Holder(guard) => holder = Some(guard),
-                Entry::Waiter(mut finished) => {
-                    if !read_first {
-                        // Read the record before answering 409 or waiting:
-                        // the local holder may only be checking a key that
-                        // is already completed (a duplicate gets its replay,
-                        // not 409), and a lease-mode claim is a visible row
-                        // (another payload is refused with 422 at once).
-                        read_first = true;
-                        continue;
+        step = match step {
+            Step::Read => {
+                let found = store_step(&shared.store, "lookup", config.store_timeout, || {
+                    shared.store.lookup(&identity.key)
+                })
+                .await;
+                match found {
+                    Err(error) => return Acquired::StoreFailed(error),
+                    Ok(Lookup::Completed(completed)) => {
+                        return Acquired::Answer(replay_or_mismatch(completed, identity, waiting.finish()))
                     }
-                    let Some(deadline) = deadline else {
-                        return Acquired::Answer(in_flight(identity));
-                    };
-                    waiting.start();
-                    // The holder's guard drops when its record is final.
-                    if tokio::time::timeout_at(deadline, finished.changed()).await.is_err() {
-                        waiting.finish();
-                        return Acquired::Answer(in_flight(identity));
+                    Ok(Lookup::InProgress { fingerprint }) if fingerprint != identity.fingerprint => {
+                        return Acquired::Answer(mismatch(identity));
                     }
-                    tracing::debug!("a local duplicate finished; looking again");
-                    // It most likely completed the key.
-                    read_first = true;
-                    continue;
+                    Ok(Lookup::InProgress { .. } | Lookup::Absent) if holder.is_none() => {
+                        Step::EnterLocally { read: true }
+                    }
+                    Ok(Lookup::InProgress { .. } | Lookup::Absent) => Step::Claim { read: true },
                 }
             }
-        }
-        if shared.shutdown.is_draining() {
-            if !read_first {
-                // A plain read still answers a duplicate of a completed key.
-                read_first = true;
-                continue;
-            }
-            tracing::info!("refused: shutting down, no new claims");
-            return Acquired::Answer(shutting_down(identity.protocol, "the server is shutting down"));
-        }
-        let request = request.get_or_insert_with(|| {
-            ClaimRequest::new(
-                identity.key.clone(),
-                identity.fingerprint,
-                config.mode,
-                config.retention,
-            )
-        });
-        match store_step(&shared.store, "claim", config.store_timeout, || {
-            shared.store.claim(request.clone())
-        })
-        .await
-        {
-            Err(error) => {
-                shared
-                    .store
-                    .release_unknown_claim(request, &error, config.store_timeout, &shared.shutdown);
-                return Acquired::StoreFailed(error);
-            }
-            Ok(ClaimOutcome::Claimed(claim)) => {
-                waiting.finish();
-                return Acquired::Claim(claim, holder);
-            }
-            Ok(ClaimOutcome::Completed(completed)) => {
-                return Acquired::Answer(replay_or_mismatch(completed, identity, waiting.finish()))
-            }
-            Ok(ClaimOutcome::InFlight { fingerprint }) => {
-                if fingerprint.is_some_and(|fingerprint| fingerprint != identity.fingerprint) {
-                    return Acquired::Answer(mismatch(identity));
+            Step::EnterLocally { read } => match shared.in_flight.enter(&identity.key) {
+                Entry::Holder(guard) => {
+                    holder = Some(guard);
+                    Step::Claim { read }
                 }
+                // Read the record before answering 409 or waiting: the local
+                // holder may only be checking a key that is already
+                // completed (a duplicate gets its replay, not 409), and a
+                // lease-mode claim is a visible row (another payload is
+                // refused with 422 at once).
+                Entry::Waiter(_) if !read => Step::Read,
+                Entry::Waiter(finished) => Step::WaitLocally(finished),
+            },
+            Step::WaitLocally(mut finished) => {
                 let Some(deadline) = deadline else {
                     return Acquired::Answer(in_flight(identity));
                 };
-                // Held on another instance: wait without a connection.
+                waiting.start();
+                // The holder's guard drops when its record is final.
+                if tokio::time::timeout_at(deadline, finished.changed()).await.is_err() {
+                    waiting.finish();
+                    return Acquired::Answer(in_flight(identity));
+                }
+                tracing::debug!("a local duplicate finished; looking again");
+                // It most likely completed the key.
+                Step::Read
+            }
+            Step::Claim { read: false } if shared.shutdown.is_draining() => {
+                // A plain read still answers a duplicate of a completed key.
+                Step::Read
+            }
+            Step::Claim { .. } if shared.shutdown.is_draining() => {
+                tracing::info!("refused: shutting down, no new claims");
+                return Acquired::Answer(shutting_down(identity.protocol, "the server is shutting down"));
+            }
+            Step::Claim { .. } => {
+                let request = request.get_or_insert_with(|| {
+                    ClaimRequest::new(
+                        identity.key.clone(),
+                        identity.fingerprint,
+                        config.mode,
+                        config.retention,
+                    )
+                });
+                let claimed = store_step(&shared.store, "claim", config.store_timeout, || {
+                    shared.store.claim(request.clone())
+                })
+                .await;
+                match claimed {
+                    Err(error) => {
+                        shared
+                            .store
+                            .release_unknown_claim(request, &error, config.store_timeout, &shared.shutdown);
+                        return Acquired::StoreFailed(error);
+                    }
+                    Ok(ClaimOutcome::Claimed(claim)) => {
+                        waiting.finish();
+                        return Acquired::Claim(claim, holder);
+                    }
+                    Ok(ClaimOutcome::Completed(completed)) => {
+                        return Acquired::Answer(replay_or_mismatch(completed, identity, waiting.finish()))
+                    }
+                    Ok(ClaimOutcome::InFlight { fingerprint })
+                        if fingerprint.is_some_and(|fingerprint| fingerprint != identity.fingerprint) =>
+                    {
+                        return Acquired::Answer(mismatch(identity));
+                    }
+                    Ok(ClaimOutcome::InFlight { .. }) => Step::WaitElsewhere,
+                }
+            }
+            Step::WaitElsewhere => {
+                let Some(deadline) = deadline else {
+                    return Acquired::Answer(in_flight(identity));
+                };
                 let now = Instant::now();
                 if now >= deadline {
                     waiting.finish();
@@ -143,9 +173,9 @@ pub(super) async fn acquire<B>(shared: &Shared, identity: &Identity) -> Acquired
                 tokio::time::sleep_until((now + backoff).min(deadline)).await;
                 backoff = (backoff * 2).min(Duration::from_millis(200));
                 // The next claim's own read says whether the first finished.
-                read_first = false;
+                Step::Claim { read: false }
             }
-        }
+        };
     }
 }
 
