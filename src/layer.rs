@@ -145,6 +145,16 @@ impl Config {
         }
     }
 
+    /// Whether the route protects this request: a gRPC request only for a
+    /// listed unary method (streaming RPCs must never be buffered), any
+    /// other by its method.
+    pub(crate) fn protects_request<B>(&self, request: &http::Request<B>) -> bool {
+        match Protocol::of(request.headers()) {
+            Protocol::Grpc => self.grpc_methods.iter().any(|method| method == request.uri().path()),
+            Protocol::Http => self.protects(request.method()),
+        }
+    }
+
     /// Whether requests with this method are protected. By default every
     /// method but the safe ones (GET, HEAD, OPTIONS, TRACE) is.
     pub(crate) fn protects(&self, method: &Method) -> bool {

@@ -1,20 +1,111 @@
-//! Admission: the body read within its limit, and the request's identity
-//! (source, event type, key, fingerprint).
+//! Admission: whether a request is protected, its body read within its
+//! limit, its signature checked, and its identity (source, event type, key,
+//! fingerprint). Every refusal here comes before any claim.
 
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use bytes::Bytes;
 use http::header::CONTENT_LENGTH;
 use http::request::Parts;
+use http::Request;
 use http_body::Body;
-use http_body_util::{BodyExt, LengthLimitError, Limited};
+use http_body_util::{BodyExt, Either, Full, LengthLimitError, Limited};
 
 use super::Identity;
 use crate::body::BoxError;
 use crate::key::{self, JsonBody, KeyError, RecordKey, Role};
 use crate::layer::Config;
+use crate::metrics::Outcome;
 use crate::policy::MissingKey;
 use crate::problem::{Problem, Protocol};
+use crate::service::RequestBody;
+
+/// What admission decided.
+pub(super) enum Admission<B> {
+    /// A protected request, with its identity.
+    Protected(Request<RequestBody<B>>, Identity),
+    /// A request the route does not protect (its method, a gRPC method not
+    /// listed), verified first where the route has a verifier.
+    PassThrough(Request<RequestBody<B>>),
+    /// A protected request without a key, on a route whose policy is
+    /// `MissingKey::PassThrough`.
+    WithoutKey(Request<RequestBody<B>>),
+    /// Refused before any claim.
+    Refused(Refusal),
+}
+
+/// A request refused at admission.
+pub(super) struct Refusal {
+    pub(super) problem: Problem,
+    pub(super) detail: String,
+    pub(super) outcome: Outcome,
+}
+
+impl Refusal {
+    fn new(problem: Problem, detail: String) -> Self {
+        let outcome = match problem {
+            Problem::InvalidSignature => Outcome::SignatureRejected,
+            Problem::MissingKey => Outcome::MissingKey,
+            _ => Outcome::Rejected,
+        };
+        Self {
+            problem,
+            detail,
+            outcome,
+        }
+    }
+}
+
+/// Admits a request: the protection decision, the body within its limit,
+/// the signature, and the identity, in that order.
+///
+/// A route with a verifier checks every request before any other decision,
+/// so that what a request claims to be (its method, a gRPC-looking content
+/// type) can never route a forgery around the check; only a verified
+/// request passes through unprotected.
+pub(super) async fn admit<B>(
+    config: &Config,
+    metrics_label: &Arc<str>,
+    protocol: Protocol,
+    request: Request<B>,
+) -> Admission<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    let protected = config.protects_request(&request);
+    if !protected && config.signature.is_none() {
+        return Admission::PassThrough(request.map(Either::Right));
+    }
+    let (parts, body) = request.into_parts();
+    let body = match read_body(&parts, body, config.max_request_bytes).await {
+        Ok(body) => body,
+        Err((problem, detail)) => return Admission::Refused(Refusal::new(problem, detail)),
+    };
+    if let Some(verifier) = &config.signature {
+        if let Err(error) = verifier.verify(&parts, &body, SystemTime::now()) {
+            return Admission::Refused(Refusal::new(Problem::InvalidSignature, error.to_string()));
+        }
+    }
+    if !protected {
+        return Admission::PassThrough(Request::from_parts(parts, Either::Left(Full::new(body))));
+    }
+    let identity = identify(config, &parts, &body, protocol, metrics_label);
+    let request = Request::from_parts(parts, Either::Left(Full::new(body)));
+    match identity {
+        Ok(Some(identity)) => Admission::Protected(request, identity),
+        Ok(None) => Admission::WithoutKey(request),
+        Err(error) => {
+            let problem = match error {
+                KeyError::MalformedJson(_) => Problem::MalformedJson,
+                KeyError::Missing => Problem::MissingKey,
+                _ => Problem::InvalidKey,
+            };
+            Admission::Refused(Refusal::new(problem, error.to_string()))
+        }
+    }
+}
 
 /// Buffers the request body up to the limit: `413` past it, `400` when the
 /// body cannot be read.

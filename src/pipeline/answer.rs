@@ -3,6 +3,7 @@
 use http::header::{HeaderName, HeaderValue};
 use http::{HeaderMap, Response};
 
+use super::admit::Refusal;
 use super::Identity;
 use crate::body::ResponseBody;
 use crate::metrics::{self, Outcome};
@@ -10,6 +11,7 @@ use crate::problem::{Problem, Protocol};
 use crate::record::StoredResponse;
 use crate::service::REPLAYED_HEADER;
 use crate::store::Completed;
+use crate::store::StoreError;
 
 pub(super) fn replay_or_mismatch<B>(
     completed: Completed,
@@ -71,4 +73,45 @@ pub(super) fn header_map(pairs: Vec<(HeaderName, HeaderValue)>) -> HeaderMap {
         map.append(name, value);
     }
     map
+}
+
+/// The answer to a request refused at admission, logged and counted.
+pub(super) fn refused<B>(refusal: Refusal, protocol: Protocol, metrics_label: &str) -> Response<ResponseBody<B>> {
+    match refusal.problem {
+        Problem::InvalidSignature => tracing::info!(detail = %refusal.detail, "signature refused before the claim"),
+        _ => tracing::debug!(detail = %refusal.detail, "request refused before the claim"),
+    }
+    metrics::count(metrics_label, refusal.outcome);
+    refusal.problem.response(protocol, &refusal.detail)
+}
+
+/// The answer to a store that failed before the handler ran, by what the
+/// failure says of the store: down (503, retry), full, or set up wrong
+/// (500: a retry cannot help until an operator acts).
+pub(super) fn store_failed<B>(identity: &Identity, error: &StoreError) -> Response<ResponseBody<B>> {
+    metrics::count(&identity.metrics_label, Outcome::StoreError);
+    let problem = match error {
+        StoreError::Full => Problem::StoreFull,
+        StoreError::Corrupt(_) => Problem::CorruptRecord,
+        _ if error.is_misconfiguration() => Problem::StoreMisconfigured,
+        _ => Problem::StoreUnavailable,
+    };
+    match problem {
+        Problem::StoreUnavailable | Problem::StoreFull => tracing::error!(%error, "store unavailable; request refused"),
+        Problem::CorruptRecord => tracing::error!(
+            %error,
+            "a stored record is corrupt; inspect it with `idempotency-admin show` and delete it with `idempotency-admin release` to let the next delivery run"
+        ),
+        _ => tracing::error!(
+            %error,
+            "the store is misconfigured; every request with a key fails until it is fixed: run PostgresStore::migrate() (or apply the published schema) and grant the role DML on the records table"
+        ),
+    }
+    let detail = match problem {
+        Problem::StoreMisconfigured => {
+            format!("{error}; the records table must exist (PostgresStore::migrate()) and the role must hold DML on it")
+        }
+        _ => error.to_string(),
+    };
+    problem.response(identity.protocol, &detail)
 }

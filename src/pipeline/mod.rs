@@ -15,13 +15,12 @@ use bytes::Bytes;
 use http::request::Parts;
 use http::{Request, Response};
 use http_body::Body;
-use http_body_util::{Either, Full};
 use tower_service::Service;
 use tracing::Instrument;
 
 use self::acquire::{acquire, Acquired};
-use self::admit::{identify, read_body};
-use self::answer::{replay, replay_or_mismatch, shutting_down};
+use self::admit::{admit, Admission};
+use self::answer::{refused, replay_or_mismatch, shutting_down, store_failed};
 use self::run::run_claimed;
 use crate::body::{BoxError, ResponseBody};
 use crate::key::{KeyError, RecordKey};
@@ -31,7 +30,6 @@ use crate::problem::{Problem, Protocol};
 use crate::record::StoredResponse;
 use crate::service::RequestBody;
 use crate::service::Shared;
-use crate::store::StoreError;
 
 pub(crate) type Answer<B, E> = Result<Response<ResponseBody<B>>, E>;
 
@@ -44,6 +42,7 @@ pub(crate) struct Identity {
     metrics_label: Arc<str>,
 }
 
+/// The request path: admit → (a cached replay) → acquire → run → answer.
 pub(crate) async fn handle<S, ReqBody, ResBody>(
     shared: Arc<Shared>,
     inner: S,
@@ -58,61 +57,16 @@ where
     ResBody: Body<Data = Bytes> + Send + 'static,
     ResBody::Error: Into<BoxError>,
 {
-    let config = &shared.config;
-    let protocol = config.protocol_of(request.headers());
-    let is_protected = match Protocol::of(request.headers()) {
-        // Streaming RPCs must never be buffered: only listed unary methods.
-        Protocol::Grpc => config.grpc_methods.iter().any(|method| method == request.uri().path()),
-        Protocol::Http => config.protects(request.method()),
-    };
-    // A route with a verifier checks every request before any other
-    // decision, so that what a request claims to be (its method, a
-    // gRPC-looking content type) can never route a forgery around the check.
-    if !is_protected && config.signature.is_none() {
-        return pass_through(inner, request.map(Either::Right)).await;
-    }
-    let (parts, body) = request.into_parts();
-    let body = match read_body(&parts, body, config.max_request_bytes).await {
-        Ok(body) => body,
-        Err((problem, detail)) => {
-            metrics::count(config.metrics_label(), Outcome::Rejected);
-            return Ok(problem.response(protocol, &detail));
-        }
-    };
-    if let Some(verifier) = &config.signature {
-        if let Err(error) = verifier.verify(&parts, &body, std::time::SystemTime::now()) {
-            tracing::info!(%error, "signature refused before the claim");
-            metrics::count(config.metrics_label(), Outcome::SignatureRejected);
-            return Ok(Problem::InvalidSignature.response(protocol, &error.to_string()));
-        }
-    }
-    if !is_protected {
-        let request = Request::from_parts(parts, Either::Left(Full::new(body)));
-        return pass_through(inner, request).await;
-    }
-    let identity = match identify(config, &parts, &body, protocol, &shared.metrics_label) {
-        Ok(Some(identity)) => identity,
-        Ok(None) => {
+    let protocol = shared.config.protocol_of(request.headers());
+    let (request, identity) = match admit(&shared.config, &shared.metrics_label, protocol, request).await {
+        Admission::Protected(request, identity) => (request, identity),
+        Admission::PassThrough(request) => return pass_through(inner, request).await,
+        Admission::WithoutKey(request) => {
             tracing::info!("request without a key passed through unprotected");
-            metrics::count(config.metrics_label(), Outcome::MissingKey);
-            let request = Request::from_parts(parts, Either::Left(Full::new(body)));
+            metrics::count(&shared.metrics_label, Outcome::MissingKey);
             return pass_through(inner, request).await;
         }
-        Err(error) => {
-            let problem = match error {
-                KeyError::MalformedJson(_) => Problem::MalformedJson,
-                KeyError::Missing => Problem::MissingKey,
-                _ => Problem::InvalidKey,
-            };
-            tracing::debug!(%error, "request refused before the claim");
-            let outcome = if problem == Problem::MissingKey {
-                Outcome::MissingKey
-            } else {
-                Outcome::Rejected
-            };
-            metrics::count(config.metrics_label(), outcome);
-            return Ok(problem.response(protocol, &error.to_string()));
-        }
+        Admission::Refused(refusal) => return Ok(refused(refusal, protocol, &shared.metrics_label)),
     };
     let span = tracing::info_span!(
         "idempotency",
@@ -126,11 +80,10 @@ where
     if let Some(completed) = shared.store.cached(&identity.key) {
         return Ok(span.in_scope(|| replay_or_mismatch(completed, &identity, false)));
     }
-    let request = Request::from_parts(parts, Either::Left(Full::new(body)));
     // Boxed once here: the state machine is several KiB, and moving it into
-    // the task by value would copy it on every request.
+    // the task by value would copy it on every request. Tracked from here,
+    // so that a graceful shutdown waits for it.
     let protected = Box::pin(protected(shared.clone(), inner, request, identity).instrument(span));
-    // Tracked from here, so that a graceful shutdown waits for it.
     let protected = shared.shutdown.track(protected);
     if !shared.config.detach {
         return protected.await;
@@ -146,6 +99,7 @@ where
     }
 }
 
+/// Runs a request the layer does not protect.
 pub(crate) async fn pass_through<S, B, ResBody>(mut inner: S, request: Request<B>) -> Answer<ResBody, S::Error>
 where
     S: Service<Request<B>, Response = Response<ResBody>>,
@@ -156,6 +110,8 @@ where
         .map(|response| response.map(ResponseBody::inner))
 }
 
+/// A protected request once admitted: acquire its key, then run the handler
+/// under the claim, or answer without running it.
 pub(crate) async fn protected<S, ReqBody, ResBody>(
     shared: Arc<Shared>,
     inner: S,
@@ -196,35 +152,7 @@ where
                 )),
             }
         }
-        Acquired::StoreFailed(error) => {
-            metrics::count(&identity.metrics_label, Outcome::StoreError);
-            let problem = match error {
-                StoreError::Full => Problem::StoreFull,
-                StoreError::Corrupt(_) => Problem::CorruptRecord,
-                _ if error.is_misconfiguration() => Problem::StoreMisconfigured,
-                _ => Problem::StoreUnavailable,
-            };
-            match problem {
-                Problem::StoreUnavailable | Problem::StoreFull => {
-                    tracing::error!(%error, "store unavailable; request refused")
-                }
-                Problem::CorruptRecord => tracing::error!(
-                    %error,
-                    "a stored record is corrupt; inspect it with `idempotency-admin show` and delete it with `idempotency-admin release` to let the next delivery run"
-                ),
-                _ => tracing::error!(
-                    %error,
-                    "the store is misconfigured; every request with a key fails until it is fixed: run PostgresStore::migrate() (or apply the published schema) and grant the role DML on the records table"
-                ),
-            }
-            let detail = match problem {
-                Problem::StoreMisconfigured => format!(
-                    "{error}; the records table must exist (PostgresStore::migrate()) and the role must hold DML on it"
-                ),
-                _ => error.to_string(),
-            };
-            Ok(problem.response(identity.protocol, &detail))
-        }
+        Acquired::StoreFailed(error) => Ok(store_failed(&identity, &error)),
     }
 }
 
@@ -238,11 +166,11 @@ pub(crate) mod bench {
     pub(crate) fn identify(config: &Config, parts: &Parts, body: &Bytes) -> Result<Option<String>, KeyError> {
         let protocol = config.protocol_of(&parts.headers);
         let label = Arc::from(config.metrics_label());
-        Ok(super::identify(config, parts, body, protocol, &label)?.map(|identity| identity.key.key))
+        Ok(admit::identify(config, parts, body, protocol, &label)?.map(|identity| identity.key.key))
     }
 
     /// The replay of a stored response.
     pub(crate) fn replay<B>(stored: StoredResponse) -> Response<ResponseBody<B>> {
-        super::replay(stored)
+        answer::replay(stored)
     }
 }
