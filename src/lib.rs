@@ -122,7 +122,6 @@ mod service;
 mod shutdown;
 mod signature;
 mod store;
-mod tx;
 
 pub use body::{BoxError, ResponseBody};
 pub use fingerprint::Fingerprint;
@@ -143,9 +142,9 @@ pub use signature::{
     DEFAULT_SIGNATURE_TOLERANCE,
 };
 pub use store::{
-    InvalidTableName, MemoryStore, PostgresStore, RecordView, Released, Store, StoreError, StoreStats, DEFAULT_TABLE,
+    IdempotencyTx, InvalidTableName, MemoryStore, PostgresStore, RecordView, Released, Store, StoreError, StoreStats,
+    Tx, TxError, DEFAULT_TABLE,
 };
-pub use tx::{IdempotencyTx, Tx, TxError};
 
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]

@@ -3,8 +3,6 @@
 
 mod cache;
 mod memory;
-mod migration;
-mod operations;
 mod postgres;
 mod recent;
 
@@ -14,15 +12,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use memory::MemoryStore;
-pub use operations::{RecordView, Released, StoreStats};
-pub use postgres::{InvalidTableName, PostgresStore, DEFAULT_TABLE};
+pub use postgres::{
+    IdempotencyTx, InvalidTableName, PostgresStore, RecordView, Released, StoreStats, Tx, TxError, DEFAULT_TABLE,
+};
 
 use crate::key::RecordKey;
 use crate::layer::DEFAULT_STORE_TIMEOUT;
 use crate::policy::Mode;
 use crate::record::StoredResponse;
 use crate::shutdown::{self, Tracker};
-use crate::tx::IdempotencyTx;
 
 /// The store a layer keeps its records in: a [`PostgresStore`] or a
 /// [`MemoryStore`], converted with `into()`.

@@ -1,4 +1,6 @@
-//! The Postgres store: every statement the layer runs, in one place.
+//! The Postgres store: records in a table reached through a
+//! deadpool-postgres pool; its statements are in [`sql`], the request's
+//! transaction in [`tx`].
 
 use std::fmt;
 use std::sync::Arc;
@@ -11,24 +13,25 @@ use tokio::sync::OnceCell;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Row, SimpleQueryMessage};
 
+mod migration;
+mod operations;
+mod sql;
+mod tx;
+
+pub use operations::{RecordView, Released, StoreStats};
+pub(crate) use tx::TxConnection;
+pub use tx::{IdempotencyTx, Tx, TxError};
+
+use self::sql::{Statements, COMPLETED, KEY_TAKEN};
 use super::cache::RecordCache;
 use super::recent::RecentKeys;
 use super::{Claim, ClaimOutcome, ClaimRequest, Completed, Completion, Held, Lookup, StoreError};
 use crate::key::RecordKey;
 use crate::policy::Mode;
 use crate::record::{decode_headers, encode_headers, StoredResponse};
-use crate::tx::{IdempotencyTx, TxConnection};
 
 /// The default records table.
 pub const DEFAULT_TABLE: &str = "idempotency_records";
-
-/// What the completion's refusal of a key that already has a live record
-/// says, in the server's log and the error it returns.
-const KEY_TAKEN: &str = "the idempotency key already has a live record";
-
-/// Record states in the `state` column.
-pub(super) const IN_PROGRESS: i16 = 1;
-pub(super) const COMPLETED: i16 = 2;
 
 /// Records in a Postgres table, reached through a deadpool-postgres pool.
 ///
@@ -497,7 +500,7 @@ impl PostgresStore {
         // Both run to the end: after a failed write, the server still runs
         // the pipelined `COMMIT`, which then rolls back (and says so only in
         // its command tag, not as an error).
-        let (written, committed) = tokio::join!(client.execute(&statement, &params), client.batch_execute("COMMIT"));
+        let (written, committed) = tokio::join!(client.execute(&statement, &params), client.batch_execute(sql::COMMIT));
         match (written, committed) {
             (Ok(_), Ok(())) => {
                 connection.closed_cleanly();
@@ -637,145 +640,6 @@ impl TableName {
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("`{0}` is not a valid table name: use `table` or `schema.table` with letters, digits and `_`")]
 pub struct InvalidTableName(String);
-
-/// Whether a row is a live record: completed and unexpired, or in progress
-/// with a running lease, whatever its `expires_at` (retention never ends a
-/// lease that is still being renewed). Every statement that asks uses this
-/// one definition; `row` is the row's alias with its dot, or empty. Never
-/// NULL, so that `NOT` of it is a plain negation.
-pub(super) fn live(row: &str) -> String {
-    format!(
-        "(({row}state = {COMPLETED} AND {row}expires_at > now())
-          OR ({row}state = {IN_PROGRESS} AND ({row}locked_until > now()) IS TRUE))"
-    )
-}
-
-/// Every statement, formatted once with the table name.
-struct Statements {
-    resolve_table: String,
-    lookup: String,
-    complete_transaction: String,
-    claim_lease: String,
-    renew_lease: String,
-    complete_lease: String,
-    release_lease: String,
-    advisory_locks: bool,
-}
-
-impl Statements {
-    /// Begins a transaction and tries the key's advisory lock; the answer's
-    /// one row says `t` when the lock is had.
-    fn begin_and_try_lock(&self, lock_id: i64) -> String {
-        if self.advisory_locks {
-            format!("BEGIN ISOLATION LEVEL READ COMMITTED; SELECT pg_try_advisory_xact_lock({lock_id})")
-        } else {
-            "BEGIN ISOLATION LEVEL READ COMMITTED; SELECT true".to_owned()
-        }
-    }
-
-    fn new(name: &TableName, advisory_locks: bool) -> Self {
-        let t = name.quoted();
-        let key = "source = $1 AND event_type = $2 AND key = $3";
-        let live_row = live("");
-        let live_conflicting = live("r.");
-        let try_lock = if advisory_locks {
-            "pg_try_advisory_xact_lock($8::int8)"
-        } else {
-            "$8::int8 IS NOT NULL"
-        };
-        Self {
-            resolve_table: "SELECT n.nspname || '.' || c.relname
-                            FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-                            WHERE c.oid = to_regclass($1)"
-                .to_owned(),
-            lookup: format!(
-                "SELECT state, fingerprint, response_status, response_headers, response_body, expires_at
-                 FROM {t} WHERE {key} AND {live_row}"
-            ),
-            // Written once, at completion; `now()` is the transaction's start,
-            // which is when the claim was taken. The advisory lock and the
-            // claim's read mean an existing row is normally a dead one, which
-            // the upsert replaces. Where the lock did not exclude another
-            // claimant, the key is the arbiter: the upsert finds a live row
-            // (waiting first for the other's transaction, if still open) and
-            // fails instead of overwriting it, so that this transaction is
-            // aborted and its pipelined `COMMIT` rolls back. It fails by
-            // casting a sentence (which names the key) to a number, a branch
-            // only a live row reaches: one plain upsert, as fast as one that
-            // never fails, where a data-modifying CTE with a second insert
-            // made to violate the key cost about a third of this statement's
-            // throughput in pgbench.
-            complete_transaction: format!(
-                "INSERT INTO {t} AS r (source, event_type, key, fingerprint, state,
-                                       response_status, response_headers, response_body,
-                                       created_at, completed_at, expires_at)
-                 VALUES ($1, $2, $3, $4, {COMPLETED}, $5, $6, $7, now(), clock_timestamp(),
-                         clock_timestamp() + $8 * interval '1 second')
-                 ON CONFLICT (source, event_type, key) DO UPDATE SET
-                     state = CASE WHEN {live_conflicting}
-                                  THEN ('{KEY_TAKEN}: ' || r.key)::smallint
-                                  ELSE {COMPLETED} END,
-                     fingerprint = EXCLUDED.fingerprint,
-                     claim_token = NULL, locked_until = NULL,
-                     response_status = EXCLUDED.response_status,
-                     response_headers = EXCLUDED.response_headers,
-                     response_body = EXCLUDED.response_body,
-                     created_at = EXCLUDED.created_at, completed_at = EXCLUDED.completed_at,
-                     expires_at = EXCLUDED.expires_at"
-            ),
-            // The claim takes the key's advisory lock for the length of this
-            // one statement, so it never slips in while a transaction-mode
-            // claimant holds the key. It inserts nothing when the statement's
-            // snapshot holds a live record (no row lock, no write: a
-            // duplicate stays a read); the upsert's condition, checked on the
-            // latest row version, decides a takeover. A row carrying this
-            // claim's own token is this request's claim, committed by an
-            // attempt whose answer was lost: it is claimed again, never taken
-            // for another's. The outer query returns the claim token
-            // written, if any, and the live record of the snapshot, if any:
-            // always one row.
-            claim_lease: format!(
-                "WITH claimed AS (
-                     INSERT INTO {t} AS r (source, event_type, key, fingerprint, state, claim_token,
-                                           locked_until, created_at, expires_at)
-                     SELECT $1::text, $2::text, $3::text, $4::bytea, {IN_PROGRESS}, $5::uuid,
-                            clock_timestamp() + $6::float8 * interval '1 second', clock_timestamp(),
-                            clock_timestamp() + $7::float8 * interval '1 second'
-                     WHERE {try_lock}
-                       AND NOT EXISTS (SELECT 1 FROM {t}
-                                       WHERE {key} AND {live_row} AND claim_token IS DISTINCT FROM $5::uuid)
-                     ON CONFLICT (source, event_type, key) DO UPDATE SET
-                         fingerprint = EXCLUDED.fingerprint, state = {IN_PROGRESS},
-                         claim_token = EXCLUDED.claim_token, locked_until = EXCLUDED.locked_until,
-                         response_status = NULL, response_headers = NULL, response_body = NULL,
-                         created_at = EXCLUDED.created_at, completed_at = NULL,
-                         expires_at = EXCLUDED.expires_at
-                     WHERE NOT {live_conflicting}
-                        OR (r.state = {IN_PROGRESS} AND r.claim_token = EXCLUDED.claim_token)
-                     RETURNING claim_token
-                 )
-                 SELECT (SELECT claim_token FROM claimed) AS claimed,
-                        live.state, live.fingerprint, live.response_status, live.response_headers,
-                        live.response_body, live.expires_at
-                 FROM (VALUES (1)) AS one
-                 LEFT JOIN (SELECT * FROM {t} WHERE {key} AND {live_row}) AS live ON true"
-            ),
-            renew_lease: format!(
-                "UPDATE {t} SET locked_until = clock_timestamp() + $5 * interval '1 second'
-                 WHERE {key} AND claim_token = $4 AND state = {IN_PROGRESS}"
-            ),
-            complete_lease: format!(
-                "UPDATE {t} SET state = {COMPLETED}, claim_token = NULL, locked_until = NULL,
-                     response_status = $5, response_headers = $6, response_body = $7,
-                     completed_at = clock_timestamp(),
-                     expires_at = clock_timestamp() + $8 * interval '1 second'
-                 WHERE {key} AND claim_token = $4 AND state = {IN_PROGRESS}"
-            ),
-            release_lease: format!("DELETE FROM {t} WHERE {key} AND claim_token = $4 AND state = {IN_PROGRESS}"),
-            advisory_locks,
-        }
-    }
-}
 
 #[cfg(test)]
 mod tests {

@@ -5,53 +5,14 @@
 
 use tokio_postgres::Transaction;
 
-use super::postgres::{InvalidTableName, TableName};
+use super::sql;
+use super::{InvalidTableName, TableName};
 use super::{PostgresStore, StoreError};
 use crate::key::RecordKey;
 
 /// The privileges the layer uses on the records table: reads, claims,
 /// completions, releases and purges.
 const TABLE_PRIVILEGES: [&str; 4] = ["SELECT", "INSERT", "UPDATE", "DELETE"];
-
-/// Where the table is (or would be created) and what of it exists, as the
-/// server sees it for the current role.
-///
-/// An unqualified name resolves through the connection's effective
-/// `search_path` (`current_schemas(true)`, which leaves out schemas the role
-/// may not use), as the layer's own statements will; a new table goes to
-/// `current_schema()`, as `CREATE TABLE` would put it. Catalogs are read
-/// directly rather than through `to_regclass`, which raises for a schema the
-/// role may not use.
-const INSPECT: &str = "
-WITH candidate AS (
-    SELECT n.oid AS namespace, n.nspname, path.position
-    FROM unnest(CASE WHEN $1::text IS NULL THEN current_schemas(true) ELSE ARRAY[$1::text]::name[] END)
-         WITH ORDINALITY AS path(nspname, position)
-    JOIN pg_namespace n ON n.nspname = path.nspname
-), found AS (
-    SELECT c.oid AS relation, candidate.nspname::text AS schema
-    FROM candidate JOIN pg_class c ON c.relnamespace = candidate.namespace AND c.relname = $2::text
-    ORDER BY candidate.position
-    LIMIT 1
-), target AS (
-    SELECT (SELECT relation FROM found) AS relation,
-           coalesce((SELECT schema FROM found), $1::text, current_schema()::text) AS schema
-)
-SELECT current_user::text AS role,
-       quote_ident(current_user) AS grantee,
-       current_database()::text AS database,
-       target.schema,
-       n.oid IS NOT NULL AS schema_exists,
-       n.oid IS NOT NULL AND has_schema_privilege(n.oid, 'USAGE') AS schema_usage,
-       target.relation IS NOT NULL AS table_exists,
-       EXISTS (SELECT 1 FROM pg_index x
-               JOIN pg_attribute a ON a.attrelid = x.indrelid AND a.attnum = x.indkey[0]
-               WHERE x.indrelid = target.relation AND a.attname = 'expires_at') AS index_exists,
-       ARRAY(SELECT wanted.privilege
-             FROM unnest($3::text[]) WITH ORDINALITY AS wanted(privilege, position)
-             WHERE target.relation IS NOT NULL AND NOT has_table_privilege(target.relation, wanted.privilege)
-             ORDER BY wanted.position) AS missing_privileges
-FROM target LEFT JOIN pg_namespace n ON n.nspname = target.schema";
 
 /// Postgres' `insufficient_privilege`.
 const INSUFFICIENT_PRIVILEGE: &str = "42501";
@@ -90,10 +51,10 @@ impl PostgresStore {
             name.display,
         );
         if let Some(schema) = &name.schema {
-            sql.push_str(&create_schema(schema));
+            sql.push_str(&sql::create_schema(schema));
         }
-        sql.push_str(&create_table(&name));
-        sql.push_str(&create_index(&name));
+        sql.push_str(&sql::create_table(&name));
+        sql.push_str(&sql::create_index(&name));
         Ok(sql)
     }
 
@@ -118,9 +79,7 @@ impl PostgresStore {
             key: String::new(),
         }
         .lock_id(&format!("migrate {}", name.display));
-        transaction
-            .execute("SELECT pg_advisory_xact_lock($1)", &[&lock_id])
-            .await?;
+        transaction.execute(sql::TAKE_MIGRATION_LOCK, &[&lock_id]).await?;
         let found = Found::inspect(&transaction, name).await?;
         for step in found.missing_steps(name) {
             if let Err(error) = transaction.batch_execute(&step.sql).await {
@@ -135,7 +94,7 @@ impl PostgresStore {
     }
 }
 
-/// What [`INSPECT`] found.
+/// What [`sql::INSPECT_MIGRATION`] found.
 struct Found {
     role: String,
     /// The role as an SQL identifier, for a `GRANT` to suggest.
@@ -154,7 +113,10 @@ struct Found {
 impl Found {
     async fn inspect(transaction: &Transaction<'_>, name: &TableName) -> Result<Self, StoreError> {
         let row = transaction
-            .query_one(INSPECT, &[&name.schema, &name.table, &&TABLE_PRIVILEGES[..]])
+            .query_one(
+                sql::INSPECT_MIGRATION,
+                &[&name.schema, &name.table, &&TABLE_PRIVILEGES[..]],
+            )
             .await?;
         Ok(Self {
             role: row.try_get("role")?,
@@ -183,14 +145,14 @@ impl Found {
         let mut steps = Vec::new();
         if let (Some(schema), false) = (&name.schema, self.schema_exists) {
             steps.push(Step {
-                sql: create_schema(schema),
+                sql: sql::create_schema(schema),
                 object: format!("schema {schema}"),
                 privilege: format!("CREATE on database {}", self.database),
             });
         }
         if !self.table_exists {
             steps.push(Step {
-                sql: create_table(name),
+                sql: sql::create_table(name),
                 object: table.clone(),
                 privilege: match &self.schema {
                     Some(schema) => format!("CREATE on schema {schema}"),
@@ -200,8 +162,8 @@ impl Found {
         }
         if !self.table_exists || !self.index_exists {
             steps.push(Step {
-                sql: create_index(name),
-                object: format!("index {}", self.qualified(&index_name(name))),
+                sql: sql::create_index(name),
+                object: format!("index {}", self.qualified(&sql::index_name(name))),
                 // Only a table's owner may index it, whatever the schema's grants.
                 privilege: format!("ownership of {table}"),
             });
@@ -250,42 +212,4 @@ impl Step {
             privilege: self.privilege,
         }
     }
-}
-
-fn create_schema(schema: &str) -> String {
-    format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\";\n")
-}
-
-fn create_table(name: &TableName) -> String {
-    format!(
-        "CREATE TABLE IF NOT EXISTS {} (
-    source           text        NOT NULL,
-    event_type       text        NOT NULL DEFAULT '',
-    key              text        NOT NULL,
-    fingerprint      bytea       NOT NULL,
-    state            smallint    NOT NULL,
-    claim_token      uuid,
-    locked_until     timestamptz,
-    response_status  smallint,
-    response_headers bytea,
-    response_body    bytea,
-    created_at       timestamptz NOT NULL DEFAULT now(),
-    completed_at     timestamptz,
-    expires_at       timestamptz NOT NULL,
-    PRIMARY KEY (source, event_type, key)
-);\n",
-        name.quoted()
-    )
-}
-
-fn index_name(name: &TableName) -> String {
-    format!("{}_expires_at", name.table)
-}
-
-fn create_index(name: &TableName) -> String {
-    format!(
-        "CREATE INDEX IF NOT EXISTS \"{}\" ON {} (expires_at);\n",
-        index_name(name),
-        name.quoted()
-    )
 }

@@ -10,6 +10,7 @@ use std::fmt;
 use std::ops::Deref;
 use std::sync::Arc;
 
+use super::sql;
 use deadpool_postgres::{ClientWrapper, Object};
 use tokio::sync::{Mutex, OwnedMappedMutexGuard, OwnedMutexGuard};
 
@@ -54,7 +55,7 @@ impl TxConnection {
             return Ok(());
         };
         let guard = DiscardUnlessRolledBack(Some(object));
-        guard.end("COMMIT").await
+        guard.end(sql::COMMIT).await
     }
 
     /// Rolls back and returns the connection to the pool, or discards it if
@@ -93,7 +94,7 @@ struct DiscardUnlessRolledBack(Option<Object>);
 
 impl DiscardUnlessRolledBack {
     async fn rollback(self) -> Result<(), tokio_postgres::Error> {
-        self.end("ROLLBACK").await
+        self.end(sql::ROLLBACK).await
     }
 
     /// Ends the transaction with `COMMIT` or `ROLLBACK`; only a clean end

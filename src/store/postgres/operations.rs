@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use tokio::task::JoinHandle;
 
-use super::postgres::{live, COMPLETED, IN_PROGRESS};
+use super::sql::{OperationsSql, COMPLETED};
 use super::{PostgresStore, StoreError};
 use crate::key::RecordKey;
 use crate::record::decode_headers;
@@ -70,71 +70,15 @@ pub enum Released {
     InProgress,
 }
 
-/// The SQL of the operations, formatted with the table name.
-struct Sql;
-
-impl Sql {
-    fn stats(t: &str) -> String {
-        let live = live("");
-        format!(
-            "SELECT count(*) FILTER (WHERE state = {IN_PROGRESS} AND {live}),
-                    count(*) FILTER (WHERE state = {COMPLETED} AND {live}),
-                    count(*) FILTER (WHERE expires_at <= now() AND NOT {live}),
-                    count(*) FILTER (WHERE state = {IN_PROGRESS} AND expires_at > now() AND NOT {live}),
-                    min(created_at) FILTER (WHERE state = {IN_PROGRESS} AND {live})
-             FROM {t}"
-        )
-    }
-
-    /// Deletes up to `$1` expired records, oldest first, through the expiry
-    /// index. `SKIP LOCKED` lets concurrent purgers take disjoint batches
-    /// instead of waiting on each other or counting a row twice. A live
-    /// record is never purged: an open claim with a running lease stays
-    /// however long ago its retention ran out.
-    fn purge_batch(t: &str) -> String {
-        let live = live("");
-        format!(
-            "DELETE FROM {t} WHERE ctid = ANY(ARRAY(
-                 SELECT ctid FROM {t}
-                 WHERE expires_at <= now() AND NOT {live}
-                 ORDER BY expires_at LIMIT $1 FOR UPDATE SKIP LOCKED))"
-        )
-    }
-
-    fn count_expired(t: &str) -> String {
-        let live = live("");
-        format!("SELECT count(*) FROM {t} WHERE expires_at <= now() AND NOT {live}")
-    }
-
-    fn show(t: &str) -> String {
-        format!(
-            "SELECT state, fingerprint, created_at, completed_at, expires_at, locked_until,
-                    response_status, response_headers, response_body
-             FROM {t} WHERE source = $1 AND event_type = $2 AND key = $3"
-        )
-    }
-
-    /// Deletes the record unless it is an open claim with a live lease (or
-    /// `$4`, force, is set); says what it found either way.
-    fn release(t: &str) -> String {
-        let live = live("");
-        format!(
-            "WITH found AS (SELECT state, locked_until FROM {t} WHERE source = $1 AND event_type = $2 AND key = $3),
-                  deleted AS (DELETE FROM {t} WHERE source = $1 AND event_type = $2 AND key = $3
-                                AND ($4 OR NOT (state = {IN_PROGRESS} AND {live}))
-                              RETURNING 1)
-             SELECT EXISTS (SELECT 1 FROM found), EXISTS (SELECT 1 FROM deleted)"
-        )
-    }
-}
-
 impl PostgresStore {
     /// Counts records by state, expired records awaiting purge and leases
     /// past their expiry. It reads the whole table: an operator's query, not
     /// one for every request.
     pub async fn stats(&self) -> Result<StoreStats, StoreError> {
         let client = self.connection().await?;
-        let row = client.query_one(&Sql::stats(&self.quoted_table()), &[]).await?;
+        let row = client
+            .query_one(&OperationsSql::stats(&self.quoted_table()), &[])
+            .await?;
         Ok(StoreStats {
             in_progress: row.try_get(0)?,
             completed: row.try_get(1)?,
@@ -147,7 +91,9 @@ impl PostgresStore {
     /// How many expired records a purge would delete now.
     pub async fn count_expired(&self) -> Result<i64, StoreError> {
         let client = self.connection().await?;
-        let row = client.query_one(&Sql::count_expired(&self.quoted_table()), &[]).await?;
+        let row = client
+            .query_one(&OperationsSql::count_expired(&self.quoted_table()), &[])
+            .await?;
         Ok(row.try_get(0)?)
     }
 
@@ -156,7 +102,9 @@ impl PostgresStore {
     /// Safe to run from every instance at once.
     pub async fn purge_expired(&self, batch: u32) -> Result<u64, StoreError> {
         let client = self.connection().await?;
-        let statement = client.prepare_cached(&Sql::purge_batch(&self.quoted_table())).await?;
+        let statement = client
+            .prepare_cached(&OperationsSql::purge_batch(&self.quoted_table()))
+            .await?;
         let limit = i64::from(batch.max(1));
         let mut deleted = 0;
         loop {
@@ -200,7 +148,10 @@ impl PostgresStore {
     pub async fn record(&self, source: &str, event_type: &str, key: &str) -> Result<Option<RecordView>, StoreError> {
         let client = self.connection().await?;
         let Some(row) = client
-            .query_opt(&Sql::show(&self.quoted_table()), &[&source, &event_type, &key])
+            .query_opt(
+                &OperationsSql::show(&self.quoted_table()),
+                &[&source, &event_type, &key],
+            )
             .await?
         else {
             return Ok(None);
@@ -250,7 +201,7 @@ impl PostgresStore {
         let client = self.connection().await?;
         let row = client
             .query_one(
-                &Sql::release(&self.quoted_table()),
+                &OperationsSql::release(&self.quoted_table()),
                 &[&source, &event_type, &key, &force],
             )
             .await?;

@@ -1,0 +1,296 @@
+//! Every statement the Postgres store runs, in one place, each named by
+//! what it does: the request path's (formatted once per table), the
+//! operations', the migration's, and the transaction's own.
+
+use super::TableName;
+
+/// Record states in the `state` column.
+pub(super) const IN_PROGRESS: i16 = 1;
+pub(super) const COMPLETED: i16 = 2;
+
+/// What the completion's refusal of a key that already has a live record
+/// says, in the server's log and the error it returns.
+pub(super) const KEY_TAKEN: &str = "the idempotency key already has a live record";
+
+/// Whether a row is a live record: completed and unexpired, or in progress
+/// with a running lease, whatever its `expires_at` (retention never ends a
+/// lease that is still being renewed). Every statement that asks uses this
+/// one definition; `row` is the row's alias with its dot, or empty. Never
+/// NULL, so that `NOT` of it is a plain negation.
+pub(super) fn live(row: &str) -> String {
+    format!(
+        "(({row}state = {COMPLETED} AND {row}expires_at > now())
+          OR ({row}state = {IN_PROGRESS} AND ({row}locked_until > now()) IS TRUE))"
+    )
+}
+
+/// Every statement, formatted once with the table name.
+pub(super) struct Statements {
+    pub(super) resolve_table: String,
+    pub(super) lookup: String,
+    pub(super) complete_transaction: String,
+    pub(super) claim_lease: String,
+    pub(super) renew_lease: String,
+    pub(super) complete_lease: String,
+    pub(super) release_lease: String,
+    advisory_locks: bool,
+}
+
+impl Statements {
+    /// Begins a transaction and tries the key's advisory lock; the answer's
+    /// one row says `t` when the lock is had.
+    pub(super) fn begin_and_try_lock(&self, lock_id: i64) -> String {
+        if self.advisory_locks {
+            format!("BEGIN ISOLATION LEVEL READ COMMITTED; SELECT pg_try_advisory_xact_lock({lock_id})")
+        } else {
+            "BEGIN ISOLATION LEVEL READ COMMITTED; SELECT true".to_owned()
+        }
+    }
+
+    pub(super) fn new(name: &TableName, advisory_locks: bool) -> Self {
+        let t = name.quoted();
+        let key = "source = $1 AND event_type = $2 AND key = $3";
+        let live_row = live("");
+        let live_conflicting = live("r.");
+        let try_lock = if advisory_locks {
+            "pg_try_advisory_xact_lock($8::int8)"
+        } else {
+            "$8::int8 IS NOT NULL"
+        };
+        Self {
+            resolve_table: "SELECT n.nspname || '.' || c.relname
+                            FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                            WHERE c.oid = to_regclass($1)"
+                .to_owned(),
+            lookup: format!(
+                "SELECT state, fingerprint, response_status, response_headers, response_body, expires_at
+                 FROM {t} WHERE {key} AND {live_row}"
+            ),
+            // Written once, at completion; `now()` is the transaction's start,
+            // which is when the claim was taken. The advisory lock and the
+            // claim's read mean an existing row is normally a dead one, which
+            // the upsert replaces. Where the lock did not exclude another
+            // claimant, the key is the arbiter: the upsert finds a live row
+            // (waiting first for the other's transaction, if still open) and
+            // fails instead of overwriting it, so that this transaction is
+            // aborted and its pipelined `COMMIT` rolls back. It fails by
+            // casting a sentence (which names the key) to a number, a branch
+            // only a live row reaches: one plain upsert, as fast as one that
+            // never fails, where a data-modifying CTE with a second insert
+            // made to violate the key cost about a third of this statement's
+            // throughput in pgbench.
+            complete_transaction: format!(
+                "INSERT INTO {t} AS r (source, event_type, key, fingerprint, state,
+                                       response_status, response_headers, response_body,
+                                       created_at, completed_at, expires_at)
+                 VALUES ($1, $2, $3, $4, {COMPLETED}, $5, $6, $7, now(), clock_timestamp(),
+                         clock_timestamp() + $8 * interval '1 second')
+                 ON CONFLICT (source, event_type, key) DO UPDATE SET
+                     state = CASE WHEN {live_conflicting}
+                                  THEN ('{KEY_TAKEN}: ' || r.key)::smallint
+                                  ELSE {COMPLETED} END,
+                     fingerprint = EXCLUDED.fingerprint,
+                     claim_token = NULL, locked_until = NULL,
+                     response_status = EXCLUDED.response_status,
+                     response_headers = EXCLUDED.response_headers,
+                     response_body = EXCLUDED.response_body,
+                     created_at = EXCLUDED.created_at, completed_at = EXCLUDED.completed_at,
+                     expires_at = EXCLUDED.expires_at"
+            ),
+            // The claim takes the key's advisory lock for the length of this
+            // one statement, so it never slips in while a transaction-mode
+            // claimant holds the key. It inserts nothing when the statement's
+            // snapshot holds a live record (no row lock, no write: a
+            // duplicate stays a read); the upsert's condition, checked on the
+            // latest row version, decides a takeover. A row carrying this
+            // claim's own token is this request's claim, committed by an
+            // attempt whose answer was lost: it is claimed again, never taken
+            // for another's. The outer query returns the claim token
+            // written, if any, and the live record of the snapshot, if any:
+            // always one row.
+            claim_lease: format!(
+                "WITH claimed AS (
+                     INSERT INTO {t} AS r (source, event_type, key, fingerprint, state, claim_token,
+                                           locked_until, created_at, expires_at)
+                     SELECT $1::text, $2::text, $3::text, $4::bytea, {IN_PROGRESS}, $5::uuid,
+                            clock_timestamp() + $6::float8 * interval '1 second', clock_timestamp(),
+                            clock_timestamp() + $7::float8 * interval '1 second'
+                     WHERE {try_lock}
+                       AND NOT EXISTS (SELECT 1 FROM {t}
+                                       WHERE {key} AND {live_row} AND claim_token IS DISTINCT FROM $5::uuid)
+                     ON CONFLICT (source, event_type, key) DO UPDATE SET
+                         fingerprint = EXCLUDED.fingerprint, state = {IN_PROGRESS},
+                         claim_token = EXCLUDED.claim_token, locked_until = EXCLUDED.locked_until,
+                         response_status = NULL, response_headers = NULL, response_body = NULL,
+                         created_at = EXCLUDED.created_at, completed_at = NULL,
+                         expires_at = EXCLUDED.expires_at
+                     WHERE NOT {live_conflicting}
+                        OR (r.state = {IN_PROGRESS} AND r.claim_token = EXCLUDED.claim_token)
+                     RETURNING claim_token
+                 )
+                 SELECT (SELECT claim_token FROM claimed) AS claimed,
+                        live.state, live.fingerprint, live.response_status, live.response_headers,
+                        live.response_body, live.expires_at
+                 FROM (VALUES (1)) AS one
+                 LEFT JOIN (SELECT * FROM {t} WHERE {key} AND {live_row}) AS live ON true"
+            ),
+            renew_lease: format!(
+                "UPDATE {t} SET locked_until = clock_timestamp() + $5 * interval '1 second'
+                 WHERE {key} AND claim_token = $4 AND state = {IN_PROGRESS}"
+            ),
+            complete_lease: format!(
+                "UPDATE {t} SET state = {COMPLETED}, claim_token = NULL, locked_until = NULL,
+                     response_status = $5, response_headers = $6, response_body = $7,
+                     completed_at = clock_timestamp(),
+                     expires_at = clock_timestamp() + $8 * interval '1 second'
+                 WHERE {key} AND claim_token = $4 AND state = {IN_PROGRESS}"
+            ),
+            release_lease: format!("DELETE FROM {t} WHERE {key} AND claim_token = $4 AND state = {IN_PROGRESS}"),
+            advisory_locks,
+        }
+    }
+}
+
+/// The migration's lock: concurrent migrations of one table take turns.
+pub(super) const TAKE_MIGRATION_LOCK: &str = "SELECT pg_advisory_xact_lock($1)";
+
+/// Where the table is (or would be created) and what of it exists, as the
+/// server sees it for the current role.
+///
+/// An unqualified name resolves through the connection's effective
+/// `search_path` (`current_schemas(true)`, which leaves out schemas the role
+/// may not use), as the layer's own statements will; a new table goes to
+/// `current_schema()`, as `CREATE TABLE` would put it. Catalogs are read
+/// directly rather than through `to_regclass`, which raises for a schema the
+/// role may not use.
+pub(super) const INSPECT_MIGRATION: &str = "
+WITH candidate AS (
+    SELECT n.oid AS namespace, n.nspname, path.position
+    FROM unnest(CASE WHEN $1::text IS NULL THEN current_schemas(true) ELSE ARRAY[$1::text]::name[] END)
+         WITH ORDINALITY AS path(nspname, position)
+    JOIN pg_namespace n ON n.nspname = path.nspname
+), found AS (
+    SELECT c.oid AS relation, candidate.nspname::text AS schema
+    FROM candidate JOIN pg_class c ON c.relnamespace = candidate.namespace AND c.relname = $2::text
+    ORDER BY candidate.position
+    LIMIT 1
+), target AS (
+    SELECT (SELECT relation FROM found) AS relation,
+           coalesce((SELECT schema FROM found), $1::text, current_schema()::text) AS schema
+)
+SELECT current_user::text AS role,
+       quote_ident(current_user) AS grantee,
+       current_database()::text AS database,
+       target.schema,
+       n.oid IS NOT NULL AS schema_exists,
+       n.oid IS NOT NULL AND has_schema_privilege(n.oid, 'USAGE') AS schema_usage,
+       target.relation IS NOT NULL AS table_exists,
+       EXISTS (SELECT 1 FROM pg_index x
+               JOIN pg_attribute a ON a.attrelid = x.indrelid AND a.attnum = x.indkey[0]
+               WHERE x.indrelid = target.relation AND a.attname = 'expires_at') AS index_exists,
+       ARRAY(SELECT wanted.privilege
+             FROM unnest($3::text[]) WITH ORDINALITY AS wanted(privilege, position)
+             WHERE target.relation IS NOT NULL AND NOT has_table_privilege(target.relation, wanted.privilege)
+             ORDER BY wanted.position) AS missing_privileges
+FROM target LEFT JOIN pg_namespace n ON n.nspname = target.schema";
+
+pub(super) fn create_schema(schema: &str) -> String {
+    format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\";\n")
+}
+
+pub(super) fn create_table(name: &TableName) -> String {
+    format!(
+        "CREATE TABLE IF NOT EXISTS {} (
+    source           text        NOT NULL,
+    event_type       text        NOT NULL DEFAULT '',
+    key              text        NOT NULL,
+    fingerprint      bytea       NOT NULL,
+    state            smallint    NOT NULL,
+    claim_token      uuid,
+    locked_until     timestamptz,
+    response_status  smallint,
+    response_headers bytea,
+    response_body    bytea,
+    created_at       timestamptz NOT NULL DEFAULT now(),
+    completed_at     timestamptz,
+    expires_at       timestamptz NOT NULL,
+    PRIMARY KEY (source, event_type, key)
+);\n",
+        name.quoted()
+    )
+}
+
+pub(super) fn index_name(name: &TableName) -> String {
+    format!("{}_expires_at", name.table)
+}
+
+pub(super) fn create_index(name: &TableName) -> String {
+    format!(
+        "CREATE INDEX IF NOT EXISTS \"{}\" ON {} (expires_at);\n",
+        index_name(name),
+        name.quoted()
+    )
+}
+
+/// The SQL of the operations, formatted with the table name.
+pub(super) struct OperationsSql;
+
+impl OperationsSql {
+    pub(super) fn stats(t: &str) -> String {
+        let live = live("");
+        format!(
+            "SELECT count(*) FILTER (WHERE state = {IN_PROGRESS} AND {live}),
+                    count(*) FILTER (WHERE state = {COMPLETED} AND {live}),
+                    count(*) FILTER (WHERE expires_at <= now() AND NOT {live}),
+                    count(*) FILTER (WHERE state = {IN_PROGRESS} AND expires_at > now() AND NOT {live}),
+                    min(created_at) FILTER (WHERE state = {IN_PROGRESS} AND {live})
+             FROM {t}"
+        )
+    }
+
+    /// Deletes up to `$1` expired records, oldest first, through the expiry
+    /// index. `SKIP LOCKED` lets concurrent purgers take disjoint batches
+    /// instead of waiting on each other or counting a row twice. A live
+    /// record is never purged: an open claim with a running lease stays
+    /// however long ago its retention ran out.
+    pub(super) fn purge_batch(t: &str) -> String {
+        let live = live("");
+        format!(
+            "DELETE FROM {t} WHERE ctid = ANY(ARRAY(
+                 SELECT ctid FROM {t}
+                 WHERE expires_at <= now() AND NOT {live}
+                 ORDER BY expires_at LIMIT $1 FOR UPDATE SKIP LOCKED))"
+        )
+    }
+
+    pub(super) fn count_expired(t: &str) -> String {
+        let live = live("");
+        format!("SELECT count(*) FROM {t} WHERE expires_at <= now() AND NOT {live}")
+    }
+
+    pub(super) fn show(t: &str) -> String {
+        format!(
+            "SELECT state, fingerprint, created_at, completed_at, expires_at, locked_until,
+                    response_status, response_headers, response_body
+             FROM {t} WHERE source = $1 AND event_type = $2 AND key = $3"
+        )
+    }
+
+    /// Deletes the record unless it is an open claim with a live lease (or
+    /// `$4`, force, is set); says what it found either way.
+    pub(super) fn release(t: &str) -> String {
+        let live = live("");
+        format!(
+            "WITH found AS (SELECT state, locked_until FROM {t} WHERE source = $1 AND event_type = $2 AND key = $3),
+                  deleted AS (DELETE FROM {t} WHERE source = $1 AND event_type = $2 AND key = $3
+                                AND ($4 OR NOT (state = {IN_PROGRESS} AND {live}))
+                              RETURNING 1)
+             SELECT EXISTS (SELECT 1 FROM found), EXISTS (SELECT 1 FROM deleted)"
+        )
+    }
+}
+
+/// Ends the request's transaction, keeping its writes.
+pub(super) const COMMIT: &str = "COMMIT";
+/// Ends the request's transaction, undoing its writes.
+pub(super) const ROLLBACK: &str = "ROLLBACK";
