@@ -3,7 +3,7 @@
 //! | metric | kind | labels |
 //! | --- | --- | --- |
 //! | `idempotency_requests_total` | counter | `source`, `outcome` |
-//! | `idempotency_store_duration_seconds` | histogram | `operation` (`lookup`, `claim`, `complete`, `release`) |
+//! | `idempotency_store_duration_seconds` | histogram | `operation` (`lookup`, `claim`, `renew`, `complete`, `release`) |
 //! | `idempotency_wait_duration_seconds` | histogram | `source`: time a duplicate waited for an in-flight first |
 //! | `idempotency_responses_unretained_total` | counter | `source`, `reason` (`too_large`, `too_slow`): responses recorded or released without their body |
 //!

@@ -7,12 +7,11 @@ use bytes::Bytes;
 use futures_util::FutureExt;
 use http::{HeaderMap, Request, Response};
 use http_body::Body;
-use tokio::time::Instant;
 use tower_service::Service;
 
 use super::answer::{replay, shutting_down};
 use super::response::{classify, stored_response};
-use super::store_step::store_step;
+use super::store_step::{store_step, store_step_once};
 use super::{Answer, Identity};
 use crate::body::{BoxError, ResponseBody};
 use crate::layer::Config;
@@ -155,13 +154,12 @@ pub(super) async fn with_renewal<F: Future>(config: &Config, claim: &Claim, hand
     let renew = async {
         loop {
             tokio::time::sleep(renew_every).await;
-            match tokio::time::timeout(config.store_timeout, claim.renew(lease)).await {
-                Ok(Ok(true)) => {}
-                Ok(Ok(false)) => {
+            match store_step_once("renew", Some(config.store_timeout), claim.renew(lease)).await {
+                Ok(true) => {}
+                Ok(false) => {
                     tracing::warn!("the lease was taken over while the handler ran; its result will not be recorded")
                 }
-                Ok(Err(error)) => tracing::warn!(%error, "could not renew the lease"),
-                Err(_) => tracing::warn!("renewing the lease timed out"),
+                Err(error) => tracing::warn!(%error, "could not renew the lease"),
             }
         }
     };
@@ -185,11 +183,7 @@ pub(super) async fn commit<B, E>(
     answer: Response<ResponseBody<B>>,
 ) -> Answer<B, E> {
     let (source, protocol) = (config.metrics_label(), identity.protocol);
-    let started = Instant::now();
-    let completion = tokio::time::timeout(config.store_timeout, claim.complete(stored))
-        .await
-        .unwrap_or(Err(StoreError::Timeout(config.store_timeout)));
-    metrics::store_duration("complete", started.elapsed());
+    let completion = store_step_once("complete", Some(config.store_timeout), claim.complete(stored)).await;
     match (completion, config.mode) {
         (Ok(Completion::Recorded), _) => {
             tracing::info!(status = stored.status.as_u16(), "handled and recorded");
@@ -261,9 +255,7 @@ pub(super) fn commit_failed<B>(protocol: Protocol, error: &StoreError) -> Respon
 pub(super) async fn end_unrecorded(config: &Config, claim: Claim) {
     tracing::info!("a streaming response passes through without a record");
     metrics::count(config.metrics_label(), Outcome::Streamed);
-    let ended = tokio::time::timeout(config.store_timeout, claim.end_unrecorded())
-        .await
-        .unwrap_or(Err(StoreError::Timeout(config.store_timeout)));
+    let ended = store_step_once("release", Some(config.store_timeout), claim.end_unrecorded()).await;
     if let Err(error) = ended {
         tracing::error!(%error, "could not end the claim of a streaming response; its writes may not have committed");
     }
@@ -307,9 +299,9 @@ pub(super) async fn answer_from_the_first_record<B>(
 pub(super) async fn release(config: &Config, claim: Claim, why: &str) {
     tracing::info!(why, "claim released");
     metrics::count(config.metrics_label(), Outcome::Released);
-    let started = Instant::now();
-    let released = claim.release().await;
-    metrics::store_duration("release", started.elapsed());
+    // The release bounds its own wait (the route's store timeout) and goes
+    // on in the background past it.
+    let released = store_step_once("release", None, claim.release()).await;
     if let Err(error) = released {
         tracing::warn!(%error, "could not release the claim in time; it is released in the background, or ends with its lease or connection");
     }
