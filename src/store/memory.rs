@@ -5,7 +5,10 @@ use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use super::{Claim, ClaimOutcome, ClaimRequest, Completed, Completion, Held, Lookup, StoreError};
+use super::{
+    Backend, Claim, ClaimOutcome, ClaimRequest, Completed, Completion, HeldClaim, Lookup, ReleaseBound, StoreError,
+    StoreFuture,
+};
 use crate::key::RecordKey;
 use crate::policy::Mode;
 use crate::record::StoredResponse;
@@ -158,13 +161,11 @@ impl MemoryStore {
         records.note_death(record.dies_at());
         records.by_key.insert(request.key.clone(), record);
         drop(records);
-        Ok(ClaimOutcome::Claimed(Claim::new(
-            request,
-            Held::Memory {
-                store: self.clone(),
-                token,
-            },
-        )))
+        let held = MemoryClaim {
+            store: self.clone(),
+            token,
+        };
+        Ok(ClaimOutcome::Claimed(Claim::new(request, Box::new(held))))
     }
 
     pub(super) fn renew(&self, key: &RecordKey, token: u64, lease: Duration) -> bool {
@@ -236,5 +237,56 @@ fn found(record: &Record) -> Lookup {
         State::InProgress { .. } => Lookup::InProgress {
             fingerprint: record.fingerprint,
         },
+    }
+}
+
+impl Backend for MemoryStore {
+    fn lookup<'a>(&'a self, key: &'a RecordKey) -> StoreFuture<'a, Lookup> {
+        Box::pin(std::future::ready(Ok(MemoryStore::lookup(self, key))))
+    }
+
+    fn claim(&self, request: ClaimRequest) -> StoreFuture<'_, ClaimOutcome> {
+        Box::pin(std::future::ready(MemoryStore::claim(self, request)))
+    }
+}
+
+/// A claim on a key of the memory store, owned by its token.
+#[derive(Debug)]
+struct MemoryClaim {
+    store: MemoryStore,
+    token: u64,
+}
+
+impl HeldClaim for MemoryClaim {
+    fn renew<'a>(&'a self, request: &'a ClaimRequest, lease: Duration) -> StoreFuture<'a, bool> {
+        Box::pin(std::future::ready(Ok(self.store.renew(
+            &request.key,
+            self.token,
+            lease,
+        ))))
+    }
+
+    fn complete<'a>(
+        self: Box<Self>,
+        request: &'a ClaimRequest,
+        response: &'a StoredResponse,
+    ) -> StoreFuture<'a, Completion> {
+        Box::pin(std::future::ready(Ok(self
+            .store
+            .complete(request, self.token, response))))
+    }
+
+    fn end_unrecorded<'a>(self: Box<Self>, request: &'a ClaimRequest) -> StoreFuture<'a, ()> {
+        self.store.release(&request.key, self.token);
+        Box::pin(std::future::ready(Ok(())))
+    }
+
+    fn release<'a>(self: Box<Self>, request: &'a ClaimRequest, _bound: &'a ReleaseBound) -> StoreFuture<'a, ()> {
+        self.store.release(&request.key, self.token);
+        Box::pin(std::future::ready(Ok(())))
+    }
+
+    fn abandon(self: Box<Self>, request: &ClaimRequest, _bound: &ReleaseBound) {
+        self.store.release(&request.key, self.token);
     }
 }

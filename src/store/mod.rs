@@ -7,7 +7,9 @@ mod postgres;
 mod recent;
 
 use std::error::Error as _;
+use std::fmt;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -33,19 +35,13 @@ use crate::shutdown::{self, Tracker};
 /// ```
 #[derive(Clone, Debug)]
 pub struct Store {
-    backend: Backend,
-}
-
-#[derive(Clone, Debug)]
-enum Backend {
-    Postgres(PostgresStore),
-    Memory(MemoryStore),
+    backend: Arc<dyn Backend>,
 }
 
 impl From<PostgresStore> for Store {
     fn from(store: PostgresStore) -> Self {
         Self {
-            backend: Backend::Postgres(store),
+            backend: Arc::new(store),
         }
     }
 }
@@ -53,9 +49,92 @@ impl From<PostgresStore> for Store {
 impl From<MemoryStore> for Store {
     fn from(store: MemoryStore) -> Self {
         Self {
-            backend: Backend::Memory(store),
+            backend: Arc::new(store),
         }
     }
+}
+
+/// A store step's future: boxed, so that backends are objects.
+pub(crate) type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
+
+/// What the request path needs of a store, and all it may ask: the seam
+/// between the layer and each backend, behind which a backend keeps its own
+/// optimisations (a record cache, a hint of recent completions, its pool).
+pub(crate) trait Backend: fmt::Debug + Send + Sync + 'static {
+    /// A plain read of `key`, without any lock.
+    fn lookup<'a>(&'a self, key: &'a RecordKey) -> StoreFuture<'a, Lookup>;
+
+    /// Takes the key for this request, or says who has it; a claim's handle
+    /// ([`HeldClaim`]) renews, completes or releases it.
+    fn claim(&self, request: ClaimRequest) -> StoreFuture<'_, ClaimOutcome>;
+
+    /// The completed record of `key` kept in process memory, if the backend
+    /// keeps one: an answer with no round trip.
+    fn cached(&self, _key: &RecordKey) -> Option<Completed> {
+        None
+    }
+
+    /// Whether `key` is probably a duplicate of a completed record, so that
+    /// a plain read should go first; otherwise the claim goes first and its
+    /// own read answers a duplicate. A hint that only chooses the order: a
+    /// backend whose reads cost no round trip says yes.
+    fn likely_completed(&self, _key: &RecordKey) -> bool {
+        true
+    }
+
+    /// A step failed on a dead connection: forget the idle ones, which are
+    /// most likely dead too (a restarted server).
+    fn forget_idle_connections(&self) {}
+
+    /// A claim failed with `error`, and may have been taken all the same (it
+    /// timed out, or its connection died): give it up in the background,
+    /// within `bound` and tracked by `tracker`, so that the next delivery
+    /// need not wait out a lease.
+    fn release_unknown_claim(
+        &self,
+        _request: &ClaimRequest,
+        _error: &StoreError,
+        _bound: Duration,
+        _tracker: &Arc<Tracker>,
+    ) {
+    }
+}
+
+/// A backend's side of a held claim. Completing, ending and releasing
+/// consume it; a claim dropped without any of them is abandoned.
+pub(crate) trait HeldClaim: fmt::Debug + Send + Sync {
+    /// The transaction to hand to the handler, where the claim is one.
+    fn transaction(&self) -> Option<IdempotencyTx> {
+        None
+    }
+
+    /// Extends the lease; `Ok(false)` when the claim was taken over. A claim
+    /// without a lease has nothing to renew.
+    fn renew<'a>(&'a self, _request: &'a ClaimRequest, _lease: Duration) -> StoreFuture<'a, bool> {
+        Box::pin(std::future::ready(Ok(true)))
+    }
+
+    /// Writes the response into the record (and commits, in transaction
+    /// mode).
+    fn complete<'a>(
+        self: Box<Self>,
+        request: &'a ClaimRequest,
+        response: &'a StoredResponse,
+    ) -> StoreFuture<'a, Completion>;
+
+    /// Ends the claim without a record, as if the request had not been
+    /// protected: a transaction commits the handler's writes, a claim row is
+    /// deleted.
+    fn end_unrecorded<'a>(self: Box<Self>, request: &'a ClaimRequest) -> StoreFuture<'a, ()>;
+
+    /// Gives the key up so the next delivery runs (rolls back in transaction
+    /// mode), holding the caller up for at most `bound.timeout`; what must
+    /// go on past it runs in the background, tracked by `bound.tracker`.
+    fn release<'a>(self: Box<Self>, request: &'a ClaimRequest, bound: &'a ReleaseBound) -> StoreFuture<'a, ()>;
+
+    /// The claim was dropped unreleased (its request cancelled): release it
+    /// in the background, within `bound`.
+    fn abandon(self: Box<Self>, request: &ClaimRequest, bound: &ReleaseBound);
 }
 
 /// A completed, unexpired record.
@@ -135,52 +214,33 @@ pub(crate) enum Completion {
 impl Store {
     /// The fast path: one plain read, no lock.
     pub(crate) async fn lookup(&self, key: &RecordKey) -> Result<Lookup, StoreError> {
-        match &self.backend {
-            Backend::Postgres(store) => store.lookup(key).await,
-            Backend::Memory(store) => Ok(store.lookup(key)),
-        }
+        self.backend.lookup(key).await
     }
 
     /// The completed record in the in-process cache, if the store has one
     /// and holds `key`: no round trip.
     pub(crate) fn cached(&self, key: &RecordKey) -> Option<Completed> {
-        match &self.backend {
-            Backend::Postgres(store) => store.cached(key),
-            Backend::Memory(_) => None,
-        }
+        self.backend.cached(key)
     }
 
-    /// Whether `key` is probably a duplicate of a completed record, so that
-    /// a plain read should go first; otherwise the claim goes first and its
-    /// own read answers a duplicate. A hint that only chooses the order.
+    /// Whether a plain read of `key` should go first (see
+    /// [`Backend::likely_completed`]).
     pub(crate) fn likely_completed(&self, key: &RecordKey) -> bool {
-        match &self.backend {
-            Backend::Postgres(store) => store.likely_completed(key),
-            // Reading memory costs no round trip.
-            Backend::Memory(_) => true,
-        }
+        self.backend.likely_completed(key)
     }
 
     /// Closes the pool's idle connections, after one turned out dead.
     pub(crate) fn forget_idle_connections(&self) {
-        if let Backend::Postgres(store) = &self.backend {
-            store.pool().retain(|_, _| false);
-        }
+        self.backend.forget_idle_connections();
     }
 
     /// Takes the key for this request, or says who has it.
     pub(crate) async fn claim(&self, request: ClaimRequest) -> Result<ClaimOutcome, StoreError> {
-        match &self.backend {
-            Backend::Postgres(store) => store.claim(request).await,
-            Backend::Memory(store) => store.claim(request),
-        }
+        self.backend.claim(request).await
     }
 
-    /// After a lease claim failed with `error`: when the claim may have
-    /// committed all the same (it timed out, or its connection died), deletes
-    /// it by its token in the background, within `bound`, so that the next
-    /// delivery need not wait out the lease. Best effort: a claim that
-    /// commits after this delete is left to its lease.
+    /// After a claim failed with `error` (see
+    /// [`Backend::release_unknown_claim`]).
     pub(crate) fn release_unknown_claim(
         &self,
         request: &ClaimRequest,
@@ -188,28 +248,7 @@ impl Store {
         bound: Duration,
         tracker: &Arc<Tracker>,
     ) {
-        let Backend::Postgres(store) = &self.backend else {
-            return;
-        };
-        let outcome_unknown = matches!(error, StoreError::Timeout(_)) || error.is_connection_lost();
-        if !matches!(request.mode, Mode::Lease { .. }) || !outcome_unknown {
-            return;
-        }
-        let (store, key, token) = (store.clone(), request.key.clone(), request.claim_token);
-        // Tracked, so that a graceful shutdown waits for it.
-        shutdown::spawn(Some(tracker), async move {
-            match tokio::time::timeout(bound, store.release_lease(&key, token)).await {
-                Ok(Ok(())) => {
-                    tracing::debug!(source = %key.source, key = %key.key, "released a claim whose outcome was unknown")
-                }
-                Ok(Err(error)) => {
-                    tracing::warn!(%error, source = %key.source, key = %key.key, "could not release a claim whose outcome was unknown; it stays until its lease ends")
-                }
-                Err(_) => {
-                    tracing::warn!(source = %key.source, key = %key.key, "releasing a claim whose outcome was unknown timed out; it stays until its lease ends")
-                }
-            }
-        });
+        self.backend.release_unknown_claim(request, error, bound, tracker);
     }
 }
 
@@ -220,27 +259,58 @@ impl Store {
 #[derive(Debug)]
 pub(crate) struct Claim {
     request: ClaimRequest,
-    held: Option<Held>,
+    held: Option<Box<dyn HeldClaim>>,
     release: ReleaseBound,
 }
 
 /// How long releasing a claim may hold its caller up, and who tracks the
 /// part of a release that outlives it.
 #[derive(Clone, Debug)]
-struct ReleaseBound {
-    timeout: Duration,
-    tracker: Option<Arc<Tracker>>,
+pub(crate) struct ReleaseBound {
+    pub(crate) timeout: Duration,
+    pub(crate) tracker: Option<Arc<Tracker>>,
 }
 
-#[derive(Debug)]
-enum Held {
-    PostgresTx { store: PostgresStore, tx: IdempotencyTx },
-    PostgresLease { store: PostgresStore, token: uuid::Uuid },
-    Memory { store: MemoryStore, token: u64 },
+impl ReleaseBound {
+    /// Lets a release go on in the background, tracked, until the lease
+    /// would have run out anyway (a claim without a lease needs none) or a
+    /// shutdown cuts it off.
+    pub(crate) fn finish_in_background<F>(&self, request: &ClaimRequest, release: F)
+    where
+        F: Future<Output = Result<(), StoreError>> + Send + 'static,
+    {
+        let Mode::Lease { lease, .. } = request.mode else {
+            return;
+        };
+        let key = request.key.clone();
+        let tracker = self.tracker.clone();
+        let task = {
+            let tracker = tracker.clone();
+            async move {
+                let bounded = tokio::time::timeout(lease, release);
+                let outcome = match &tracker {
+                    Some(tracker) => tracker.until_cancelled(bounded).await,
+                    None => Some(bounded.await),
+                };
+                match outcome {
+                    Some(Ok(Ok(()))) => {
+                        tracing::debug!(source = %key.source, key = %key.key, "claim released in the background")
+                    }
+                    Some(Ok(Err(error))) => {
+                        tracing::warn!(%error, source = %key.source, key = %key.key, "could not release a claim; it stays until its lease ends")
+                    }
+                    Some(Err(_)) | None => {
+                        tracing::warn!(source = %key.source, key = %key.key, "gave up releasing a claim; it stays until its lease ends")
+                    }
+                }
+            }
+        };
+        shutdown::spawn(tracker.as_ref(), task);
+    }
 }
 
 impl Claim {
-    fn new(request: ClaimRequest, held: Held) -> Self {
+    pub(crate) fn new(request: ClaimRequest, held: Box<dyn HeldClaim>) -> Self {
         Self {
             request,
             held: Some(held),
@@ -269,18 +339,14 @@ impl Claim {
     /// The transaction to hand to the handler, in transaction mode on
     /// Postgres.
     pub(crate) fn transaction(&self) -> Option<IdempotencyTx> {
-        match &self.held {
-            Some(Held::PostgresTx { tx, .. }) => Some(tx.clone()),
-            _ => None,
-        }
+        self.held.as_ref()?.transaction()
     }
 
     /// Extends the lease; `Ok(false)` when the claim was taken over.
     pub(crate) async fn renew(&self, lease: Duration) -> Result<bool, StoreError> {
         match &self.held {
-            Some(Held::PostgresLease { store, token }) => store.renew(&self.request.key, *token, lease).await,
-            Some(Held::Memory { store, token }) => Ok(store.renew(&self.request.key, *token, lease)),
-            Some(Held::PostgresTx { .. }) | None => Ok(true),
+            Some(held) => held.renew(&self.request, lease).await,
+            None => Ok(true),
         }
     }
 
@@ -290,15 +356,7 @@ impl Claim {
         let Some(held) = self.held.take() else {
             return Err(StoreError::ConnectionGone);
         };
-        match held {
-            Held::PostgresTx { store, tx } => {
-                let connection = tx.take().map_err(|_| StoreError::TransactionInUse)?;
-                let connection = connection.ok_or(StoreError::ConnectionGone)?;
-                store.complete_transaction(connection, &self.request, response).await
-            }
-            Held::PostgresLease { store, token } => store.complete_lease(&self.request, token, response).await,
-            Held::Memory { store, token } => Ok(store.complete(&self.request, token, response)),
-        }
+        held.complete(&self.request, response).await
     }
 
     /// Ends the claim without a record, as if the request had not been
@@ -308,18 +366,7 @@ impl Claim {
         let Some(held) = self.held.take() else {
             return Ok(());
         };
-        match held {
-            Held::PostgresTx { tx, .. } => {
-                let connection = tx.take().map_err(|_| StoreError::TransactionInUse)?;
-                let connection = connection.ok_or(StoreError::ConnectionGone)?;
-                connection.commit().await.map_err(StoreError::from)
-            }
-            Held::PostgresLease { store, token } => store.release_lease(&self.request.key, token).await,
-            Held::Memory { store, token } => {
-                store.release(&self.request.key, token);
-                Ok(())
-            }
-        }
+        held.end_unrecorded(&self.request).await
     }
 
     /// Gives the key up so the next delivery runs (rolls back in transaction
@@ -334,93 +381,14 @@ impl Claim {
         let Some(held) = self.held.take() else {
             return Ok(());
         };
-        let bound = self.release.timeout;
-        match held {
-            Held::PostgresTx { tx, .. } => match tx.take() {
-                Ok(Some(connection)) => match tokio::time::timeout(bound, connection.rollback()).await {
-                    Ok(rolled_back) => rolled_back.map_err(StoreError::from),
-                    Err(_) => Err(StoreError::Timeout(bound)),
-                },
-                // The slot's own guard rolls back once the handler lets go.
-                Ok(None) | Err(_) => Ok(()),
-            },
-            Held::PostgresLease { store, token } => {
-                let mut release = Box::pin(release_lease(store, self.request.key.clone(), token));
-                match tokio::time::timeout(bound, &mut release).await {
-                    Ok(released) => released,
-                    Err(_) => {
-                        self.finish_in_background(release);
-                        Err(StoreError::Timeout(bound))
-                    }
-                }
-            }
-            Held::Memory { store, token } => {
-                store.release(&self.request.key, token);
-                Ok(())
-            }
-        }
+        held.release(&self.request, &self.release).await
     }
-
-    /// Lets a lease release go on in the background, tracked, until the
-    /// lease would have run out anyway or a shutdown cuts it off.
-    fn finish_in_background<F>(&self, release: F)
-    where
-        F: Future<Output = Result<(), StoreError>> + Send + 'static,
-    {
-        let Mode::Lease { lease, .. } = self.request.mode else {
-            return;
-        };
-        let key = self.request.key.clone();
-        let tracker = self.release.tracker.clone();
-        let task = {
-            let tracker = tracker.clone();
-            async move {
-                let bounded = tokio::time::timeout(lease, release);
-                let outcome = match &tracker {
-                    Some(tracker) => tracker.until_cancelled(bounded).await,
-                    None => Some(bounded.await),
-                };
-                match outcome {
-                    Some(Ok(Ok(()))) => {
-                        tracing::debug!(source = %key.source, key = %key.key, "claim released in the background")
-                    }
-                    Some(Ok(Err(error))) => {
-                        tracing::warn!(%error, source = %key.source, key = %key.key, "could not release a claim; it stays until its lease ends")
-                    }
-                    Some(Err(_)) | None => {
-                        tracing::warn!(source = %key.source, key = %key.key, "gave up releasing a claim; it stays until its lease ends")
-                    }
-                }
-            }
-        };
-        shutdown::spawn(tracker.as_ref(), task);
-    }
-}
-
-async fn release_lease(store: PostgresStore, key: RecordKey, token: uuid::Uuid) -> Result<(), StoreError> {
-    store.release_lease(&key, token).await
 }
 
 impl Drop for Claim {
     fn drop(&mut self) {
-        match self.held.take() {
-            None => {}
-            Some(Held::PostgresTx { tx, .. }) => {
-                // A handler that still holds a `Tx` lets go later; the
-                // connection's own guard rolls back then.
-                if let Ok(Some(connection)) = tx.take() {
-                    let bound = self.release.timeout;
-                    shutdown::spawn(self.release.tracker.as_ref(), async move {
-                        // Past the bound the connection is closed, not reused.
-                        let _ = tokio::time::timeout(bound, connection.rollback()).await;
-                    });
-                }
-            }
-            Some(Held::PostgresLease { store, token }) => {
-                let release = release_lease(store, self.request.key.clone(), token);
-                self.finish_in_background(release);
-            }
-            Some(Held::Memory { store, token }) => store.release(&self.request.key, token),
+        if let Some(held) = self.held.take() {
+            held.abandon(&self.request, &self.release);
         }
     }
 }

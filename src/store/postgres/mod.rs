@@ -25,10 +25,14 @@ pub use tx::{IdempotencyTx, Tx, TxError};
 use self::sql::{Statements, COMPLETED, KEY_TAKEN};
 use super::cache::RecordCache;
 use super::recent::RecentKeys;
-use super::{Claim, ClaimOutcome, ClaimRequest, Completed, Completion, Held, Lookup, StoreError};
+use super::{
+    Backend, Claim, ClaimOutcome, ClaimRequest, Completed, Completion, HeldClaim, Lookup, ReleaseBound, StoreError,
+    StoreFuture,
+};
 use crate::key::RecordKey;
 use crate::policy::Mode;
 use crate::record::{decode_headers, encode_headers, StoredResponse};
+use crate::shutdown::{self, Tracker};
 
 /// The default records table.
 pub const DEFAULT_TABLE: &str = "idempotency_records";
@@ -312,13 +316,11 @@ impl PostgresStore {
             None => Lookup::Absent,
         };
         if locked && matches!(found, Lookup::Absent) {
-            return Ok(ClaimOutcome::Claimed(Claim::new(
-                request,
-                Held::PostgresTx {
-                    store: self.clone(),
-                    tx: IdempotencyTx::new(connection),
-                },
-            )));
+            let held = TxClaim {
+                store: self.clone(),
+                tx: IdempotencyTx::new(connection),
+            };
+            return Ok(ClaimOutcome::Claimed(Claim::new(request, Box::new(held))));
         }
         // Not claimed: the answer is known, so the rollback runs in the
         // background, off the response path; the connection goes back to
@@ -381,11 +383,11 @@ impl PostgresStore {
                 )
                 .await?;
             if row.try_get::<_, Option<uuid::Uuid>>("claimed")?.is_some() {
-                let held = Held::PostgresLease {
+                let held = LeaseClaim {
                     store: self.clone(),
                     token,
                 };
-                return Ok(ClaimOutcome::Claimed(Claim::new(request, held)));
+                return Ok(ClaimOutcome::Claimed(Claim::new(request, Box::new(held))));
             }
             let found = match row.try_get::<_, Option<i16>>("state")? {
                 Some(_) => lookup_from_row(&row)?,
@@ -529,6 +531,169 @@ impl PostgresStore {
                     && db.table() == Some(self.inner.settings.table.table.as_str()))
         })
     }
+}
+
+impl Backend for PostgresStore {
+    fn lookup<'a>(&'a self, key: &'a RecordKey) -> StoreFuture<'a, Lookup> {
+        Box::pin(PostgresStore::lookup(self, key))
+    }
+
+    fn claim(&self, request: ClaimRequest) -> StoreFuture<'_, ClaimOutcome> {
+        Box::pin(PostgresStore::claim(self, request))
+    }
+
+    fn cached(&self, key: &RecordKey) -> Option<Completed> {
+        PostgresStore::cached(self, key)
+    }
+
+    fn likely_completed(&self, key: &RecordKey) -> bool {
+        PostgresStore::likely_completed(self, key)
+    }
+
+    fn forget_idle_connections(&self) {
+        self.pool().retain(|_, _| false);
+    }
+
+    /// Only a lease claim is a committed row that could outlive its
+    /// request; a transaction's claim ends with its connection.
+    fn release_unknown_claim(
+        &self,
+        request: &ClaimRequest,
+        error: &StoreError,
+        bound: Duration,
+        tracker: &Arc<Tracker>,
+    ) {
+        let outcome_unknown = matches!(error, StoreError::Timeout(_)) || error.is_connection_lost();
+        if !matches!(request.mode, Mode::Lease { .. }) || !outcome_unknown {
+            return;
+        }
+        let (store, key, token) = (self.clone(), request.key.clone(), request.claim_token);
+        // Tracked, so that a graceful shutdown waits for it.
+        shutdown::spawn(Some(tracker), async move {
+            match tokio::time::timeout(bound, store.release_lease(&key, token)).await {
+                Ok(Ok(())) => {
+                    tracing::debug!(source = %key.source, key = %key.key, "released a claim whose outcome was unknown")
+                }
+                Ok(Err(error)) => {
+                    tracing::warn!(%error, source = %key.source, key = %key.key, "could not release a claim whose outcome was unknown; it stays until its lease ends")
+                }
+                Err(_) => {
+                    tracing::warn!(source = %key.source, key = %key.key, "releasing a claim whose outcome was unknown timed out; it stays until its lease ends")
+                }
+            }
+        });
+    }
+}
+
+/// A transaction-mode claim: the open transaction holding the key's
+/// advisory lock, handed to the handler.
+#[derive(Debug)]
+struct TxClaim {
+    store: PostgresStore,
+    tx: IdempotencyTx,
+}
+
+impl TxClaim {
+    /// The connection back from the handler: `TransactionInUse` while it
+    /// still holds a `Tx`.
+    fn connection(&self) -> Result<TxConnection, StoreError> {
+        let connection = self.tx.take().map_err(|_| StoreError::TransactionInUse)?;
+        connection.ok_or(StoreError::ConnectionGone)
+    }
+}
+
+impl HeldClaim for TxClaim {
+    fn transaction(&self) -> Option<IdempotencyTx> {
+        Some(self.tx.clone())
+    }
+
+    fn complete<'a>(
+        self: Box<Self>,
+        request: &'a ClaimRequest,
+        response: &'a StoredResponse,
+    ) -> StoreFuture<'a, Completion> {
+        Box::pin(async move {
+            let connection = self.connection()?;
+            self.store.complete_transaction(connection, request, response).await
+        })
+    }
+
+    fn end_unrecorded<'a>(self: Box<Self>, _request: &'a ClaimRequest) -> StoreFuture<'a, ()> {
+        Box::pin(async move { self.connection()?.commit().await.map_err(StoreError::from) })
+    }
+
+    fn release<'a>(self: Box<Self>, _request: &'a ClaimRequest, bound: &'a ReleaseBound) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            match self.tx.take() {
+                Ok(Some(connection)) => match tokio::time::timeout(bound.timeout, connection.rollback()).await {
+                    Ok(rolled_back) => rolled_back.map_err(StoreError::from),
+                    Err(_) => Err(StoreError::Timeout(bound.timeout)),
+                },
+                // The slot's own guard rolls back once the handler lets go.
+                Ok(None) | Err(_) => Ok(()),
+            }
+        })
+    }
+
+    fn abandon(self: Box<Self>, _request: &ClaimRequest, bound: &ReleaseBound) {
+        // A handler that still holds a `Tx` lets go later; the connection's
+        // own guard rolls back then.
+        if let Ok(Some(connection)) = self.tx.take() {
+            let timeout = bound.timeout;
+            shutdown::spawn(bound.tracker.as_ref(), async move {
+                // Past the bound the connection is closed, not reused.
+                let _ = tokio::time::timeout(timeout, connection.rollback()).await;
+            });
+        }
+    }
+}
+
+/// A lease-mode claim: a committed row carrying a fencing token.
+#[derive(Debug)]
+struct LeaseClaim {
+    store: PostgresStore,
+    token: uuid::Uuid,
+}
+
+impl HeldClaim for LeaseClaim {
+    fn renew<'a>(&'a self, request: &'a ClaimRequest, lease: Duration) -> StoreFuture<'a, bool> {
+        Box::pin(self.store.renew(&request.key, self.token, lease))
+    }
+
+    fn complete<'a>(
+        self: Box<Self>,
+        request: &'a ClaimRequest,
+        response: &'a StoredResponse,
+    ) -> StoreFuture<'a, Completion> {
+        Box::pin(async move { self.store.complete_lease(request, self.token, response).await })
+    }
+
+    fn end_unrecorded<'a>(self: Box<Self>, request: &'a ClaimRequest) -> StoreFuture<'a, ()> {
+        Box::pin(async move { self.store.release_lease(&request.key, self.token).await })
+    }
+
+    fn release<'a>(self: Box<Self>, request: &'a ClaimRequest, bound: &'a ReleaseBound) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            let mut release = Box::pin(release_lease(self.store, request.key.clone(), self.token));
+            match tokio::time::timeout(bound.timeout, &mut release).await {
+                Ok(released) => released,
+                Err(_) => {
+                    bound.finish_in_background(request, release);
+                    Err(StoreError::Timeout(bound.timeout))
+                }
+            }
+        })
+    }
+
+    fn abandon(self: Box<Self>, request: &ClaimRequest, bound: &ReleaseBound) {
+        let release = release_lease(self.store, request.key.clone(), self.token);
+        bound.finish_in_background(request, release);
+    }
+}
+
+/// Deletes a lease claim by its token: an owned future, for the background.
+async fn release_lease(store: PostgresStore, key: RecordKey, token: uuid::Uuid) -> Result<(), StoreError> {
+    store.release_lease(&key, token).await
 }
 
 /// A pooled connection that is closed instead of going back to the pool when
