@@ -10,11 +10,13 @@
 //! mode).
 
 mod process;
+mod support;
 
 use std::time::Duration;
 
 use http::StatusCode;
-use process::{wait_until, Receiver, Schema, REQUEST_TIMEOUT};
+use process::{Receiver, Schema, REQUEST_TIMEOUT};
+use support::wait_until;
 use tonic::transport::Channel;
 use tonic::Request;
 
@@ -39,22 +41,6 @@ const SHORT_GRACE_MS: &str = "500";
 /// would close the connection and let a server that waits for it exit too.
 const PROMPT_EXIT: Duration = Duration::from_secs(10);
 
-/// Waits until the handler has written its ledger row inside the request's
-/// transaction and sleeps.
-async fn wait_for_the_ledger_write(schema: &Schema) {
-    wait_until("the handler wrote its ledger row", OBSERVE, || async {
-        schema
-            .count(
-                "SELECT count(*) FROM pg_stat_activity
-                 WHERE application_name = '{schema}' AND state = 'idle in transaction'
-                   AND query LIKE 'INSERT INTO ledger_entries%'",
-            )
-            .await
-            == 1
-    })
-    .await;
-}
-
 async fn records(schema: &Schema, key: &str, state: i16) -> i64 {
     let sql = format!(
         "SELECT count(*) FROM {}.idempotency_records WHERE key = $1 AND state = $2",
@@ -78,7 +64,7 @@ async fn on_sigterm_a_handler_within_the_grace_finishes_and_commits_and_the_proc
     let receiver = Receiver::start(&schema, &settings).await;
     let http = receiver.http();
     let delivery = tokio::spawn(async move { http.deliver("evt_graceful").await });
-    wait_for_the_ledger_write(&schema).await;
+    schema.wait_for_the_ledger_write(OBSERVE).await;
 
     let exit = receiver.stop_with("TERM", REQUEST_TIMEOUT).await;
 
@@ -87,7 +73,7 @@ async fn on_sigterm_a_handler_within_the_grace_finishes_and_commits_and_the_proc
     assert_eq!(answer.status, StatusCode::OK, "{answer:?}");
     assert_eq!(records(&schema, "evt_graceful", 2).await, 1, "committed");
     let receiver = Receiver::start(&schema, &[]).await;
-    let redelivered = receiver.deliver("evt_graceful").await.expect("the redelivery");
+    let redelivered = receiver.deliver("evt_graceful").await;
     assert!(redelivered.replayed(), "{redelivered:?}");
     assert_eq!(redelivered.body, answer.body);
     assert_eq!(schema.ledger_rows_for("stripe", "evt_graceful").await, 1);
@@ -103,7 +89,7 @@ async fn on_sigterm_past_the_grace_the_handler_is_rolled_back_and_its_redelivery
     let receiver = Receiver::start(&schema, &settings).await;
     let http = receiver.http();
     let delivery = tokio::spawn(async move { http.deliver("evt_cut_off").await });
-    wait_for_the_ledger_write(&schema).await;
+    schema.wait_for_the_ledger_write(OBSERVE).await;
 
     // Far below the handler's delay: the process does not wait for it.
     let exit = receiver.stop_with("TERM", PROMPT_EXIT).await;
@@ -120,7 +106,7 @@ async fn on_sigterm_past_the_grace_the_handler_is_rolled_back_and_its_redelivery
         0
     );
     let receiver = Receiver::start(&schema, &[]).await;
-    let redelivered = receiver.deliver("evt_cut_off").await.expect("the redelivery");
+    let redelivered = receiver.deliver("evt_cut_off").await;
     assert_eq!(redelivered.status, StatusCode::OK, "{redelivered:?}");
     assert!(!redelivered.replayed());
     assert_eq!(schema.ledger_rows_for("stripe", "evt_cut_off").await, 1);
@@ -155,7 +141,7 @@ async fn in_lease_mode_past_the_grace_the_claim_is_deleted_and_the_redelivery_is
     // The webhook route would wait 10 s for a claim left to its 600 s
     // lease, then answer 409.
     let receiver = Receiver::start(&schema, &lease).await;
-    let redelivered = receiver.deliver("evt_leased").await.expect("the redelivery");
+    let redelivered = receiver.deliver("evt_leased").await;
     assert_eq!(redelivered.status, StatusCode::OK, "{redelivered:?}");
     assert!(!redelivered.replayed());
     assert_eq!(
@@ -192,7 +178,7 @@ async fn on_ctrl_c_a_grpc_call_within_the_grace_finishes_and_commits() {
     let receiver = Receiver::start_example("grpc_payments", &schema, &settings).await;
     let mut client = payments_client(&receiver).await;
     let call = tokio::spawn(async move { client.create_payment(payment("order-graceful")).await });
-    wait_for_the_ledger_write(&schema).await;
+    schema.wait_for_the_ledger_write(OBSERVE).await;
 
     let exit = receiver.stop_with("INT", REQUEST_TIMEOUT).await;
 
@@ -226,7 +212,7 @@ async fn on_ctrl_c_a_grpc_call_past_the_grace_is_rolled_back_and_its_retry_runs_
     let receiver = Receiver::start_example("grpc_payments", &schema, &settings).await;
     let mut client = payments_client(&receiver).await;
     let call = tokio::spawn(async move { client.create_payment(payment("order-cut-off")).await });
-    wait_for_the_ledger_write(&schema).await;
+    schema.wait_for_the_ledger_write(OBSERVE).await;
 
     let exit = receiver.stop_with("INT", PROMPT_EXIT).await;
 
@@ -250,26 +236,22 @@ async fn on_ctrl_c_a_grpc_call_past_the_grace_is_rolled_back_and_its_retry_runs_
     assert_eq!(schema.ledger_rows_for("grpc", "order-cut-off").await, 1);
 }
 
-#[test]
-fn the_shutdown_grace_setting_is_documented_and_checked() {
+#[tokio::test]
+async fn the_shutdown_grace_setting_is_documented_with_its_default() {
     for example in ["webhook_receiver", "grpc_payments"] {
-        let binary = process::named_example_binary(example);
-        let help = std::process::Command::new(&binary)
-            .arg("--help")
-            .output()
-            .expect("run the example with --help");
-        let help = String::from_utf8_lossy(&help.stdout);
+        let help = process::help(example).await;
         let setting = help
             .split_once("SHUTDOWN_GRACE_MS")
             .map(|(_, rest)| rest.split("[default:").nth(1).unwrap_or_default())
             .unwrap_or_else(|| panic!("{example} --help shows SHUTDOWN_GRACE_MS: {help}"));
         assert!(setting.starts_with(" 10000]"), "{example} --help: {help}");
-        let output = std::process::Command::new(&binary)
-            .env_remove("DATABASE_URL")
-            .env("BIND", "127.0.0.1:0")
-            .env("SHUTDOWN_GRACE_MS", "soon")
-            .output()
-            .expect("run the example");
+    }
+}
+
+#[tokio::test]
+async fn an_invalid_shutdown_grace_exits_with_code_2() {
+    for example in ["webhook_receiver", "grpc_payments"] {
+        let output = process::run_to_exit(example, &[], &[("SHUTDOWN_GRACE_MS", "soon")]).await;
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert_eq!(output.status.code(), Some(2), "{example}: {stderr}");
         assert!(stderr.contains("SHUTDOWN_GRACE_MS"), "{example}: {stderr}");

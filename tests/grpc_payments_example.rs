@@ -3,6 +3,7 @@
 //! calls it, as a client in any language would.
 
 mod process;
+mod support;
 
 use process::{Receiver, Schema};
 use tonic::transport::Channel;

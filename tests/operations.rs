@@ -272,14 +272,9 @@ async fn the_purge_task_deletes_expired_records_in_the_background() {
 /// Runs `idempotency-admin` against the test's schema.
 #[cfg(feature = "admin")]
 fn admin(db: &TestDb, args: &[&str]) -> Output {
-    let url = support::database_url();
-    let separator = if url.contains('?') { '&' } else { '?' };
     std::process::Command::new(env!("CARGO_BIN_EXE_idempotency-admin"))
         .args(args)
-        .env(
-            "DATABASE_URL",
-            format!("{url}{separator}options=-csearch_path%3D{}", db.schema),
-        )
+        .env("DATABASE_URL", support::schema_url(&db.schema))
         .output()
         .expect("run idempotency-admin")
 }

@@ -9,6 +9,7 @@
 //! which runs alone (see the README's "Testing and CI").
 
 mod process;
+mod support;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -76,15 +77,11 @@ async fn terminated_database_sessions_under_load_give_only_503s_and_every_event_
     // the first try, and /healthz is green.
     let after: Vec<String> = (0..20).map(|n| format!("evt_after_{n}")).collect();
     for event in &after {
-        let reply = receiver.deliver(event).await.expect("a delivery after the outage");
+        let reply = receiver.deliver(event).await;
         assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
         assert!(!reply.replayed());
     }
-    let health = receiver
-        .http()
-        .send(http::Method::GET, "/healthz", &[], bytes::Bytes::new())
-        .await
-        .expect("healthz");
+    let health = receiver.get("/healthz").await;
     assert_eq!(health.status, StatusCode::OK, "{health:?}");
     assert_eq!(schema.events_not_run_once("stripe", &after).await, vec![]);
     assert!(receiver.is_running(), "the receiver recovered without a restart");
