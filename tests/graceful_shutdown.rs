@@ -9,24 +9,16 @@
 //! transaction after the `INSERT`, or the committed row and claim in lease
 //! mode).
 
+mod payments;
 mod process;
 mod support;
 
 use std::time::Duration;
 
 use http::StatusCode;
+use payments::payment;
 use process::{Receiver, Schema, REQUEST_TIMEOUT};
 use support::wait_until;
-use tonic::transport::Channel;
-use tonic::Request;
-
-#[allow(clippy::all, missing_docs, unreachable_pub, dead_code)]
-mod payments {
-    include!("../examples/proto/payments.v1.rs");
-}
-
-use payments::payments_client::PaymentsClient;
-use payments::CreatePaymentRequest;
 
 const OBSERVE: Duration = Duration::from_secs(20);
 /// A handler delay the grace period easily covers, yet long enough for the
@@ -151,23 +143,6 @@ async fn in_lease_mode_past_the_grace_the_claim_is_deleted_and_the_redelivery_is
     );
 }
 
-async fn payments_client(receiver: &Receiver) -> PaymentsClient<Channel> {
-    PaymentsClient::connect(format!("http://{}", receiver.address))
-        .await
-        .expect("connect to the example")
-}
-
-fn payment(key: &str) -> Request<CreatePaymentRequest> {
-    let mut request = Request::new(CreatePaymentRequest {
-        amount_cents: 700,
-        currency: "EUR".into(),
-    });
-    request
-        .metadata_mut()
-        .insert("idempotency-key", key.parse().expect("an ASCII key"));
-    request
-}
-
 #[tokio::test]
 async fn on_ctrl_c_a_grpc_call_within_the_grace_finishes_and_commits() {
     let schema = Schema::new("grpc_shutdown_in_grace").await;
@@ -176,8 +151,8 @@ async fn on_ctrl_c_a_grpc_call_within_the_grace_finishes_and_commits() {
         ("SHUTDOWN_GRACE_MS", LONG_GRACE_MS),
     ];
     let receiver = Receiver::start_example("grpc_payments", &schema, &settings).await;
-    let mut client = payments_client(&receiver).await;
-    let call = tokio::spawn(async move { client.create_payment(payment("order-graceful")).await });
+    let mut client = payments::client(receiver.address).await;
+    let call = tokio::spawn(async move { client.create_payment(payment(Some("order-graceful"), 700)).await });
     schema.wait_for_the_ledger_write(OBSERVE).await;
 
     let exit = receiver.stop_with("INT", REQUEST_TIMEOUT).await;
@@ -186,9 +161,9 @@ async fn on_ctrl_c_a_grpc_call_within_the_grace_finishes_and_commits() {
     let first = call.await.expect("the call task").expect("the call succeeds");
     assert_eq!(schema.ledger_rows_for("grpc", "order-graceful").await, 1);
     let receiver = Receiver::start_example("grpc_payments", &schema, &[]).await;
-    let replay = payments_client(&receiver)
+    let replay = payments::client(receiver.address)
         .await
-        .create_payment(payment("order-graceful"))
+        .create_payment(payment(Some("order-graceful"), 700))
         .await
         .expect("the retry");
     assert_eq!(replay.get_ref(), first.get_ref());
@@ -210,8 +185,8 @@ async fn on_ctrl_c_a_grpc_call_past_the_grace_is_rolled_back_and_its_retry_runs_
         ("SHUTDOWN_GRACE_MS", SHORT_GRACE_MS),
     ];
     let receiver = Receiver::start_example("grpc_payments", &schema, &settings).await;
-    let mut client = payments_client(&receiver).await;
-    let call = tokio::spawn(async move { client.create_payment(payment("order-cut-off")).await });
+    let mut client = payments::client(receiver.address).await;
+    let call = tokio::spawn(async move { client.create_payment(payment(Some("order-cut-off"), 700)).await });
     schema.wait_for_the_ledger_write(OBSERVE).await;
 
     let exit = receiver.stop_with("INT", PROMPT_EXIT).await;
@@ -227,9 +202,9 @@ async fn on_ctrl_c_a_grpc_call_past_the_grace_is_rolled_back_and_its_retry_runs_
         0
     );
     let receiver = Receiver::start_example("grpc_payments", &schema, &[]).await;
-    let retried = payments_client(&receiver)
+    let retried = payments::client(receiver.address)
         .await
-        .create_payment(payment("order-cut-off"))
+        .create_payment(payment(Some("order-cut-off"), 700))
         .await
         .expect("the retry runs");
     assert!(retried.metadata().get("idempotent-replayed").is_none());
@@ -251,9 +226,6 @@ async fn the_shutdown_grace_setting_is_documented_with_its_default() {
 #[tokio::test]
 async fn an_invalid_shutdown_grace_exits_with_code_2() {
     for example in ["webhook_receiver", "grpc_payments"] {
-        let output = process::run_to_exit(example, &[], &[("SHUTDOWN_GRACE_MS", "soon")]).await;
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        assert_eq!(output.status.code(), Some(2), "{example}: {stderr}");
-        assert!(stderr.contains("SHUTDOWN_GRACE_MS"), "{example}: {stderr}");
+        process::assert_setting_refused(example, "SHUTDOWN_GRACE_MS", "soon").await;
     }
 }

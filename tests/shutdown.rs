@@ -10,10 +10,12 @@ mod support;
 
 use std::time::Duration;
 
+use axum::Router;
 use deadpool_postgres::Pool;
 use http::StatusCode;
 use support::wire::{self, FaultyProxy};
-use support::{request, send, wait_until, Ctx, Probe, TestDb};
+use support::{request, send, wait_until, Ctx, Probe, Reply, TestDb};
+use tokio::task::JoinHandle;
 use tokio::time::timeout;
 use tower_idempotency::{IdempotencyLayer, InFlight, Mode, PostgresStore};
 
@@ -71,6 +73,18 @@ async fn records_completed(db: &TestDb) -> i64 {
         .await
 }
 
+/// Sends a request whose handler waits for the gate, then answers 500.
+fn spawn_a_blocked_500(app: &Router) -> JoinHandle<Reply> {
+    let app = app.clone();
+    tokio::spawn(async move {
+        send(
+            &app,
+            request(Some("k"), "{}", &[("x-test-block", "1"), ("x-test-status", "500")]),
+        )
+        .await
+    })
+}
+
 #[tokio::test]
 async fn a_lease_release_waiting_for_a_saturated_pool_does_not_hold_the_response_back() {
     let db = TestDb::new("release_saturated_pool").await;
@@ -83,16 +97,7 @@ async fn a_lease_release_waiting_for_a_saturated_pool_does_not_hold_the_response
             .mode(Mode::lease(LONG_LEASE))
             .store_timeout(STORE_TIMEOUT),
     );
-    let failing = tokio::spawn({
-        let app = app.clone();
-        async move {
-            send(
-                &app,
-                request(Some("k"), "{}", &[("x-test-block", "1"), ("x-test-status", "500")]),
-            )
-            .await
-        }
-    });
+    let failing = spawn_a_blocked_500(&app);
     probe.started().await;
     // The claim has given its connection back; the test takes the pool's
     // only one, so the release after the 500 cannot get a connection.
@@ -136,16 +141,7 @@ async fn a_rollback_on_a_stalled_server_is_bounded_and_its_connection_closed() {
             .source("test")
             .store_timeout(STORE_TIMEOUT),
     );
-    let failing = tokio::spawn({
-        let app = app.clone();
-        async move {
-            send(
-                &app,
-                request(Some("k"), "{}", &[("x-test-block", "1"), ("x-test-status", "500")]),
-            )
-            .await
-        }
-    });
+    let failing = spawn_a_blocked_500(&app);
     wait_for_the_ledger_write(&proxied).await;
     proxy.stall();
     probe.open_gate();
@@ -178,7 +174,7 @@ async fn a_rollback_on_a_stalled_server_is_bounded_and_its_connection_closed() {
 
 /// A request whose handler runs until the gate opens, its client gone: the
 /// handler goes on detached.
-async fn detach_a_blocked_request(probe: &Probe, app: &axum::Router, key: &str) {
+async fn detach_a_blocked_request(probe: &Probe, app: &Router, key: &str) {
     let abandoned = tokio::spawn({
         let app = app.clone();
         let key = key.to_owned();

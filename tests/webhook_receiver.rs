@@ -20,7 +20,9 @@ mod support;
 use futures_util::future::join_all;
 use http::header::RETRY_AFTER;
 use http::StatusCode;
-use process::{record, run_to_exit, stripe_event, Receiver, Reply, Schema, EXAMPLE_SETTINGS};
+use process::{
+    assert_setting_refused, ledger_event, record, run_to_exit, stripe_event, Receiver, Reply, Schema, EXAMPLE_SETTINGS,
+};
 use serde_json::json;
 use support::signing::{
     github_headers, github_signature, hmac_sha256, standard_headers, standard_signature, stripe_signature, unix_now,
@@ -29,12 +31,8 @@ use support::signing::{
 use support::DEFAULT_DATABASE_URL;
 use tokio::sync::Barrier;
 
-/// The receiver on a schema of its own named after `name`, with `settings`
-/// added to the test defaults.
 async fn start(name: &str, settings: &[(&str, &str)]) -> (Schema, Receiver) {
-    let schema = Schema::new(name).await;
-    let receiver = Receiver::start(&schema, settings).await;
-    (schema, receiver)
+    process::start_on_a_new_schema("webhook_receiver", name, settings).await
 }
 
 // ---------------------------------------------------------------------------
@@ -104,18 +102,12 @@ async fn github_deliveries_are_keyed_by_delivery_id_and_event_type() {
         assert_ne!(reply.json()["ledger_entry_id"], first.json()["ledger_entry_id"]);
     }
 
-    let entries: Vec<_> = schema
-        .ledger()
-        .await
-        .into_iter()
-        .map(|e| (e.source, e.event_id, e.event_type))
-        .collect();
     assert_eq!(
-        entries,
+        schema.ledger_events().await,
         vec![
-            ("github".to_owned(), "d-1".to_owned(), "push".to_owned()),
-            ("github".to_owned(), "d-1".to_owned(), "issues".to_owned()),
-            ("stripe".to_owned(), "d-1".to_owned(), "push".to_owned()),
+            ledger_event("github", "d-1", "push", 0),
+            ledger_event("github", "d-1", "issues", 0),
+            ledger_event("stripe", "d-1", "push", 0),
         ]
     );
     assert_eq!(
@@ -147,16 +139,16 @@ async fn standard_webhooks_are_keyed_by_the_webhook_id_header() {
     assert!(replay.replayed());
     assert_eq!(replay.body, first.body);
 
-    let entries: Vec<_> = schema
-        .ledger()
-        .await
-        .into_iter()
-        .map(|e| (e.source, e.event_id, e.event_type))
-        .collect();
     assert_eq!(
-        entries,
-        vec![("standard".to_owned(), "msg_1".to_owned(), "invoice.paid".to_owned())]
+        schema.ledger_events().await,
+        vec![ledger_event("standard", "msg_1", "invoice.paid", 0)]
     );
+}
+
+async fn post_payment(receiver: &Receiver, key: &str, payment: &str) -> Reply {
+    receiver
+        .post("/payments", &[("Idempotency-Key", key)], payment.to_owned())
+        .await
 }
 
 #[tokio::test]
@@ -164,19 +156,9 @@ async fn a_payment_key_is_bound_to_its_first_payload() {
     let (schema, receiver) = start("payments", &[]).await;
     let payment = json!({"amount": 1999, "currency": "eur"}).to_string();
 
-    let first = receiver
-        .post("/payments", &[("Idempotency-Key", "pay-1")], payment.clone())
-        .await;
-    let replay = receiver
-        .post("/payments", &[("Idempotency-Key", "pay-1")], payment)
-        .await;
-    let changed = receiver
-        .post(
-            "/payments",
-            &[("Idempotency-Key", "pay-1")],
-            json!({"amount": 1}).to_string(),
-        )
-        .await;
+    let first = post_payment(&receiver, "pay-1", &payment).await;
+    let replay = post_payment(&receiver, "pay-1", &payment).await;
+    let changed = post_payment(&receiver, "pay-1", &json!({"amount": 1}).to_string()).await;
 
     assert_eq!(first.status, StatusCode::CREATED, "{first:?}");
     assert!(!first.replayed());
@@ -186,15 +168,9 @@ async fn a_payment_key_is_bound_to_its_first_payload() {
     assert_eq!(replay.body, first.body);
     changed.assert_problem(StatusCode::UNPROCESSABLE_ENTITY);
 
-    let entries: Vec<_> = schema
-        .ledger()
-        .await
-        .into_iter()
-        .map(|e| (e.source, e.event_id, e.amount_cents))
-        .collect();
     assert_eq!(
-        entries,
-        vec![("payments".to_owned(), "pay-1".to_owned(), 1999)],
+        schema.ledger_events().await,
+        vec![ledger_event("payments", "pay-1", "", 1999)],
         "only the accepted payment wrote a row"
     );
     assert_eq!(schema.records().await.len(), 1);
@@ -207,18 +183,10 @@ async fn payment_keys_are_1_to_255_bytes_without_control_characters() {
     let key_255 = "k".repeat(255);
     let key_256 = "k".repeat(256);
 
-    let too_long = receiver
-        .post("/payments", &[("Idempotency-Key", &key_256)], payment.clone())
-        .await;
-    let empty = receiver
-        .post("/payments", &[("Idempotency-Key", "")], payment.clone())
-        .await;
-    let control = receiver
-        .post("/payments", &[("Idempotency-Key", "pay\t3")], payment.clone())
-        .await;
-    let longest = receiver
-        .post("/payments", &[("Idempotency-Key", &key_255)], payment)
-        .await;
+    let too_long = post_payment(&receiver, &key_256, &payment).await;
+    let empty = post_payment(&receiver, "", &payment).await;
+    let control = post_payment(&receiver, "pay\t3", &payment).await;
+    let longest = post_payment(&receiver, &key_255, &payment).await;
 
     too_long.assert_problem(StatusCode::BAD_REQUEST);
     empty.assert_problem(StatusCode::BAD_REQUEST);
@@ -230,15 +198,9 @@ async fn payment_keys_are_1_to_255_bytes_without_control_characters() {
     );
     assert_eq!(longest.json()["event_id"], key_255.as_str());
 
-    let entries: Vec<_> = schema
-        .ledger()
-        .await
-        .into_iter()
-        .map(|e| (e.source, e.event_id, e.amount_cents))
-        .collect();
     assert_eq!(
-        entries,
-        vec![("payments".to_owned(), key_255.clone(), 1999)],
+        schema.ledger_events().await,
+        vec![ledger_event("payments", &key_255, "", 1999)],
         "only the accepted payment wrote a row"
     );
     assert_eq!(schema.records().await.len(), 1);
@@ -263,6 +225,15 @@ async fn stripe_keys_an_integer_event_id_by_its_decimal_text() {
 // ---------------------------------------------------------------------------
 // Refusals
 
+async fn assert_refusals_left_no_trace(schema: &Schema) {
+    assert_eq!(
+        schema.ledger().await,
+        vec![],
+        "no refused request may write a ledger row"
+    );
+    assert_eq!(schema.records().await, vec![], "no refused request may leave a record");
+}
+
 /// Sends each refused request, expecting a problem with its status, then
 /// checks that none wrote a ledger row or left a record.
 async fn assert_refused(
@@ -275,12 +246,7 @@ async fn assert_refused(
         assert_eq!(reply.status, status, "{what}: {reply:?}");
         reply.assert_problem(status);
     }
-    assert_eq!(
-        schema.ledger().await,
-        vec![],
-        "no refused request may write a ledger row"
-    );
-    assert_eq!(schema.records().await, vec![], "no refused request may leave a record");
+    assert_refusals_left_no_trace(schema).await;
 }
 
 #[tokio::test]
@@ -444,16 +410,9 @@ async fn baseline_runs_every_delivery_without_the_layer() {
     assert_ne!(first.json()["ledger_entry_id"], second.json()["ledger_entry_id"]);
     assert_eq!(integer_id.json()["event_id"], "77");
 
-    let entries: Vec<_> = schema
-        .ledger()
-        .await
-        .into_iter()
-        .map(|e| (e.source, e.event_id, e.event_type, e.amount_cents))
-        .collect();
-    let base =
-        |id: &str, event_type: &str, amount| ("baseline".to_owned(), id.to_owned(), event_type.to_owned(), amount);
+    let base = |id: &str, event_type: &str, amount| ledger_event("baseline", id, event_type, amount);
     assert_eq!(
-        entries,
+        schema.ledger_events().await,
         vec![
             base("evt_base", "charge.succeeded", 700),
             base("evt_base", "charge.succeeded", 700),
@@ -614,10 +573,7 @@ async fn invalid_settings_exit_with_code_2() {
         ("BIND", "nowhere"),
         ("DATABASE_URL", "postgres://[broken"),
     ] {
-        let output = run_to_exit("webhook_receiver", &[], &[(name, value)]).await;
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        assert_eq!(output.status.code(), Some(2), "{name}={value}: {stderr}");
-        assert!(stderr.contains(name), "the error names {name}: {stderr}");
+        let stderr = assert_setting_refused("webhook_receiver", name, value).await;
         assert!(!stderr.contains("panicked at"), "{stderr}");
     }
 }
@@ -718,20 +674,14 @@ async fn signed_deliveries_are_accepted_on_every_verifying_route() {
         .await;
     assert_eq!(payment.status, StatusCode::CREATED, "{payment:?}");
 
-    let entries: Vec<_> = schema
-        .ledger()
-        .await
-        .into_iter()
-        .map(|e| (e.source, e.event_id))
-        .collect();
     assert_eq!(
-        entries,
+        schema.ledger_events().await,
         vec![
-            ("stripe".to_owned(), "evt_signed".to_owned()),
-            ("stripe".to_owned(), "evt_rolled".to_owned()),
-            ("github".to_owned(), "d-signed".to_owned()),
-            ("standard".to_owned(), "msg_signed".to_owned()),
-            ("payments".to_owned(), "pay-signed".to_owned()),
+            ledger_event("stripe", "evt_signed", "charge.succeeded", 700),
+            ledger_event("stripe", "evt_rolled", "charge.succeeded", 1),
+            ledger_event("github", "d-signed", "push", 0),
+            ledger_event("standard", "msg_signed", "invoice.paid", 0),
+            ledger_event("payments", "pay-signed", "", 1),
         ]
     );
 }
@@ -848,12 +798,7 @@ async fn unverified_deliveries_are_refused_with_401_leaving_no_trace() {
         assert_invalid_signature(&reply, &format!("standard: {what}"));
     }
 
-    assert_eq!(
-        schema.ledger().await,
-        vec![],
-        "no refused request may write a ledger row"
-    );
-    assert_eq!(schema.records().await, vec![], "no refused request may leave a record");
+    assert_refusals_left_no_trace(&schema).await;
 
     // The genuine delivery of the id a forgery carried still runs.
     let genuine = receiver
@@ -912,12 +857,7 @@ async fn signed_webhook_checks_run_in_order_body_size_signature_json_key() {
     reply.assert_problem(StatusCode::BAD_REQUEST);
     assert_eq!(reply.json()["type"], "urn:tower-idempotency:missing-key");
 
-    assert_eq!(
-        schema.ledger().await,
-        vec![],
-        "no refused request may write a ledger row"
-    );
-    assert_eq!(schema.records().await, vec![], "no refused request may leave a record");
+    assert_refusals_left_no_trace(&schema).await;
 }
 
 #[tokio::test]
@@ -926,10 +866,7 @@ async fn invalid_webhook_secrets_exit_with_code_2_without_echoing_them() {
         ("STANDARD_WEBHOOK_SECRET", "whsec_not base64 %%"),
         ("STANDARD_WEBHOOK_SECRET", "whsk_asymmetric"),
     ] {
-        let output = run_to_exit("webhook_receiver", &[], &[(name, value)]).await;
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        assert_eq!(output.status.code(), Some(2), "{name}={value}: {stderr}");
-        assert!(stderr.contains(name), "the error names {name}: {stderr}");
+        let stderr = assert_setting_refused("webhook_receiver", name, value).await;
         assert!(!stderr.contains(value), "the error must not echo the secret: {stderr}");
     }
 }

@@ -113,6 +113,15 @@ impl Schema {
             .collect()
     }
 
+    /// Every ledger row as a [`ledger_event`], oldest first.
+    pub async fn ledger_events(&self) -> Vec<LedgerEvent> {
+        self.ledger()
+            .await
+            .into_iter()
+            .map(|e| (e.source, e.event_id, e.event_type, e.amount_cents))
+            .collect()
+    }
+
     /// Ledger rows written for one event.
     pub async fn ledger_rows_for(&self, source: &str, event_id: &str) -> i64 {
         let sql = format!(
@@ -228,6 +237,19 @@ pub struct LedgerEntry {
     pub event_id: String,
     pub event_type: String,
     pub amount_cents: i64,
+}
+
+/// What a ledger row says happened: (source, event id, event type, amount
+/// in cents).
+pub type LedgerEvent = (String, String, String, i64);
+
+pub fn ledger_event(source: &str, event_id: &str, event_type: &str, amount_cents: i64) -> LedgerEvent {
+    (
+        source.to_owned(),
+        event_id.to_owned(),
+        event_type.to_owned(),
+        amount_cents,
+    )
 }
 
 /// One idempotency record: (source, event type, key, state).
@@ -375,6 +397,14 @@ impl Receiver {
     pub async fn deliver(&self, event_id: &str) -> Reply {
         answered("/webhooks/stripe", self.http.deliver(event_id).await)
     }
+}
+
+/// The example `example` started on a new schema named after `name`, with
+/// `settings` added to the test defaults.
+pub async fn start_on_a_new_schema(example: &str, name: &str, settings: &[(&str, &str)]) -> (Schema, Receiver) {
+    let schema = Schema::new(name).await;
+    let receiver = Receiver::start_example(example, &schema, settings).await;
+    (schema, receiver)
 }
 
 fn answered(path: &str, result: Result<Reply, String>) -> Reply {
@@ -554,6 +584,16 @@ pub async fn run_to_exit(name: &str, args: &[&str], settings: &[(&str, &str)]) -
     }
 }
 
+/// Runs the example `name` with `setting=value` and asserts that it refuses
+/// to start, exiting with code 2 and naming the setting; returns its stderr.
+pub async fn assert_setting_refused(name: &str, setting: &str, value: &str) -> String {
+    let output = run_to_exit(name, &[], &[(setting, value)]).await;
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert_eq!(output.status.code(), Some(2), "{name}: {setting}={value}: {stderr}");
+    assert!(stderr.contains(setting), "{name}: the error names {setting}: {stderr}");
+    stderr
+}
+
 /// The example's `--help`.
 pub async fn help(name: &str) -> String {
     let output = run_to_exit(name, &["--help"], &[]).await;
@@ -625,13 +665,58 @@ impl LoadReport {
     pub fn count(&self, status: u16) -> usize {
         self.statuses.get(&status).copied().unwrap_or(0)
     }
+
+    /// Fails unless every answer was a 200 or a 503 with `Retry-After` and
+    /// every event got its 200.
+    pub fn assert_only_200s_and_503s_and_every_event_done(&self) {
+        assert!(self.unexpected.is_empty(), "only 200s and 503s: {:#?}", self.unexpected);
+        assert!(
+            self.unfinished.is_empty(),
+            "every event got its 200: {:?}",
+            self.unfinished
+        );
+    }
 }
 
-/// Delivers every event with `concurrency` workers, each event retried as a
-/// provider would until it gets a 200 (the first run or a replay), for at
-/// most `give_up` per event. `progress` counts as it goes, so a test can act
-/// at points of progress.
-pub async fn deliver_all(
+/// `count` event ids, `<prefix>_<n>`.
+pub fn event_ids(prefix: &str, count: usize) -> Vec<String> {
+    (0..count).map(|n| format!("{prefix}_{n}")).collect()
+}
+
+/// Delivers `count` fresh events one at a time: each must run at the first
+/// try, and exactly once.
+pub async fn assert_fresh_events_run_at_the_first_try(
+    receiver: &Receiver,
+    schema: &Schema,
+    prefix: &str,
+    count: usize,
+) {
+    let events = event_ids(prefix, count);
+    for event in &events {
+        let reply = receiver.deliver(event).await;
+        assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+        assert!(!reply.replayed());
+    }
+    assert_eq!(schema.events_not_run_once("stripe", &events).await, vec![]);
+}
+
+/// Starts delivering every event with `concurrency` workers, each event
+/// retried as a provider would until it gets a 200 (the first run or a
+/// replay), for at most `give_up` per event. Returns the progress, which
+/// counts as it goes so that a test can act at points of progress, and the
+/// run, which ends with its report.
+pub fn spawn_load(
+    http: Http,
+    events: Arc<Vec<String>>,
+    concurrency: usize,
+    give_up: Duration,
+) -> (Arc<Progress>, JoinHandle<LoadReport>) {
+    let progress = Arc::new(Progress::default());
+    let load = tokio::spawn(deliver_all(http, events, concurrency, progress.clone(), give_up));
+    (progress, load)
+}
+
+async fn deliver_all(
     http: Http,
     events: Arc<Vec<String>>,
     concurrency: usize,
