@@ -71,6 +71,14 @@ async fn stripe_layer(db: &TestDb, mode: Mode) -> IdempotencyLayer {
         .mode(mode)
 }
 
+fn assert_no_forgery_ran(runs: &AtomicUsize, mode_name: &str) {
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        0,
+        "{mode_name} mode: a forgery reached the handler"
+    );
+}
+
 #[tokio::test]
 async fn forgeries_with_a_grpc_content_type_are_refused_before_the_handler() {
     let db = TestDb::new("forged_grpc_content_types").await;
@@ -86,11 +94,7 @@ async fn forgeries_with_a_grpc_content_type_are_refused_before_the_handler() {
                 assert_eq!(reply.problem_type(), INVALID_SIGNATURE, "{what}");
             }
         }
-        assert_eq!(
-            runs.load(Ordering::SeqCst),
-            0,
-            "{mode_name} mode: a forgery reached the handler"
-        );
+        assert_no_forgery_ran(&runs, mode_name);
     }
     assert_eq!(db.records().await, 0);
     db.drop_schema().await;
@@ -112,11 +116,7 @@ async fn forgeries_with_an_unprotected_method_are_refused_before_the_handler() {
             let reply = send(app, delivery(method.clone(), "application/json", None)).await;
             assert_eq!(reply.status, StatusCode::UNAUTHORIZED, "{mode_name} mode, {method}");
         }
-        assert_eq!(
-            runs.load(Ordering::SeqCst),
-            0,
-            "{mode_name} mode: a forgery reached the handler"
-        );
+        assert_no_forgery_ran(&runs, mode_name);
     }
     assert_eq!(db.records().await, 0);
     db.drop_schema().await;
