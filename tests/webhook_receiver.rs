@@ -234,14 +234,14 @@ async fn assert_refusals_left_no_trace(schema: &Schema) {
     assert_eq!(schema.records().await, vec![], "no refused request may leave a record");
 }
 
-/// Sends each refused request, expecting a problem with its status, then
+/// A request the receiver must refuse: what it is, and its path, headers
+/// and body.
+type Refused<'a> = (&'a str, (&'a str, Vec<(&'a str, &'a str)>, String));
+
+/// Sends each refused request, expecting a problem with `status`, then
 /// checks that none wrote a ledger row or left a record.
-async fn assert_refused(
-    schema: &Schema,
-    receiver: &Receiver,
-    refused: Vec<(&str, &str, Vec<(&str, &str)>, String, StatusCode)>,
-) {
-    for (what, path, headers, body, status) in refused {
+async fn assert_refused(schema: &Schema, receiver: &Receiver, status: StatusCode, refused: Vec<Refused<'_>>) {
+    for (what, (path, headers, body)) in refused {
         let reply = receiver.post(path, &headers, body).await;
         assert_eq!(reply.status, status, "{what}: {reply:?}");
         reply.assert_problem(status);
@@ -253,7 +253,7 @@ async fn assert_refused(
 async fn webhooks_without_a_usable_event_id_are_refused_with_400() {
     let (schema, receiver) = start("no_event_id", &[]).await;
     let stripe = |body: serde_json::Value| ("/webhooks/stripe", vec![], body.to_string());
-    let cases = [
+    let refused = vec![
         ("a float id", stripe(json!({"id": 1.5, "type": "t"}))),
         ("a boolean id", stripe(json!({"id": true, "type": "t"}))),
         ("a null id", stripe(json!({"id": null, "type": "t"}))),
@@ -280,42 +280,33 @@ async fn webhooks_without_a_usable_event_id_are_refused_with_400() {
             ),
         ),
     ];
-    let refused = cases
-        .into_iter()
-        .map(|(what, (path, headers, body))| (what, path, headers, body, StatusCode::BAD_REQUEST))
-        .collect();
-    assert_refused(&schema, &receiver, refused).await;
+    assert_refused(&schema, &receiver, StatusCode::BAD_REQUEST, refused).await;
 }
 
 #[tokio::test]
 async fn malformed_json_is_refused_with_400_on_every_route() {
     let (schema, receiver) = start("malformed_json", &[]).await;
-    let bad = StatusCode::BAD_REQUEST;
     let refused = vec![
-        (
-            "stripe",
-            "/webhooks/stripe",
-            vec![],
-            "{\"id\": \"evt_1\"".to_owned(),
-            bad,
-        ),
+        ("stripe", ("/webhooks/stripe", vec![], "{\"id\": \"evt_1\"".to_owned())),
         (
             "standard",
-            "/webhooks/standard",
-            vec![("webhook-id", "msg_2")],
-            "{not json".to_owned(),
-            bad,
+            (
+                "/webhooks/standard",
+                vec![("webhook-id", "msg_2")],
+                "{not json".to_owned(),
+            ),
         ),
         (
             "payments",
-            "/payments",
-            vec![("Idempotency-Key", "pay-2")],
-            "{\"amount\":".to_owned(),
-            bad,
+            (
+                "/payments",
+                vec![("Idempotency-Key", "pay-2")],
+                "{\"amount\":".to_owned(),
+            ),
         ),
-        ("baseline", "/baseline", vec![], "{oops".to_owned(), bad),
+        ("baseline", ("/baseline", vec![], "{oops".to_owned())),
     ];
-    assert_refused(&schema, &receiver, refused).await;
+    assert_refused(&schema, &receiver, StatusCode::BAD_REQUEST, refused).await;
 
     // JSON is checked before the key.
     let malformed_no_key = receiver.post("/payments", &[], "{\"amount\":").await;
@@ -326,24 +317,22 @@ async fn malformed_json_is_refused_with_400_on_every_route() {
 #[tokio::test]
 async fn bodies_over_max_body_bytes_are_refused_with_413() {
     let (schema, receiver) = start("oversize", &[("MAX_BODY_BYTES", "1024")]).await;
-    let too_large = StatusCode::PAYLOAD_TOO_LARGE;
+    let pad = "x".repeat(2000);
     let refused = vec![
         (
             "stripe",
-            "/webhooks/stripe",
-            vec![],
-            json!({"id": "evt_big", "type": "t", "pad": "x".repeat(2000)}).to_string(),
-            too_large,
+            (
+                "/webhooks/stripe",
+                vec![],
+                json!({"id": "evt_big", "type": "t", "pad": pad}).to_string(),
+            ),
         ),
         (
             "baseline",
-            "/baseline",
-            vec![],
-            json!({"id": "big", "pad": "x".repeat(2000)}).to_string(),
-            too_large,
+            ("/baseline", vec![], json!({"id": "big", "pad": pad}).to_string()),
         ),
     ];
-    assert_refused(&schema, &receiver, refused).await;
+    assert_refused(&schema, &receiver, StatusCode::PAYLOAD_TOO_LARGE, refused).await;
 }
 
 // ---------------------------------------------------------------------------
