@@ -36,6 +36,16 @@ fn webhook(path: &str, headers: &[(&str, String)], body: &str) -> Request<Body> 
     builder.body(Body::from(body.to_owned())).expect("request")
 }
 
+/// A delivery of `body` signed as Stripe signs with `secret` at
+/// `timestamp`.
+fn stripe_delivery(secret: &str, timestamp: u64, body: &str) -> Request<Body> {
+    webhook(
+        "/r",
+        &[("stripe-signature", stripe_signature(secret, timestamp, body))],
+        body,
+    )
+}
+
 fn stripe_event(id: &str) -> String {
     json!({"id": id, "type": "payment_intent.succeeded", "data": {"object": {"amount": 500}}}).to_string()
 }
@@ -165,29 +175,10 @@ async fn a_forged_request_cannot_claim_a_genuine_event_id_first() {
     let genuine = stripe_event("evt_genuine");
     // The attacker knows the id but not the secret, and sends first.
     let forged = genuine.replace("500", "1");
-    let forged_reply = send(
-        &app,
-        webhook(
-            "/r",
-            &[("stripe-signature", stripe_signature("whsec_guess", unix_now(), &forged))],
-            &forged,
-        ),
-    )
-    .await;
+    let forged_reply = send(&app, stripe_delivery("whsec_guess", unix_now(), &forged)).await;
     assert_refused(&db, &forged_reply, "the forged event").await;
 
-    let reply = send(
-        &app,
-        webhook(
-            "/r",
-            &[(
-                "stripe-signature",
-                stripe_signature(STRIPE_SECRET, unix_now(), &genuine),
-            )],
-            &genuine,
-        ),
-    )
-    .await;
+    let reply = send(&app, stripe_delivery(STRIPE_SECRET, unix_now(), &genuine)).await;
     assert_ran(&reply, "the genuine event after a forgery with its id");
     assert_eq!(probe.runs(), 1);
     assert_eq!(db.ledger_rows().await, 1);
@@ -206,39 +197,15 @@ async fn stripe_verifies_against_every_secret_it_holds() {
     let t = unix_now();
 
     let old = stripe_event("evt_old");
-    let reply = send(
-        &app,
-        webhook(
-            "/r",
-            &[("stripe-signature", stripe_signature("whsec_old", t, &old))],
-            &old,
-        ),
-    )
-    .await;
+    let reply = send(&app, stripe_delivery("whsec_old", t, &old)).await;
     assert_ran(&reply, "signed with the old secret");
 
     let new = stripe_event("evt_new");
-    let reply = send(
-        &app,
-        webhook(
-            "/r",
-            &[("stripe-signature", stripe_signature("whsec_new", t, &new))],
-            &new,
-        ),
-    )
-    .await;
+    let reply = send(&app, stripe_delivery("whsec_new", t, &new)).await;
     assert_ran(&reply, "signed with the new secret");
 
     let retired = stripe_event("evt_retired");
-    let reply = send(
-        &app,
-        webhook(
-            "/r",
-            &[("stripe-signature", stripe_signature("whsec_retired", t, &retired))],
-            &retired,
-        ),
-    )
-    .await;
+    let reply = send(&app, stripe_delivery("whsec_retired", t, &retired)).await;
     assert_eq!(reply.status, StatusCode::UNAUTHORIZED, "{reply:?}");
     assert_eq!(probe.runs(), 2);
     assert_eq!(db.records().await, 2);
@@ -284,18 +251,13 @@ async fn checks_run_in_order_body_size_signature_json_key() {
 
     // Malformed JSON, signed: 400.
     let malformed = "{\"id\":";
-    let signed = [(
-        "stripe-signature",
-        stripe_signature(STRIPE_SECRET, unix_now(), malformed),
-    )];
-    let reply = send(&app, webhook("/r", &signed, malformed)).await;
+    let reply = send(&app, stripe_delivery(STRIPE_SECRET, unix_now(), malformed)).await;
     assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{reply:?}");
     assert_eq!(reply.problem_type(), "urn:tower-idempotency:malformed-json");
 
     // Signed JSON without an id: the key is checked last.
     let no_id = json!({"type": "t"}).to_string();
-    let signed = [("stripe-signature", stripe_signature(STRIPE_SECRET, unix_now(), &no_id))];
-    let reply = send(&app, webhook("/r", &signed, &no_id)).await;
+    let reply = send(&app, stripe_delivery(STRIPE_SECRET, unix_now(), &no_id)).await;
     assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{reply:?}");
     assert_eq!(reply.problem_type(), "urn:tower-idempotency:missing-key");
 

@@ -1,6 +1,6 @@
 //! Shared setup for the tests: the one place that says which Postgres they
 //! use (`DATABASE_URL`), a schema per test, a probe handler whose behaviour
-//! each request chooses through headers, small request helpers, requests
+//! each request chooses through headers, requests built and read, requests
 //! signed as providers sign them ([`signing`]) and a proxy on the Postgres
 //! wire protocol ([`wire`]).
 //!

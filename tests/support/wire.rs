@@ -337,6 +337,7 @@ async fn relay(client: TcpStream, server: TcpStream, control: Arc<Control>) {
             }
             faulted.store(false, Ordering::SeqCst);
             control.answered.notify_one();
+            // Only a watched statement sets `faulted`, so `watched` is `Some` here.
             match control.watched.as_ref().map(|(_, fault)| *fault) {
                 Some(Fault::CutBeforeAnswer) | None => {
                     cut.notify_one();
