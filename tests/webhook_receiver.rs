@@ -26,7 +26,7 @@ use process::{
 use serde_json::json;
 use support::signing::{
     github_headers, github_signature, hmac_sha256, standard_headers, standard_signature, stripe_signature, unix_now,
-    INVALID_SIGNATURE, STANDARD_SECRET,
+    INVALID_SIGNATURE, STANDARD_SECRET, TOO_FAR_AHEAD,
 };
 use support::DEFAULT_DATABASE_URL;
 use tokio::sync::Barrier;
@@ -694,7 +694,7 @@ async fn unverified_deliveries_are_refused_with_401_leaving_no_trace() {
         ),
         (
             "a future timestamp",
-            Some(stripe_signature(STRIPE_SECRET, t + 301, &stripe)),
+            Some(stripe_signature(STRIPE_SECRET, t + TOO_FAR_AHEAD, &stripe)),
             stripe.clone(),
         ),
         (
@@ -758,7 +758,11 @@ async fn unverified_deliveries_are_refused_with_401_leaving_no_trace() {
         ),
         (
             "a future timestamp",
-            standard_headers("msg_forged", t + 301, sign("msg_forged", t + 301, &invoice)),
+            standard_headers(
+                "msg_forged",
+                t + TOO_FAR_AHEAD,
+                sign("msg_forged", t + TOO_FAR_AHEAD, &invoice),
+            ),
             invoice.clone(),
         ),
         (

@@ -12,6 +12,12 @@ pub const INVALID_SIGNATURE: &str = "urn:tower-idempotency:invalid-signature";
 /// A Standard Webhooks secret in its published form, `whsec_` and base64.
 pub const STANDARD_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 
+/// How far ahead of a test's `unix_now()` a signed timestamp lies to be
+/// refused as from the future all the while the test runs: past the
+/// layer's 300 s tolerance with a minute to spare, since the clock the
+/// layer reads moves on after the test has read its own.
+pub const TOO_FAR_AHEAD: u64 = 360;
+
 /// Seconds since the Unix epoch, now.
 pub fn unix_now() -> u64 {
     std::time::SystemTime::now()
