@@ -33,9 +33,7 @@ struct Server {
 
 impl Server {
     async fn new() -> Self {
-        let config: tokio_postgres::Config = support::database_url()
-            .parse()
-            .unwrap_or_else(|error| panic!("DATABASE_URL is not a valid Postgres URL: {error}"));
+        let config = support::database_config();
         let host = match config.get_hosts().first() {
             Some(tokio_postgres::config::Host::Tcp(host)) => host.clone(),
             _ => panic!("these tests need DATABASE_URL to name a TCP host"),

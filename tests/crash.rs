@@ -15,11 +15,13 @@
 //! (lease mode).
 
 mod process;
+mod support;
 
 use std::time::{Duration, SystemTime};
 
 use http::StatusCode;
-use process::{wait_until, Receiver, Schema};
+use process::{Receiver, Schema};
+use support::wait_until;
 
 /// The handler sleeps this long after its ledger write: far longer than the
 /// test, so the kill always lands mid-handler.
@@ -33,19 +35,7 @@ async fn a_receiver_killed_mid_handler_runs_the_event_exactly_once_after_restart
     let http = receiver.http();
     let cut_off = tokio::spawn(async move { http.deliver("evt_crash").await });
 
-    // The handler has written its row inside the request's transaction and
-    // sleeps: its session is idle in that transaction, last query the INSERT.
-    wait_until("the handler wrote its ledger row", OBSERVE, || async {
-        schema
-            .count(
-                "SELECT count(*) FROM pg_stat_activity
-                 WHERE application_name = '{schema}' AND state = 'idle in transaction'
-                   AND query LIKE 'INSERT INTO ledger_entries%'",
-            )
-            .await
-            == 1
-    })
-    .await;
+    schema.wait_for_the_ledger_write(OBSERVE).await;
     receiver.kill().await;
     let answer = cut_off.await.expect("the delivery task");
     assert!(answer.is_err(), "the killed receiver cannot have answered: {answer:?}");
@@ -65,8 +55,8 @@ async fn a_receiver_killed_mid_handler_runs_the_event_exactly_once_after_restart
     );
 
     let receiver = Receiver::start(&schema, &[]).await;
-    let redelivered = receiver.deliver("evt_crash").await.expect("the redelivery");
-    let again = receiver.deliver("evt_crash").await.expect("the second redelivery");
+    let redelivered = receiver.deliver("evt_crash").await;
+    let again = receiver.deliver("evt_crash").await;
 
     assert_eq!(redelivered.status, StatusCode::OK, "{redelivered:?}");
     assert!(
@@ -131,8 +121,8 @@ async fn in_lease_mode_a_killed_receivers_lease_runs_out_and_the_redelivery_take
     let receiver = Receiver::start(&schema, &lease).await;
     // The webhook route waits (up to 10 s) for an in-flight claim: this
     // delivery waits out the crashed claim's lease, then takes it over.
-    let redelivered = receiver.deliver("evt_lease").await.expect("the redelivery");
-    let replay = receiver.deliver("evt_lease").await.expect("the replay");
+    let redelivered = receiver.deliver("evt_lease").await;
+    let replay = receiver.deliver("evt_lease").await;
 
     assert_eq!(redelivered.status, StatusCode::OK, "{redelivered:?}");
     assert!(
@@ -178,25 +168,17 @@ async fn in_lease_mode_a_killed_receivers_lease_runs_out_and_the_redelivery_take
     );
 }
 
-#[test]
-fn the_record_mode_settings_are_documented_and_checked() {
-    let help = std::process::Command::new(process::example_binary())
-        .arg("--help")
-        .output()
-        .expect("run the example with --help");
-    let help = String::from_utf8_lossy(&help.stdout);
+#[tokio::test]
+async fn the_record_mode_settings_are_documented_with_their_defaults() {
+    let help = process::help("webhook_receiver").await;
     for setting in ["RECORD_MODE", "[default: transaction]", "LEASE_SECS", "[default: 60]"] {
         assert!(help.contains(setting), "--help shows {setting}: {help}");
     }
+}
+
+#[tokio::test]
+async fn invalid_record_mode_settings_exit_with_code_2() {
     for (name, value) in [("RECORD_MODE", "sometimes"), ("LEASE_SECS", "0")] {
-        let output = std::process::Command::new(process::example_binary())
-            .env_remove("DATABASE_URL")
-            .env("BIND", "127.0.0.1:0")
-            .env(name, value)
-            .output()
-            .expect("run the example");
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        assert_eq!(output.status.code(), Some(2), "{name}={value}: {stderr}");
-        assert!(stderr.contains(name), "the error names {name}: {stderr}");
+        process::assert_setting_refused("webhook_receiver", name, value).await;
     }
 }

@@ -9,22 +9,16 @@
 //! transaction after the `INSERT`, or the committed row and claim in lease
 //! mode).
 
+mod payments;
 mod process;
+mod support;
 
 use std::time::Duration;
 
 use http::StatusCode;
-use process::{wait_until, Receiver, Schema, REQUEST_TIMEOUT};
-use tonic::transport::Channel;
-use tonic::Request;
-
-#[allow(clippy::all, missing_docs, unreachable_pub, dead_code)]
-mod payments {
-    include!("../examples/proto/payments.v1.rs");
-}
-
-use payments::payments_client::PaymentsClient;
-use payments::CreatePaymentRequest;
+use payments::payment;
+use process::{Receiver, Schema, REQUEST_TIMEOUT};
+use support::wait_until;
 
 const OBSERVE: Duration = Duration::from_secs(20);
 /// A handler delay the grace period easily covers, yet long enough for the
@@ -38,22 +32,6 @@ const SHORT_GRACE_MS: &str = "500";
 /// generous, yet well below the clients' own 30 s timeout, whose giving up
 /// would close the connection and let a server that waits for it exit too.
 const PROMPT_EXIT: Duration = Duration::from_secs(10);
-
-/// Waits until the handler has written its ledger row inside the request's
-/// transaction and sleeps.
-async fn wait_for_the_ledger_write(schema: &Schema) {
-    wait_until("the handler wrote its ledger row", OBSERVE, || async {
-        schema
-            .count(
-                "SELECT count(*) FROM pg_stat_activity
-                 WHERE application_name = '{schema}' AND state = 'idle in transaction'
-                   AND query LIKE 'INSERT INTO ledger_entries%'",
-            )
-            .await
-            == 1
-    })
-    .await;
-}
 
 async fn records(schema: &Schema, key: &str, state: i16) -> i64 {
     let sql = format!(
@@ -78,7 +56,7 @@ async fn on_sigterm_a_handler_within_the_grace_finishes_and_commits_and_the_proc
     let receiver = Receiver::start(&schema, &settings).await;
     let http = receiver.http();
     let delivery = tokio::spawn(async move { http.deliver("evt_graceful").await });
-    wait_for_the_ledger_write(&schema).await;
+    schema.wait_for_the_ledger_write(OBSERVE).await;
 
     let exit = receiver.stop_with("TERM", REQUEST_TIMEOUT).await;
 
@@ -87,7 +65,7 @@ async fn on_sigterm_a_handler_within_the_grace_finishes_and_commits_and_the_proc
     assert_eq!(answer.status, StatusCode::OK, "{answer:?}");
     assert_eq!(records(&schema, "evt_graceful", 2).await, 1, "committed");
     let receiver = Receiver::start(&schema, &[]).await;
-    let redelivered = receiver.deliver("evt_graceful").await.expect("the redelivery");
+    let redelivered = receiver.deliver("evt_graceful").await;
     assert!(redelivered.replayed(), "{redelivered:?}");
     assert_eq!(redelivered.body, answer.body);
     assert_eq!(schema.ledger_rows_for("stripe", "evt_graceful").await, 1);
@@ -103,7 +81,7 @@ async fn on_sigterm_past_the_grace_the_handler_is_rolled_back_and_its_redelivery
     let receiver = Receiver::start(&schema, &settings).await;
     let http = receiver.http();
     let delivery = tokio::spawn(async move { http.deliver("evt_cut_off").await });
-    wait_for_the_ledger_write(&schema).await;
+    schema.wait_for_the_ledger_write(OBSERVE).await;
 
     // Far below the handler's delay: the process does not wait for it.
     let exit = receiver.stop_with("TERM", PROMPT_EXIT).await;
@@ -120,7 +98,7 @@ async fn on_sigterm_past_the_grace_the_handler_is_rolled_back_and_its_redelivery
         0
     );
     let receiver = Receiver::start(&schema, &[]).await;
-    let redelivered = receiver.deliver("evt_cut_off").await.expect("the redelivery");
+    let redelivered = receiver.deliver("evt_cut_off").await;
     assert_eq!(redelivered.status, StatusCode::OK, "{redelivered:?}");
     assert!(!redelivered.replayed());
     assert_eq!(schema.ledger_rows_for("stripe", "evt_cut_off").await, 1);
@@ -155,7 +133,7 @@ async fn in_lease_mode_past_the_grace_the_claim_is_deleted_and_the_redelivery_is
     // The webhook route would wait 10 s for a claim left to its 600 s
     // lease, then answer 409.
     let receiver = Receiver::start(&schema, &lease).await;
-    let redelivered = receiver.deliver("evt_leased").await.expect("the redelivery");
+    let redelivered = receiver.deliver("evt_leased").await;
     assert_eq!(redelivered.status, StatusCode::OK, "{redelivered:?}");
     assert!(!redelivered.replayed());
     assert_eq!(
@@ -163,23 +141,6 @@ async fn in_lease_mode_past_the_grace_the_claim_is_deleted_and_the_redelivery_is
         2,
         "lease mode is at-least-once: the cut-off run's row stays and the redelivery runs again"
     );
-}
-
-async fn payments_client(receiver: &Receiver) -> PaymentsClient<Channel> {
-    PaymentsClient::connect(format!("http://{}", receiver.address))
-        .await
-        .expect("connect to the example")
-}
-
-fn payment(key: &str) -> Request<CreatePaymentRequest> {
-    let mut request = Request::new(CreatePaymentRequest {
-        amount_cents: 700,
-        currency: "EUR".into(),
-    });
-    request
-        .metadata_mut()
-        .insert("idempotency-key", key.parse().expect("an ASCII key"));
-    request
 }
 
 #[tokio::test]
@@ -190,9 +151,9 @@ async fn on_ctrl_c_a_grpc_call_within_the_grace_finishes_and_commits() {
         ("SHUTDOWN_GRACE_MS", LONG_GRACE_MS),
     ];
     let receiver = Receiver::start_example("grpc_payments", &schema, &settings).await;
-    let mut client = payments_client(&receiver).await;
-    let call = tokio::spawn(async move { client.create_payment(payment("order-graceful")).await });
-    wait_for_the_ledger_write(&schema).await;
+    let mut client = payments::client(receiver.address).await;
+    let call = tokio::spawn(async move { client.create_payment(payment(Some("order-graceful"), 700)).await });
+    schema.wait_for_the_ledger_write(OBSERVE).await;
 
     let exit = receiver.stop_with("INT", REQUEST_TIMEOUT).await;
 
@@ -200,9 +161,9 @@ async fn on_ctrl_c_a_grpc_call_within_the_grace_finishes_and_commits() {
     let first = call.await.expect("the call task").expect("the call succeeds");
     assert_eq!(schema.ledger_rows_for("grpc", "order-graceful").await, 1);
     let receiver = Receiver::start_example("grpc_payments", &schema, &[]).await;
-    let replay = payments_client(&receiver)
+    let replay = payments::client(receiver.address)
         .await
-        .create_payment(payment("order-graceful"))
+        .create_payment(payment(Some("order-graceful"), 700))
         .await
         .expect("the retry");
     assert_eq!(replay.get_ref(), first.get_ref());
@@ -224,9 +185,9 @@ async fn on_ctrl_c_a_grpc_call_past_the_grace_is_rolled_back_and_its_retry_runs_
         ("SHUTDOWN_GRACE_MS", SHORT_GRACE_MS),
     ];
     let receiver = Receiver::start_example("grpc_payments", &schema, &settings).await;
-    let mut client = payments_client(&receiver).await;
-    let call = tokio::spawn(async move { client.create_payment(payment("order-cut-off")).await });
-    wait_for_the_ledger_write(&schema).await;
+    let mut client = payments::client(receiver.address).await;
+    let call = tokio::spawn(async move { client.create_payment(payment(Some("order-cut-off"), 700)).await });
+    schema.wait_for_the_ledger_write(OBSERVE).await;
 
     let exit = receiver.stop_with("INT", PROMPT_EXIT).await;
 
@@ -241,37 +202,30 @@ async fn on_ctrl_c_a_grpc_call_past_the_grace_is_rolled_back_and_its_retry_runs_
         0
     );
     let receiver = Receiver::start_example("grpc_payments", &schema, &[]).await;
-    let retried = payments_client(&receiver)
+    let retried = payments::client(receiver.address)
         .await
-        .create_payment(payment("order-cut-off"))
+        .create_payment(payment(Some("order-cut-off"), 700))
         .await
         .expect("the retry runs");
     assert!(retried.metadata().get("idempotent-replayed").is_none());
     assert_eq!(schema.ledger_rows_for("grpc", "order-cut-off").await, 1);
 }
 
-#[test]
-fn the_shutdown_grace_setting_is_documented_and_checked() {
+#[tokio::test]
+async fn the_shutdown_grace_setting_is_documented_with_its_default() {
     for example in ["webhook_receiver", "grpc_payments"] {
-        let binary = process::named_example_binary(example);
-        let help = std::process::Command::new(&binary)
-            .arg("--help")
-            .output()
-            .expect("run the example with --help");
-        let help = String::from_utf8_lossy(&help.stdout);
+        let help = process::help(example).await;
         let setting = help
             .split_once("SHUTDOWN_GRACE_MS")
             .map(|(_, rest)| rest.split("[default:").nth(1).unwrap_or_default())
             .unwrap_or_else(|| panic!("{example} --help shows SHUTDOWN_GRACE_MS: {help}"));
         assert!(setting.starts_with(" 10000]"), "{example} --help: {help}");
-        let output = std::process::Command::new(&binary)
-            .env_remove("DATABASE_URL")
-            .env("BIND", "127.0.0.1:0")
-            .env("SHUTDOWN_GRACE_MS", "soon")
-            .output()
-            .expect("run the example");
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        assert_eq!(output.status.code(), Some(2), "{example}: {stderr}");
-        assert!(stderr.contains("SHUTDOWN_GRACE_MS"), "{example}: {stderr}");
+    }
+}
+
+#[tokio::test]
+async fn an_invalid_shutdown_grace_exits_with_code_2() {
+    for example in ["webhook_receiver", "grpc_payments"] {
+        process::assert_setting_refused(example, "SHUTDOWN_GRACE_MS", "soon").await;
     }
 }

@@ -1,6 +1,7 @@
 //! The layer on a tonic server, driven by a generated tonic client over
 //! loopback, against the real Postgres.
 
+mod payments;
 mod support;
 
 use std::net::SocketAddr;
@@ -16,14 +17,8 @@ use tonic::transport::{Channel, Server};
 use tonic::{Code, Request, Response, Status};
 use tower_idempotency::{IdempotencyLayer, IdempotencyTx, InFlight, PostgresStore, RecordKey};
 
-#[allow(clippy::all, missing_docs, unreachable_pub, dead_code)]
-mod payments {
-    include!("../examples/proto/payments.v1.rs");
-}
-
-use payments::payments_client::PaymentsClient;
 use payments::payments_server::{Payments, PaymentsServer};
-use payments::{CreatePaymentRequest, Payment};
+use payments::{client, payment, CreatePaymentRequest, Payment};
 
 const CREATE_PAYMENT: &str = "/payments.v1.Payments/CreatePayment";
 
@@ -114,21 +109,6 @@ async fn serve(layer: IdempotencyLayer, handler: Handler) -> (SocketAddr, tonic_
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );
     (address, reporter)
-}
-
-async fn client(address: SocketAddr) -> PaymentsClient<Channel> {
-    PaymentsClient::connect(format!("http://{address}")).await.unwrap()
-}
-
-fn payment(key: Option<&str>, amount_cents: i64) -> Request<CreatePaymentRequest> {
-    let mut request = Request::new(CreatePaymentRequest {
-        amount_cents,
-        currency: "EUR".into(),
-    });
-    if let Some(key) = key {
-        request.metadata_mut().insert("idempotency-key", key.parse().unwrap());
-    }
-    request
 }
 
 fn with_flag(mut request: Request<CreatePaymentRequest>, flag: &'static str) -> Request<CreatePaymentRequest> {

@@ -2,51 +2,25 @@
 //! as a child process on a schema of its own and a generated tonic client
 //! calls it, as a client in any language would.
 
+mod payments;
 mod process;
+mod support;
 
+use payments::payment;
 use process::{Receiver, Schema};
-use tonic::transport::Channel;
-use tonic::{Code, Request};
+use tonic::Code;
 
-#[allow(clippy::all, missing_docs, unreachable_pub, dead_code)]
-mod payments {
-    include!("../examples/proto/payments.v1.rs");
-}
-
-use payments::payments_client::PaymentsClient;
-use payments::CreatePaymentRequest;
-
-async fn client(receiver: &Receiver) -> PaymentsClient<Channel> {
-    PaymentsClient::connect(format!("http://{}", receiver.address))
-        .await
-        .expect("connect to the example")
-}
-
-fn payment(key: Option<&str>, amount_cents: i64) -> Request<CreatePaymentRequest> {
-    let mut request = Request::new(CreatePaymentRequest {
-        amount_cents,
-        currency: "EUR".into(),
-    });
-    if let Some(key) = key {
-        request.metadata_mut().insert("idempotency-key", key.parse().unwrap());
-    }
-    request
+async fn start(name: &str, settings: &[(&str, &str)]) -> (Schema, Receiver) {
+    process::start_on_a_new_schema("grpc_payments", name, settings).await
 }
 
 #[tokio::test]
 async fn a_retried_payment_runs_once_and_replays_the_first_answer() {
-    let schema = Schema::new("grpc_example_replay").await;
-    let receiver = Receiver::start_example("grpc_payments", &schema, &[]).await;
-    let mut client = client(&receiver).await;
+    let (schema, receiver) = start("grpc_example_replay", &[]).await;
+    let mut client = payments::client(receiver.address).await;
 
     let first = client.create_payment(payment(Some("order-1"), 1999)).await.unwrap();
     let replay = client.create_payment(payment(Some("order-1"), 1999)).await.unwrap();
-    let mismatch = client.create_payment(payment(Some("order-1"), 2500)).await.unwrap_err();
-    let missing = client.create_payment(payment(None, 1)).await.unwrap_err();
-    let too_long = client
-        .create_payment(payment(Some(&"k".repeat(256)), 1))
-        .await
-        .unwrap_err();
 
     assert_eq!(first.get_ref().amount_cents, 1999);
     assert_eq!(first.get_ref().currency, "EUR");
@@ -59,12 +33,27 @@ async fn a_retried_payment_runs_once_and_replays_the_first_answer() {
             .map(|v| v.to_str().unwrap()),
         Some("true")
     );
-    assert_eq!(mismatch.code(), Code::FailedPrecondition);
-    assert_eq!(missing.code(), Code::InvalidArgument);
-    assert_eq!(too_long.code(), Code::InvalidArgument);
     assert_eq!(schema.ledger_rows_for("grpc", "order-1").await, 1);
     let row_id = schema.count("SELECT max(id) FROM {schema}.ledger_entries").await;
     assert_eq!(first.get_ref().ledger_entry_id, row_id);
+}
+
+#[tokio::test]
+async fn refused_payments_write_nothing() {
+    let (schema, receiver) = start("grpc_example_refused", &[]).await;
+    let mut client = payments::client(receiver.address).await;
+    client.create_payment(payment(Some("order-1"), 1999)).await.unwrap();
+
+    let mismatch = client.create_payment(payment(Some("order-1"), 2500)).await.unwrap_err();
+    let missing = client.create_payment(payment(None, 1)).await.unwrap_err();
+    let too_long = client
+        .create_payment(payment(Some(&"k".repeat(256)), 1))
+        .await
+        .unwrap_err();
+
+    assert_eq!(mismatch.code(), Code::FailedPrecondition);
+    assert_eq!(missing.code(), Code::InvalidArgument);
+    assert_eq!(too_long.code(), Code::InvalidArgument);
     assert_eq!(
         schema.count("SELECT count(*) FROM {schema}.ledger_entries").await,
         1,
@@ -74,10 +63,9 @@ async fn a_retried_payment_runs_once_and_replays_the_first_answer() {
 
 #[tokio::test]
 async fn an_injected_failure_is_unavailable_and_rolls_the_ledger_row_back() {
-    let schema = Schema::new("grpc_example_failure").await;
-    let receiver = Receiver::start_example("grpc_payments", &schema, &[("DEMO_FAILURE_RATE", "1")]).await;
+    let (schema, receiver) = start("grpc_example_failure", &[("DEMO_FAILURE_RATE", "1")]).await;
 
-    let failed = client(&receiver)
+    let failed = payments::client(receiver.address)
         .await
         .create_payment(payment(Some("order-2"), 5))
         .await

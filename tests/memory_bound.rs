@@ -7,6 +7,7 @@
 //! `MEMORY_EVENTS` lowers the event count for a quick local run.
 
 mod process;
+mod support;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -59,7 +60,7 @@ async fn resident_memory_stays_flat_over_100k_events_and_their_duplicates() {
     let mut samples: Vec<(usize, u64)> = Vec::new();
     let mut next_sample = WARM_UP.min(events);
     while next_sample <= events {
-        process::wait_until("the next sampling point", Duration::from_secs(300), || async {
+        support::wait_until("the next sampling point", Duration::from_secs(300), || async {
             finished.load(Ordering::SeqCst) >= next_sample
         })
         .await;

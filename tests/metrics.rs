@@ -6,8 +6,10 @@ mod support;
 use std::sync::OnceLock;
 use std::time::Duration;
 
+use axum::Router;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
-use support::{request, send, Probe};
+use support::{request, send, Probe, Reply};
+use tokio::task::JoinHandle;
 use tower_idempotency::{IdempotencyLayer, InFlight, MemoryStore};
 
 fn recorder() -> &'static PrometheusHandle {
@@ -53,45 +55,66 @@ async fn request_outcomes_are_counted() {
     assert_eq!(requests(source, "released"), 1);
 }
 
+/// Sends a request for `k` whose handler waits for the gate, once it has
+/// started.
+async fn hold_k_in_flight(probe: &Probe, app: &Router) -> JoinHandle<Reply> {
+    let held = tokio::spawn({
+        let app = app.clone();
+        async move { send(&app, request(Some("k"), "{}", &[("x-test-block", "1")])).await }
+    });
+    probe.started().await;
+    held
+}
+
 #[tokio::test]
-async fn conflicts_waits_and_store_latency_are_recorded() {
+async fn conflicts_are_counted() {
     recorder();
     let probe = Probe::default();
     let conflict = probe.app(IdempotencyLayer::new(MemoryStore::new(100)).source("metrics-conflict"));
-    let store = MemoryStore::new(100);
+
+    let first = hold_k_in_flight(&probe, &conflict).await;
+    send(&conflict, request(Some("k"), "{}", &[])).await;
+    probe.open_gate();
+    first.await.unwrap();
+
+    assert_eq!(requests("metrics-conflict", "conflict"), 1);
+}
+
+#[tokio::test]
+async fn waits_are_counted() {
+    recorder();
+    let probe = Probe::default();
     let waiting = probe.app(
-        IdempotencyLayer::new(store)
+        IdempotencyLayer::new(MemoryStore::new(100))
             .source("metrics-wait")
             .in_flight(InFlight::Wait(Duration::from_secs(30))),
     );
 
-    let first = tokio::spawn({
-        let conflict = conflict.clone();
-        async move { send(&conflict, request(Some("k"), "{}", &[("x-test-block", "1")])).await }
-    });
-    probe.started().await;
-    send(&conflict, request(Some("k"), "{}", &[])).await;
-    let held = tokio::spawn({
-        let waiting = waiting.clone();
-        async move { send(&waiting, request(Some("k"), "{}", &[("x-test-block", "1")])).await }
-    });
-    probe.started().await;
+    let held = hold_k_in_flight(&probe, &waiting).await;
     let waiter = tokio::spawn({
         let waiting = waiting.clone();
         async move { send(&waiting, request(Some("k"), "{}", &[])).await }
     });
     probe.open_gate();
-    first.await.unwrap();
     held.await.unwrap();
     let waited = waiter.await.unwrap();
 
-    assert_eq!(requests("metrics-conflict", "conflict"), 1);
     // The waiter either waited for the first or arrived after it finished.
     assert!(waited.replayed());
     assert_eq!(
         requests("metrics-wait", "waited") + requests("metrics-wait", "replayed"),
         1
     );
+}
+
+#[tokio::test]
+async fn store_latency_is_recorded() {
+    recorder();
+    let probe = Probe::default();
+    let app = probe.app(IdempotencyLayer::new(MemoryStore::new(100)).source("metrics-latency"));
+
+    send(&app, request(Some("k"), "{}", &[])).await;
+
     let text = recorder().render();
     assert!(text.contains("idempotency_store_duration_seconds"), "{text}");
 }

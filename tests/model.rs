@@ -317,6 +317,13 @@ impl Seen {
         let value: serde_json::Value = serde_json::from_str(body).ok()?;
         value["type"].as_str().map(str::to_owned)
     }
+
+    /// Whether this is a first answer (not a replay) with `status` and the
+    /// problem type `problem`.
+    fn is_problem(&self, status: u16, problem: &str) -> bool {
+        matches!(self, Seen::Answer { status: seen, replayed: false, .. } if *seen == status)
+            && self.problem_type().as_deref() == Some(problem)
+    }
 }
 
 struct System {
@@ -606,14 +613,7 @@ fn check_answer(
             Outcome::HoldTx => unreachable!("resolved by execute()"),
             Outcome::CommitFailed => {
                 check!(
-                    matches!(
-                        seen,
-                        Seen::Answer {
-                            status: 500,
-                            replayed: false,
-                            ..
-                        }
-                    ) && seen.problem_type().as_deref() == Some("urn:tower-idempotency:transaction-held"),
+                    seen.is_problem(500, "urn:tower-idempotency:transaction-held"),
                     "{key:?}: run {} kept its transaction: it must answer 500 transaction-held, got {seen:?}",
                     o.tag
                 );
@@ -621,14 +621,7 @@ fn check_answer(
             }
             Outcome::Panic => {
                 check!(
-                    matches!(
-                        seen,
-                        Seen::Answer {
-                            status: 500,
-                            replayed: false,
-                            ..
-                        }
-                    ) && seen.problem_type().as_deref() == Some("urn:tower-idempotency:handler-failed"),
+                    seen.is_problem(500, "urn:tower-idempotency:handler-failed"),
                     "{key:?}: a panicking run {} must answer 500 handler-failed, got {seen:?}",
                     o.tag
                 );

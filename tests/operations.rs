@@ -7,6 +7,7 @@ mod support;
 use std::process::Output;
 use std::time::Duration;
 
+use axum::Router;
 use futures_util::future::join_all;
 use http::StatusCode;
 use support::{request, send, Probe, TestDb};
@@ -151,18 +152,24 @@ async fn release_record_refuses_a_live_claim_unless_forced() {
     db.drop_schema().await;
 }
 
-#[tokio::test]
-async fn the_cache_answers_duplicates_without_the_database_and_only_for_completed_records() {
-    let db = TestDb::new("record_cache").await;
+/// A store with a record cache, and the probe behind it in lease mode,
+/// answering an in-flight duplicate with 409.
+async fn cached_store(db: &TestDb) -> (PostgresStore, Probe, Router) {
     let store = db.store().await.with_cache(1 << 20, Duration::from_secs(60));
     let probe = Probe::default();
-    let lease = Mode::lease(Duration::from_secs(60));
     let app = probe.app(
         IdempotencyLayer::new(store.clone())
             .source("s")
-            .mode(lease)
+            .mode(Mode::lease(Duration::from_secs(60)))
             .in_flight(InFlight::Conflict),
     );
+    (store, probe, app)
+}
+
+#[tokio::test]
+async fn the_cache_answers_a_duplicate_of_a_completed_record_without_the_database() {
+    let db = TestDb::new("record_cache").await;
+    let (_store, probe, app) = cached_store(&db).await;
 
     send(&app, request(Some("k"), "{}", &[])).await;
     probe.started().await;
@@ -186,8 +193,14 @@ async fn the_cache_answers_duplicates_without_the_database_and_only_for_complete
         StatusCode::INTERNAL_SERVER_ERROR,
         "a miss still goes to the database, and finds no table"
     );
+    db.drop_schema().await;
+}
 
-    // An open claim is never served from the cache: its duplicate is 409.
+#[tokio::test]
+async fn the_cache_never_answers_for_an_open_claim() {
+    let db = TestDb::new("record_cache_open_claim").await;
+    let (_store, probe, app) = cached_store(&db).await;
+
     let running = tokio::spawn({
         let app = app.clone();
         async move { send(&app, request(Some("busy"), "{}", &[("x-test-block", "1")])).await }
@@ -196,14 +209,24 @@ async fn the_cache_answers_duplicates_without_the_database_and_only_for_complete
     let duplicate = send(&app, request(Some("busy"), "{}", &[])).await;
     probe.open_gate();
     running.await.unwrap();
-    assert_eq!(duplicate.status, StatusCode::CONFLICT);
 
-    // A release through this store forgets the cached record at once.
+    // Its duplicate is 409.
+    assert_eq!(duplicate.status, StatusCode::CONFLICT);
+    db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn a_release_through_the_store_forgets_the_cached_record_at_once() {
+    let db = TestDb::new("record_cache_release").await;
+    let (store, _probe, app) = cached_store(&db).await;
+    send(&app, request(Some("k"), "{}", &[])).await;
+
     assert_eq!(
         store.release_record("s", "", "k", false).await.unwrap(),
         Released::Deleted
     );
     let rerun = send(&app, request(Some("k"), "{}", &[])).await;
+
     assert!(!rerun.replayed());
     db.drop_schema().await;
 }
@@ -272,14 +295,9 @@ async fn the_purge_task_deletes_expired_records_in_the_background() {
 /// Runs `idempotency-admin` against the test's schema.
 #[cfg(feature = "admin")]
 fn admin(db: &TestDb, args: &[&str]) -> Output {
-    let url = support::database_url();
-    let separator = if url.contains('?') { '&' } else { '?' };
     std::process::Command::new(env!("CARGO_BIN_EXE_idempotency-admin"))
         .args(args)
-        .env(
-            "DATABASE_URL",
-            format!("{url}{separator}options=-csearch_path%3D{}", db.schema),
-        )
+        .env("DATABASE_URL", support::schema_url(&db.schema))
         .output()
         .expect("run idempotency-admin")
 }
@@ -296,8 +314,8 @@ fn stderr(output: &Output) -> String {
 
 #[cfg(feature = "admin")]
 #[tokio::test]
-async fn admin_migrate_stats_and_purge() {
-    let db = TestDb::new("admin_basics").await;
+async fn admin_migrate_creates_the_table_it_is_given() {
+    let db = TestDb::new("admin_migrate").await;
     let migrated = admin(&db, &["--table", "ops.records", "migrate"]);
     assert!(migrated.status.success(), "{}", stderr(&migrated));
     assert_eq!(db.count("SELECT count(*) FROM ops.records").await, 0);
@@ -306,29 +324,62 @@ async fn admin_migrate_stats_and_purge() {
         .batch_execute("DROP SCHEMA ops CASCADE")
         .await
         .unwrap();
+    db.drop_schema().await;
+}
 
+/// A migrated schema with 4 records of each kind (see [`seed`]).
+#[cfg(feature = "admin")]
+async fn seeded_with_4_of_each(name: &str) -> TestDb {
+    let db = TestDb::new(name).await;
     db.store().await;
     seed(&db, 4).await;
+    db
+}
+
+#[cfg(feature = "admin")]
+#[tokio::test]
+async fn admin_stats_counts_the_records_the_purge_would_delete() {
+    let db = seeded_with_4_of_each("admin_stats").await;
+
     let stats = admin(&db, &["stats", "--json"]);
+
     assert!(stats.status.success(), "{}", stderr(&stats));
     let figures: serde_json::Value = serde_json::from_slice(&stats.stdout).unwrap();
     assert_eq!(figures["completed"], 4);
     assert_eq!(figures["expired_awaiting_purge"], 4, "what the purge deletes");
     assert!(stdout(&admin(&db, &["stats"])).contains("expired awaiting purge  4"));
-
-    let dry = admin(&db, &["purge", "--dry-run"]);
-    assert_eq!(stdout(&dry).trim(), "4 expired records would be purged");
-    assert_eq!(count_kind(&db, "expired").await, 4, "a dry run deletes nothing");
-    let purged = admin(&db, &["purge", "--batch", "3"]);
-    assert_eq!(stdout(&purged).trim(), "purged 4 expired records");
-    assert_eq!(count_kind(&db, "expired").await, 0);
     db.drop_schema().await;
 }
 
 #[cfg(feature = "admin")]
 #[tokio::test]
-async fn admin_show_and_release() {
-    let db = TestDb::new("admin_records").await;
+async fn admin_purge_dry_run_deletes_nothing() {
+    let db = seeded_with_4_of_each("admin_purge_dry_run").await;
+
+    let dry = admin(&db, &["purge", "--dry-run"]);
+
+    assert_eq!(stdout(&dry).trim(), "4 expired records would be purged");
+    assert_eq!(count_kind(&db, "expired").await, 4, "a dry run deletes nothing");
+    db.drop_schema().await;
+}
+
+#[cfg(feature = "admin")]
+#[tokio::test]
+async fn admin_purge_deletes_the_expired_records_in_batches() {
+    let db = seeded_with_4_of_each("admin_purge").await;
+
+    let purged = admin(&db, &["purge", "--batch", "3"]);
+
+    assert_eq!(stdout(&purged).trim(), "purged 4 expired records");
+    assert_eq!(count_kind(&db, "expired").await, 0);
+    db.drop_schema().await;
+}
+
+/// A schema holding a completed record (`stripe`/`evt_1`, answered 201 with
+/// `run 1`) and an open claim (`stripe`/`busy`).
+#[cfg(feature = "admin")]
+async fn with_a_completed_record_and_an_open_claim(name: &str) -> TestDb {
+    let db = TestDb::new(name).await;
     let store = db.store().await;
     let probe = Probe::default();
     let app = probe.app(IdempotencyLayer::new(store).source("stripe"));
@@ -342,33 +393,72 @@ async fn admin_show_and_release() {
         )
         .await
         .unwrap();
+    db
+}
+
+#[cfg(feature = "admin")]
+async fn records_with_key(db: &TestDb, key: &str) -> i64 {
+    db.count(&format!("SELECT count(*) FROM idempotency_records WHERE key = '{key}'"))
+        .await
+}
+
+#[cfg(feature = "admin")]
+#[tokio::test]
+async fn admin_show_prints_a_record_with_its_response() {
+    let db = with_a_completed_record_and_an_open_claim("admin_show").await;
 
     let shown = admin(&db, &["show", "stripe", "", "evt_1", "--json"]);
+
     assert!(shown.status.success(), "{}", stderr(&shown));
     let record: serde_json::Value = serde_json::from_slice(&shown.stdout).unwrap();
     assert_eq!(record["state"], "completed");
     assert_eq!(record["response"]["status"], 201);
     assert_eq!(record["response"]["body"], "run 1");
     assert!(stdout(&admin(&db, &["show", "stripe", "", "evt_1"])).contains("response      201"));
+    db.drop_schema().await;
+}
 
+#[cfg(feature = "admin")]
+#[tokio::test]
+async fn admin_show_of_a_missing_record_exits_with_code_3() {
+    let db = with_a_completed_record_and_an_open_claim("admin_show_missing").await;
     assert_eq!(admin(&db, &["show", "stripe", "", "nope"]).status.code(), Some(3));
+    db.drop_schema().await;
+}
+
+#[cfg(feature = "admin")]
+#[tokio::test]
+async fn admin_release_of_an_open_claim_needs_force() {
+    let db = with_a_completed_record_and_an_open_claim("admin_release_open").await;
+
     let refused = admin(&db, &["release", "stripe", "", "busy"]);
     assert_eq!(refused.status.code(), Some(4));
     assert!(stderr(&refused).contains("--force"));
     let forced = admin(&db, &["release", "stripe", "", "busy", "--force", "--by", "alice"]);
     assert!(forced.status.success());
     assert!(stderr(&forced).contains("by alice at "), "{}", stderr(&forced));
-    let released = admin(&db, &["release", "stripe", "", "evt_1"]);
-    assert!(released.status.success());
-    assert_eq!(admin(&db, &["release", "stripe", "", "evt_1"]).status.code(), Some(3));
-    assert_eq!(db.records().await, 0);
+
+    assert_eq!(records_with_key(&db, "busy").await, 0);
     db.drop_schema().await;
 }
 
 #[cfg(feature = "admin")]
 #[tokio::test]
-async fn admin_usage_errors_and_help() {
-    let db = TestDb::new("admin_usage").await;
+async fn admin_release_deletes_a_completed_record_once() {
+    let db = with_a_completed_record_and_an_open_claim("admin_release").await;
+
+    let released = admin(&db, &["release", "stripe", "", "evt_1"]);
+    assert!(released.status.success());
+    assert_eq!(admin(&db, &["release", "stripe", "", "evt_1"]).status.code(), Some(3));
+
+    assert_eq!(records_with_key(&db, "evt_1").await, 0);
+    db.drop_schema().await;
+}
+
+#[cfg(feature = "admin")]
+#[tokio::test]
+async fn admin_help_covers_every_command() {
+    let db = TestDb::new("admin_help").await;
     assert!(stdout(&admin(&db, &["--help"])).contains("Commands:"));
     for command in ["migrate", "stats", "purge", "show", "release"] {
         let help = admin(&db, &[command, "--help"]);
@@ -377,10 +467,23 @@ async fn admin_usage_errors_and_help() {
             "{command}"
         );
     }
+    db.drop_schema().await;
+}
+
+#[cfg(feature = "admin")]
+#[tokio::test]
+async fn admin_usage_errors_exit_with_code_2() {
+    let db = TestDb::new("admin_usage").await;
     assert_eq!(admin(&db, &["frobnicate"]).status.code(), Some(2));
     assert_eq!(admin(&db, &["show", "only-one-arg"]).status.code(), Some(2));
     assert_eq!(admin(&db, &["purge", "--batch", "0"]).status.code(), Some(2));
     assert_eq!(admin(&db, &["--table", "bad-name", "stats"]).status.code(), Some(2));
+    db.drop_schema().await;
+}
+
+#[cfg(feature = "admin")]
+#[test]
+fn admin_with_an_unreachable_database_exits_with_code_1_without_a_panic() {
     let unreachable = std::process::Command::new(env!("CARGO_BIN_EXE_idempotency-admin"))
         .arg("stats")
         .env("DATABASE_URL", "postgres://postgres@127.0.0.1:1/postgres")
@@ -388,7 +491,6 @@ async fn admin_usage_errors_and_help() {
         .unwrap();
     assert_eq!(unreachable.status.code(), Some(1));
     assert!(!stderr(&unreachable).contains("panicked"));
-    db.drop_schema().await;
 }
 
 #[tokio::test]

@@ -9,12 +9,13 @@
 //! which runs alone (see the README's "Testing and CI").
 
 mod process;
+mod support;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use http::StatusCode;
-use process::{deliver_all, Progress, Receiver, Schema};
+use process::{assert_fresh_events_run_at_the_first_try, event_ids, spawn_load, Receiver, Schema};
 
 const EVENTS: usize = 600;
 const CONCURRENCY: usize = 8;
@@ -26,15 +27,8 @@ async fn terminated_database_sessions_under_load_give_only_503s_and_every_event_
     // A short delay keeps transactions open, so that terminations land in
     // the middle of handlers and commits as well as on idle connections.
     let mut receiver = Receiver::start(&schema, &[("DEMO_HANDLER_DELAY_MS", "10")]).await;
-    let events: Arc<Vec<String>> = Arc::new((0..EVENTS).map(|n| format!("evt_outage_{n}")).collect());
-    let progress = Arc::new(Progress::default());
-    let load = tokio::spawn(deliver_all(
-        receiver.http(),
-        events.clone(),
-        CONCURRENCY,
-        progress.clone(),
-        Duration::from_secs(60),
-    ));
+    let events = Arc::new(event_ids("evt_outage", EVENTS));
+    let (progress, load) = spawn_load(receiver.http(), events.clone(), CONCURRENCY, Duration::from_secs(60));
 
     let mut terminated = 0;
     for round in 1..=TERMINATIONS {
@@ -50,16 +44,7 @@ async fn terminated_database_sessions_under_load_give_only_503s_and_every_event_
     );
 
     assert!(terminated > 0, "the outage must have hit some sessions");
-    assert!(
-        report.unexpected.is_empty(),
-        "only 200s and 503s: {:#?}",
-        report.unexpected
-    );
-    assert!(
-        report.unfinished.is_empty(),
-        "every event got its 200: {:?}",
-        report.unfinished
-    );
+    report.assert_only_200s_and_503s_and_every_event_done();
     assert_eq!(
         schema.events_not_run_once("stripe", &events).await,
         vec![],
@@ -74,19 +59,9 @@ async fn terminated_database_sessions_under_load_give_only_503s_and_every_event_
 
     // Recovered without a restart: a fresh round of events goes through at
     // the first try, and /healthz is green.
-    let after: Vec<String> = (0..20).map(|n| format!("evt_after_{n}")).collect();
-    for event in &after {
-        let reply = receiver.deliver(event).await.expect("a delivery after the outage");
-        assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
-        assert!(!reply.replayed());
-    }
-    let health = receiver
-        .http()
-        .send(http::Method::GET, "/healthz", &[], bytes::Bytes::new())
-        .await
-        .expect("healthz");
+    assert_fresh_events_run_at_the_first_try(&receiver, &schema, "evt_after", 20).await;
+    let health = receiver.get("/healthz").await;
     assert_eq!(health.status, StatusCode::OK, "{health:?}");
-    assert_eq!(schema.events_not_run_once("stripe", &after).await, vec![]);
     assert!(receiver.is_running(), "the receiver recovered without a restart");
     schema.assert_no_idle_transactions().await;
 }

@@ -347,35 +347,58 @@ async fn an_inner_service_error_releases_the_key() {
     db.drop_schema().await;
 }
 
-#[tokio::test]
-async fn migrate_is_idempotent_and_safe_from_many_instances_at_once() {
-    let db = TestDb::new("migrate").await;
-    let store = PostgresStore::new(db.pool.clone())
-        .with_table("migrated.records")
-        .unwrap();
+/// A store on `schema.records`, with `schema` dropped first: `migrate` has
+/// to create both.
+async fn store_on_a_new_schema(db: &TestDb, schema: &str) -> PostgresStore {
     support::connect()
         .await
-        .batch_execute("DROP SCHEMA IF EXISTS migrated CASCADE")
+        .batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
         .await
         .unwrap();
+    PostgresStore::new(db.pool.clone())
+        .with_table(&format!("{schema}.records"))
+        .unwrap()
+}
+
+/// Sends one request through `store`, checks that it recorded it in
+/// `schema.records`, and drops `schema`.
+async fn assert_store_works_then_drop(db: &TestDb, store: PostgresStore, schema: &str) {
+    let probe = Probe::default();
+    let app = probe.app(IdempotencyLayer::new(store));
+    send(&app, request(Some("k"), "{}", &[])).await;
+    assert_eq!(db.count(&format!("SELECT count(*) FROM {schema}.records")).await, 1);
+    support::connect()
+        .await
+        .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn migrate_is_safe_from_many_instances_at_once() {
+    let db = TestDb::new("migrate").await;
+    let store = store_on_a_new_schema(&db, "migrated").await;
 
     let results = join_all((0..8).map(|_| {
         let store = store.clone();
         async move { store.migrate().await }
     }))
     .await;
-    store.migrate().await.expect("and once more");
 
     assert!(results.iter().all(Result::is_ok), "{results:?}");
-    let probe = Probe::default();
-    let app = probe.app(IdempotencyLayer::new(store));
-    send(&app, request(Some("k"), "{}", &[])).await;
-    assert_eq!(db.count("SELECT count(*) FROM migrated.records").await, 1);
-    support::connect()
-        .await
-        .batch_execute("DROP SCHEMA migrated CASCADE")
-        .await
-        .unwrap();
+    assert_store_works_then_drop(&db, store, "migrated").await;
+    db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn migrate_is_idempotent() {
+    let db = TestDb::new("migrate_again").await;
+    let store = store_on_a_new_schema(&db, "migrated_again").await;
+
+    store.migrate().await.expect("the first time");
+    store.migrate().await.expect("and once more");
+
+    assert_store_works_then_drop(&db, store, "migrated_again").await;
     db.drop_schema().await;
 }
 

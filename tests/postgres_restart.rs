@@ -15,13 +15,14 @@
 //! `PG_CLUSTER` to `<version>/<name>` if `/etc/postgresql` holds several.
 
 mod process;
+mod support;
 
 use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::StatusCode;
-use process::{connect_database, deliver_all, wait_until, Progress, Receiver, Schema};
+use process::{assert_fresh_events_run_at_the_first_try, event_ids, spawn_load, Receiver, Schema};
+use support::wait_until;
 
 const EVENTS: usize = 600;
 const CONCURRENCY: usize = 8;
@@ -32,15 +33,8 @@ const CONCURRENCY: usize = 8;
 async fn a_postgres_restart_under_load_gives_only_503s_and_every_event_runs_once() {
     let mut schema = Schema::new("pg_restart").await;
     let mut receiver = Receiver::start(&schema, &[("DEMO_HANDLER_DELAY_MS", "10")]).await;
-    let events: Arc<Vec<String>> = Arc::new((0..EVENTS).map(|n| format!("evt_restart_{n}")).collect());
-    let progress = Arc::new(Progress::default());
-    let load = tokio::spawn(deliver_all(
-        receiver.http(),
-        events.clone(),
-        CONCURRENCY,
-        progress.clone(),
-        Duration::from_secs(120),
-    ));
+    let events = Arc::new(event_ids("evt_restart", EVENTS));
+    let (progress, load) = spawn_load(receiver.http(), events.clone(), CONCURRENCY, Duration::from_secs(120));
 
     progress.reaches(EVENTS / 3, Duration::from_secs(60)).await;
     let (stopped_at, unavailable_before) = (progress.done(), progress.unavailable());
@@ -60,18 +54,9 @@ async fn a_postgres_restart_under_load_gives_only_503s_and_every_event_runs_once
         report.statuses
     );
 
-    assert!(
-        report.unexpected.is_empty(),
-        "only 200s and 503s: {:#?}",
-        report.unexpected
-    );
-    assert!(
-        report.unfinished.is_empty(),
-        "every event got its 200: {:?}",
-        report.unfinished
-    );
+    report.assert_only_200s_and_503s_and_every_event_done();
     assert!(receiver.is_running(), "the receiver recovered without a restart");
-    schema.db = connect_database().await;
+    schema.db = support::connect().await;
     assert_eq!(
         schema.events_not_run_once("stripe", &events).await,
         vec![],
@@ -79,13 +64,7 @@ async fn a_postgres_restart_under_load_gives_only_503s_and_every_event_runs_once
     );
 
     // Recovered: fresh events go through at the first try.
-    let after: Vec<String> = (0..20).map(|n| format!("evt_after_restart_{n}")).collect();
-    for event in &after {
-        let reply = receiver.deliver(event).await.expect("a delivery after the restart");
-        assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
-        assert!(!reply.replayed());
-    }
-    assert_eq!(schema.events_not_run_once("stripe", &after).await, vec![]);
+    assert_fresh_events_run_at_the_first_try(&receiver, &schema, "evt_after_restart", 20).await;
     schema.assert_no_idle_transactions().await;
 }
 

@@ -60,14 +60,8 @@ async fn concurrent_duplicates_of_a_completed_key_on_a_fresh_instance_are_replay
 
     // Another instance, fresh (it knows nothing of the key), whose only
     // pooled connection the test holds: its store steps queue for it.
-    let mut config: tokio_postgres::Config = support::database_url().parse().expect("DATABASE_URL");
-    config.options(format!("-c search_path={}", db.schema));
-    let manager = deadpool_postgres::Manager::new(config, tokio_postgres::NoTls);
-    let pool = deadpool_postgres::Pool::builder(manager)
-        .max_size(1)
-        .runtime(deadpool_postgres::Runtime::Tokio1)
-        .build()
-        .expect("a pool");
+    let config = support::on_schema(support::database_config(), &db.schema, &db.schema);
+    let pool = support::pool(config, 1, None);
     let held = pool.get().await.expect("the pool's only connection");
     let fresh = probe.app(layer(PostgresStore::new(pool.clone())));
     let queued = |waiting: usize| {

@@ -12,10 +12,9 @@ mod support;
 
 use std::time::Duration;
 
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use deadpool_postgres::Pool;
 use process::{Receiver, Schema};
 use support::{connect, request, send, Probe, TestDb};
-use tokio_postgres::NoTls;
 use tower_idempotency::{IdempotencyLayer, OrderingGuard, PostgresStore, StoreError};
 
 const PASSWORD: &str = "roles-test";
@@ -72,15 +71,9 @@ impl Role {
     /// this role, `schema` first in the search_path, and `schema` as the
     /// `application_name`.
     fn config(&self, schema: &str) -> tokio_postgres::Config {
-        let mut config: tokio_postgres::Config = support::database_url()
-            .parse()
-            .unwrap_or_else(|error| panic!("DATABASE_URL is not a valid Postgres URL: {error}"));
-        config
-            .user(&self.name)
-            .password(PASSWORD)
-            .options(format!("-c search_path={schema}"))
-            .application_name(schema);
-        config
+        let mut config = support::database_config();
+        config.user(&self.name).password(PASSWORD);
+        support::on_schema(config, schema, schema)
     }
 
     /// The same as a URL, for the child processes.
@@ -99,41 +92,17 @@ impl Role {
     }
 
     fn pool(&self, schema: &str) -> Pool {
-        let manager = Manager::from_config(
-            self.config(schema),
-            NoTls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
-        Pool::builder(manager)
-            .max_size(4)
-            .wait_timeout(Some(Duration::from_secs(10)))
-            .runtime(Runtime::Tokio1)
-            .build()
-            .expect("build the role's pool")
+        support::pool(self.config(schema), 4, Some(Duration::from_secs(10)))
     }
 }
 
 impl Drop for Role {
     fn drop(&mut self) {
-        let name = self.name.clone();
-        // From synchronous code, on a thread of its own.
-        let cleanup = std::thread::spawn(move || {
-            let Ok(runtime) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
-                return;
-            };
-            runtime.block_on(async {
-                let Ok((client, connection)) = tokio_postgres::connect(&support::database_url(), NoTls).await else {
-                    return;
-                };
-                tokio::spawn(connection);
-                let _ = client
-                    .batch_execute(&format!("DROP OWNED BY {name}; DROP ROLE IF EXISTS {name}"))
-                    .await;
-            });
-        });
-        let _ = cleanup.join();
+        let name = &self.name;
+        support::execute_detached(
+            format!("DROP OWNED BY {name}; DROP ROLE IF EXISTS {name}"),
+            Duration::from_secs(30),
+        );
     }
 }
 
@@ -235,12 +204,7 @@ async fn migrate_into_a_missing_schema_names_it_and_the_database_privilege_the_r
         .await
         .expect_err("the role may not create a schema");
 
-    let database = support::database_url()
-        .parse::<tokio_postgres::Config>()
-        .unwrap()
-        .get_dbname()
-        .unwrap_or("postgres")
-        .to_owned();
+    let database = support::database_config().get_dbname().unwrap_or("postgres").to_owned();
     assert!(
         error.to_string().starts_with(&format!(
             "cannot create schema {missing}: the role `{}` lacks CREATE on database {database}",
@@ -316,8 +280,8 @@ async fn the_example_receiver_starts_as_a_role_with_dml_grants_only_and_serves_a
     let role_url = role.url(&schema.name);
 
     let receiver = Receiver::start(&schema, &[("DATABASE_URL", &role_url)]).await;
-    let first = receiver.deliver("evt_role").await.expect("the first delivery");
-    let replay = receiver.deliver("evt_role").await.expect("the replay");
+    let first = receiver.deliver("evt_role").await;
+    let replay = receiver.deliver("evt_role").await;
 
     assert_eq!(first.status, http::StatusCode::OK, "{first:?}");
     assert_eq!(replay.status, http::StatusCode::OK, "{replay:?}");

@@ -8,17 +8,15 @@
 
 mod support;
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use axum::Router;
+use deadpool_postgres::Pool;
 use http::StatusCode;
-use support::{request, send, Ctx, Probe, TestDb};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::time::{timeout, Instant};
-use tokio_postgres::NoTls;
+use support::wire::{self, FaultyProxy};
+use support::{request, send, wait_until, Ctx, Probe, Reply, TestDb};
+use tokio::task::JoinHandle;
+use tokio::time::timeout;
 use tower_idempotency::{IdempotencyLayer, InFlight, Mode, PostgresStore};
 
 /// A bound on every wait, so that a hang fails the test instead of hanging
@@ -29,57 +27,15 @@ const STORE_TIMEOUT: Duration = Duration::from_secs(1);
 /// A lease far longer than any test: a claim left to it would block its key.
 const LONG_LEASE: Duration = Duration::from_secs(600);
 
-/// Polls `condition` every 20 ms until it holds; panics with `what` after
-/// [`BOUND`].
-async fn wait_until<F, Fut>(what: &str, mut condition: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + BOUND;
-    while !condition().await {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// A pool of `size` connections on the test's schema that waits for a free
-/// connection without any bound (deadpool's default), reaching Postgres at
-/// `port` (the server itself, or a proxy), its sessions named
-/// `application_name`.
-fn unbounded_pool(db: &TestDb, port: Option<u16>, application_name: &str, size: usize) -> Pool {
-    let url: tokio_postgres::Config = support::database_url().parse().expect("DATABASE_URL");
-    let mut config = match port {
-        Some(port) => {
-            let mut config = tokio_postgres::Config::new();
-            config.host("127.0.0.1").port(port);
-            if let Some(user) = url.get_user() {
-                config.user(user);
-            }
-            if let Some(password) = url.get_password() {
-                config.password(password);
-            }
-            if let Some(dbname) = url.get_dbname() {
-                config.dbname(dbname);
-            }
-            config
-        }
-        None => url,
+/// connection without any bound (deadpool's default), reaching Postgres
+/// directly or through `proxy`, its sessions named `application_name`.
+fn unbounded_pool(db: &TestDb, proxy: Option<&FaultyProxy>, application_name: &str, size: usize) -> Pool {
+    let config = match proxy {
+        Some(proxy) => wire::proxied_config(proxy.port),
+        None => support::database_config(),
     };
-    config.options(format!("-c search_path={}", db.schema));
-    config.application_name(application_name);
-    let manager = Manager::from_config(
-        config,
-        NoTls,
-        ManagerConfig {
-            recycling_method: RecyclingMethod::Fast,
-        },
-    );
-    Pool::builder(manager)
-        .max_size(size)
-        .runtime(Runtime::Tokio1)
-        .build()
-        .expect("build the pool")
+    support::pool(support::on_schema(config, &db.schema, application_name), size, None)
 }
 
 /// Sessions named `application_name`, with an optional `state` and
@@ -101,7 +57,7 @@ async fn sessions(application_name: &str, state: &str, query_like: &str) -> i64 
 /// ledger row: its session sits idle in the transaction, last query the
 /// `INSERT`.
 async fn wait_for_the_ledger_write(application_name: &str) {
-    wait_until("the handler wrote its ledger row", || async {
+    wait_until("the handler wrote its ledger row", BOUND, || async {
         sessions(application_name, "idle in transaction", "INSERT INTO ledger%").await == 1
     })
     .await;
@@ -117,6 +73,18 @@ async fn records_completed(db: &TestDb) -> i64 {
         .await
 }
 
+/// Sends a request whose handler waits for the gate, then answers 500.
+fn spawn_a_blocked_500(app: &Router) -> JoinHandle<Reply> {
+    let app = app.clone();
+    tokio::spawn(async move {
+        send(
+            &app,
+            request(Some("k"), "{}", &[("x-test-block", "1"), ("x-test-status", "500")]),
+        )
+        .await
+    })
+}
+
 #[tokio::test]
 async fn a_lease_release_waiting_for_a_saturated_pool_does_not_hold_the_response_back() {
     let db = TestDb::new("release_saturated_pool").await;
@@ -129,16 +97,7 @@ async fn a_lease_release_waiting_for_a_saturated_pool_does_not_hold_the_response
             .mode(Mode::lease(LONG_LEASE))
             .store_timeout(STORE_TIMEOUT),
     );
-    let failing = tokio::spawn({
-        let app = app.clone();
-        async move {
-            send(
-                &app,
-                request(Some("k"), "{}", &[("x-test-block", "1"), ("x-test-status", "500")]),
-            )
-            .await
-        }
-    });
+    let failing = spawn_a_blocked_500(&app);
     probe.started().await;
     // The claim has given its connection back; the test takes the pool's
     // only one, so the release after the 500 cannot get a connection.
@@ -155,7 +114,7 @@ async fn a_lease_release_waiting_for_a_saturated_pool_does_not_hold_the_response
     // The release goes on in the background and takes the connection as
     // soon as it is free again.
     drop(held);
-    wait_until("the claim is released", || async {
+    wait_until("the claim is released", BOUND, || async {
         records_in_progress(&db).await == 0
     })
     .await;
@@ -169,98 +128,20 @@ async fn a_lease_release_waiting_for_a_saturated_pool_does_not_hold_the_response
     db.drop_schema().await;
 }
 
-/// A TCP proxy to Postgres that can stop forwarding what the client sends,
-/// as a stalled server or a broken network would: the client's bytes are
-/// swallowed and no answer comes. A client that closes its end still closes
-/// the server's.
-struct StallingProxy {
-    port: u16,
-    stalled: Arc<AtomicBool>,
-}
-
-impl StallingProxy {
-    async fn start() -> Self {
-        let config: tokio_postgres::Config = support::database_url().parse().expect("DATABASE_URL");
-        let host = match config.get_hosts().first() {
-            Some(tokio_postgres::config::Host::Tcp(host)) => host.clone(),
-            _ => panic!("the stalling proxy needs a TCP DATABASE_URL"),
-        };
-        let upstream = (host, config.get_ports().first().copied().unwrap_or(5432));
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind the proxy");
-        let port = listener.local_addr().expect("the proxy's address").port();
-        let stalled = Arc::new(AtomicBool::new(false));
-        tokio::spawn({
-            let stalled = stalled.clone();
-            async move {
-                while let Ok((client, _)) = listener.accept().await {
-                    let server = TcpStream::connect((upstream.0.as_str(), upstream.1))
-                        .await
-                        .expect("reach Postgres from the proxy");
-                    tokio::spawn(relay(client, server, stalled.clone()));
-                }
-            }
-        });
-        Self { port, stalled }
-    }
-
-    fn stall(&self) {
-        self.stalled.store(true, Ordering::SeqCst);
-    }
-
-    fn resume(&self) {
-        self.stalled.store(false, Ordering::SeqCst);
-    }
-}
-
-async fn relay(client: TcpStream, server: TcpStream, stalled: Arc<AtomicBool>) {
-    let (mut client_read, mut client_write) = client.into_split();
-    let (mut server_read, mut server_write) = server.into_split();
-    let upstream = async move {
-        let mut buffer = vec![0_u8; 64 * 1024];
-        loop {
-            let read = match client_read.read(&mut buffer).await {
-                Ok(0) | Err(_) => break,
-                Ok(read) => read,
-            };
-            if stalled.load(Ordering::SeqCst) {
-                continue;
-            }
-            if server_write.write_all(&buffer[..read]).await.is_err() {
-                break;
-            }
-        }
-        let _ = server_write.shutdown().await;
-    };
-    let downstream = async move {
-        let _ = tokio::io::copy(&mut server_read, &mut client_write).await;
-        let _ = client_write.shutdown().await;
-    };
-    tokio::join!(upstream, downstream);
-}
-
 #[tokio::test]
 async fn a_rollback_on_a_stalled_server_is_bounded_and_its_connection_closed() {
     let db = TestDb::new("release_stalled_rollback").await;
     db.store().await;
-    let proxy = StallingProxy::start().await;
+    let proxy = FaultyProxy::stalling().await;
     let proxied = format!("{}_proxied", db.schema);
-    let pool = unbounded_pool(&db, Some(proxy.port), &proxied, 1);
+    let pool = unbounded_pool(&db, Some(&proxy), &proxied, 1);
     let probe = Probe::default();
     let app = probe.app(
         IdempotencyLayer::new(PostgresStore::new(pool.clone()))
             .source("test")
             .store_timeout(STORE_TIMEOUT),
     );
-    let failing = tokio::spawn({
-        let app = app.clone();
-        async move {
-            send(
-                &app,
-                request(Some("k"), "{}", &[("x-test-block", "1"), ("x-test-status", "500")]),
-            )
-            .await
-        }
-    });
+    let failing = spawn_a_blocked_500(&app);
     wait_for_the_ledger_write(&proxied).await;
     proxy.stall();
     probe.open_gate();
@@ -278,7 +159,7 @@ async fn a_rollback_on_a_stalled_server_is_bounded_and_its_connection_closed() {
 
     // The closed connection ends the server's session, which rolls back.
     proxy.resume();
-    wait_until("the stalled session is gone", || async {
+    wait_until("the stalled session is gone", BOUND, || async {
         sessions(&proxied, "%", "%").await == 0
     })
     .await;
@@ -293,7 +174,7 @@ async fn a_rollback_on_a_stalled_server_is_bounded_and_its_connection_closed() {
 
 /// A request whose handler runs until the gate opens, its client gone: the
 /// handler goes on detached.
-async fn detach_a_blocked_request(probe: &Probe, app: &axum::Router, key: &str) {
+async fn detach_a_blocked_request(probe: &Probe, app: &Router, key: &str) {
     let abandoned = tokio::spawn({
         let app = app.clone();
         let key = key.to_owned();

@@ -1,12 +1,16 @@
-//! Shared helpers for the tests that run `examples/webhook_receiver.rs` as a
-//! real child process and do violent things to it or to its database: a
-//! schema of the test's own, the receiver started (and restarted) on it,
-//! SIGKILL or another signal, HTTP without panics (a killed server is an expected outcome),
-//! and bounded polling of the database.
+//! The harness of every test that runs an example (`examples/*.rs`) as a
+//! real child process: a schema of the test's own, the example started (and
+//! restarted) on it with its settings cleared of inherited values, SIGKILL
+//! or another signal, HTTP that reports a transport failure instead of
+//! panicking where a killed server is an expected outcome, runs that must
+//! exit before serving, and bounded polling of the database.
 //!
-//! `cargo test` builds the example before it runs the tests; a filtered run
+//! It builds on `tests/support/` (which says which Postgres the tests use),
+//! so a test file includes both: `mod process; mod support;`.
+//!
+//! `cargo test` builds the examples before it runs the tests; a filtered run
 //! does not, so rebuild first:
-//! `cargo build --example webhook_receiver && cargo test --test crash`.
+//! `cargo build --examples && cargo test --test crash`.
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
@@ -16,6 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use http::header::CONTENT_TYPE;
 use http::{HeaderMap, Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -23,69 +28,40 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, ChildStdout, Command};
+use tokio::process::{Child, ChildStderr, ChildStdout, Command};
+use tokio::task::JoinHandle;
 use tokio::time::{timeout, Instant};
-use tokio_postgres::NoTls;
 
-pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
-/// How long the receiver may take to print its `listening on` line.
+use crate::support::{self, wait_until};
+
+/// How long an example may take to print its `listening on` line.
 pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
-/// A bound on every request, so that a hung server fails the test.
+/// A bound on every request and process wait, so that a hung server fails
+/// the test instead of stalling the run.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
-/// Settings the tests set themselves; inherited values would skew them.
-const SERVER_SETTINGS: [&str; 9] = [
+/// Every setting the examples read (`examples/common/mod.rs`,
+/// `examples/webhook_receiver.rs`, `examples/grpc_payments.rs`): each run
+/// starts without them, since inherited values would skew the tests, which
+/// set what they need.
+pub const EXAMPLE_SETTINGS: [&str; 13] = [
+    "DATABASE_URL",
     "BIND",
     "MAX_BODY_BYTES",
+    "POOL_SIZE",
     "DEMO_FAILURE_RATE",
     "DEMO_HANDLER_DELAY_MS",
-    "POOL_SIZE",
-    "DATABASE_URL",
     "RECORD_MODE",
     "LEASE_SECS",
+    "RECORD_CACHE_TTL_MS",
     "SHUTDOWN_GRACE_MS",
+    "STRIPE_WEBHOOK_SECRET",
+    "GITHUB_WEBHOOK_SECRET",
+    "STANDARD_WEBHOOK_SECRET",
 ];
+/// The pool of a started example: several examples share one Postgres.
+const TEST_POOL_SIZE: &str = "8";
 
-pub fn base_database_url() -> String {
-    std::env::var("DATABASE_URL")
-        .ok()
-        .filter(|url| !url.is_empty())
-        .unwrap_or_else(|| DEFAULT_DATABASE_URL.to_owned())
-}
-
-/// A direct connection for setup and inspection; fails naming DATABASE_URL.
-pub async fn connect_database() -> tokio_postgres::Client {
-    let url = base_database_url();
-    let (client, connection) = tokio_postgres::connect(&url, NoTls).await.unwrap_or_else(|error| {
-        panic!(
-            "cannot reach Postgres at DATABASE_URL={url} (set DATABASE_URL to a Postgres these tests may \
-             create schemas in): {error}"
-        )
-    });
-    tokio::spawn(connection);
-    client
-}
-
-/// Polls `condition` every 20 ms until it holds; panics with `what` after
-/// `bound`.
-pub async fn wait_until<F, Fut>(what: &str, bound: Duration, mut condition: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + bound;
-    loop {
-        if condition().await {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {bound:?} waiting until {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// A schema of the test's own, in which the receiver keeps its ledger and
+/// A schema of the test's own, in which the example keeps its ledger and
 /// records; its sessions carry the schema's name as `application_name`, so
 /// that `pg_stat_activity` can tell them apart. Dropped with the guard.
 pub struct Schema {
@@ -95,7 +71,7 @@ pub struct Schema {
 
 impl Schema {
     pub async fn new(name: &str) -> Self {
-        let db = connect_database().await;
+        let db = support::connect().await;
         let name = format!("p_{name}_{}", std::process::id());
         db.batch_execute(&format!("DROP SCHEMA IF EXISTS {name} CASCADE; CREATE SCHEMA {name}"))
             .await
@@ -103,23 +79,47 @@ impl Schema {
         Self { name, db }
     }
 
-    /// The receiver's DATABASE_URL: its tables land in this schema and its
+    /// The example's DATABASE_URL: its tables land in this schema and its
     /// sessions are named after it.
     pub fn database_url(&self) -> String {
-        let url = base_database_url();
-        let separator = if url.contains('?') { '&' } else { '?' };
-        format!(
-            "{url}{separator}options=-csearch_path%3D{name}&application_name={name}",
-            name = self.name
-        )
+        support::schema_url(&self.name)
     }
 
+    /// The single `bigint` that `sql` selects, `{schema}` standing for this
+    /// schema's name.
     pub async fn count(&self, sql: &str) -> i64 {
         let sql = sql.replace("{schema}", &self.name);
         match self.db.query_one(&sql, &[]).await {
             Ok(row) => row.get(0),
             Err(error) => panic!("{sql}: {error}"),
         }
+    }
+
+    /// Every ledger row, oldest first.
+    pub async fn ledger(&self) -> Vec<LedgerEntry> {
+        let sql = format!(
+            "SELECT id, source, event_id, event_type, amount_cents FROM {}.ledger_entries ORDER BY id",
+            self.name
+        );
+        let rows = self.db.query(&sql, &[]).await.expect("ledger_entries is readable");
+        rows.iter()
+            .map(|row| LedgerEntry {
+                id: row.get(0),
+                source: row.get(1),
+                event_id: row.get(2),
+                event_type: row.get(3),
+                amount_cents: row.get(4),
+            })
+            .collect()
+    }
+
+    /// Every ledger row as a [`ledger_event`], oldest first.
+    pub async fn ledger_events(&self) -> Vec<LedgerEvent> {
+        self.ledger()
+            .await
+            .into_iter()
+            .map(|e| (e.source, e.event_id, e.event_type, e.amount_cents))
+            .collect()
     }
 
     /// Ledger rows written for one event.
@@ -152,7 +152,30 @@ impl Schema {
             .collect()
     }
 
-    /// The receiver's sessions (by `application_name`) in a given state.
+    /// Every idempotency record as [`record`]s, sorted.
+    pub async fn records(&self) -> Vec<Record> {
+        let sql = format!(
+            "SELECT source, event_type, key, state FROM {}.idempotency_records ORDER BY source, event_type, key",
+            self.name
+        );
+        let rows = self.db.query(&sql, &[]).await.expect("idempotency_records is readable");
+        rows.iter()
+            .map(|row| (row.get(0), row.get(1), row.get(2), row.get(3)))
+            .collect()
+    }
+
+    /// Every payment's state (the webhook receiver's ordering guard), sorted
+    /// by payment id.
+    pub async fn payment_states(&self) -> Vec<(String, String)> {
+        let sql = format!(
+            "SELECT payment_id, status FROM {}.payment_states ORDER BY payment_id",
+            self.name
+        );
+        let rows = self.db.query(&sql, &[]).await.expect("payment_states is readable");
+        rows.iter().map(|row| (row.get(0), row.get(1))).collect()
+    }
+
+    /// The example's sessions (by `application_name`) in a given state.
     pub async fn sessions(&self, state_like: &str) -> i64 {
         self.db
             .query_one(
@@ -164,7 +187,7 @@ impl Schema {
             .get(0)
     }
 
-    /// Terminates every session of the receiver; returns how many.
+    /// Terminates every session of the example; returns how many.
     pub async fn terminate_sessions(&self) -> i64 {
         self.db
             .query_one(
@@ -175,33 +198,68 @@ impl Schema {
             .expect("pg_terminate_backend")
             .get(0)
     }
+
+    /// Waits, at most `bound`, until a handler has written its ledger row
+    /// inside the request's transaction and sleeps: its session idle in
+    /// that transaction, last query the `INSERT`.
+    pub async fn wait_for_the_ledger_write(&self, bound: Duration) {
+        wait_until("the handler wrote its ledger row", bound, || async {
+            self.count(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE application_name = '{schema}' AND state = 'idle in transaction'
+                   AND query LIKE 'INSERT INTO ledger_entries%'",
+            )
+            .await
+                == 1
+        })
+        .await;
+    }
+
+    /// Fails if any session of the example stays idle inside a transaction.
+    pub async fn assert_no_idle_transactions(&self) {
+        support::assert_no_idle_transactions(&self.name).await;
+    }
 }
 
 impl Drop for Schema {
     fn drop(&mut self) {
-        drop_schema(self.name.clone());
+        // A killed example's sessions may still hold locks for a moment.
+        let sql = format!("SET lock_timeout = '10s'; DROP SCHEMA IF EXISTS {} CASCADE", self.name);
+        support::execute_detached(sql, REQUEST_TIMEOUT);
     }
 }
 
-/// Drops a schema from synchronous code (a `Drop`), on a thread of its own.
-fn drop_schema(schema: String) {
-    let cleanup = std::thread::spawn(move || {
-        let Ok(runtime) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
-            return;
-        };
-        runtime.block_on(async {
-            let Ok((client, connection)) = tokio_postgres::connect(&base_database_url(), NoTls).await else {
-                return;
-            };
-            tokio::spawn(connection);
-            let sql = format!("SET lock_timeout = '10s'; DROP SCHEMA IF EXISTS {schema} CASCADE");
-            let _ = timeout(REQUEST_TIMEOUT, client.batch_execute(&sql)).await;
-        });
-    });
-    let _ = cleanup.join();
+/// One row of the example's `ledger_entries`.
+#[derive(Debug, PartialEq, Eq)]
+pub struct LedgerEntry {
+    pub id: i64,
+    pub source: String,
+    pub event_id: String,
+    pub event_type: String,
+    pub amount_cents: i64,
 }
 
-/// A running receiver. Dropping it kills the process.
+/// What a ledger row says happened: (source, event id, event type, amount
+/// in cents).
+pub type LedgerEvent = (String, String, String, i64);
+
+pub fn ledger_event(source: &str, event_id: &str, event_type: &str, amount_cents: i64) -> LedgerEvent {
+    (
+        source.to_owned(),
+        event_id.to_owned(),
+        event_type.to_owned(),
+        amount_cents,
+    )
+}
+
+/// One idempotency record: (source, event type, key, state).
+pub type Record = (String, String, String, i16);
+
+pub fn record(source: &str, event_type: &str, key: &str, state: i16) -> Record {
+    (source.to_owned(), event_type.to_owned(), key.to_owned(), state)
+}
+
+/// A running example. Dropping it kills the process.
 pub struct Receiver {
     pub address: SocketAddr,
     pub pid: u32,
@@ -211,43 +269,42 @@ pub struct Receiver {
 }
 
 impl Receiver {
-    /// Starts the receiver on `schema` with the given settings added to the
-    /// test defaults (a free port, a pool of 8).
+    /// Starts the webhook receiver on `schema` with the given settings added
+    /// to the test defaults (a free port, a pool of 8).
     pub async fn start(schema: &Schema, settings: &[(&str, &str)]) -> Self {
         Self::start_example("webhook_receiver", schema, settings).await
     }
 
     /// Starts the example `name` the same way.
     pub async fn start_example(name: &str, schema: &Schema, settings: &[(&str, &str)]) -> Self {
-        let mut command = Command::new(named_example_binary(name));
-        command
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
-        for name in SERVER_SETTINGS {
-            command.env_remove(name);
-        }
+        let mut command = example_command(name, &[]);
         command
             .env("DATABASE_URL", schema.database_url())
             .env("BIND", "127.0.0.1:0")
-            .env("POOL_SIZE", "8");
+            .env("POOL_SIZE", TEST_POOL_SIZE);
         for (name, value) in settings {
             command.env(name, value);
         }
         let mut child = command
             .spawn()
-            .unwrap_or_else(|error| panic!("cannot start the example server: {error}"));
+            .unwrap_or_else(|error| panic!("cannot start the example {name}: {error}"));
         let pid = child.id().expect("a running child has a pid");
         let stdout = child.stdout.take().expect("stdout is piped");
-        let stderr = capture(child.stderr.take().expect("stderr is piped"));
+        let (stderr, stderr_done) = capture(child.stderr.take().expect("stderr is piped"));
         let address = match timeout(STARTUP_TIMEOUT, listening_address(stdout)).await {
             Ok(Some(address)) => address,
-            _ => {
+            outcome => {
+                let why = if outcome.is_ok() {
+                    "exited before it was listening"
+                } else {
+                    "did not start in time"
+                };
                 let _ = child.start_kill();
                 let _ = timeout(REQUEST_TIMEOUT, child.wait()).await;
+                // Let a dead example's last words arrive before quoting them.
+                let _ = timeout(REQUEST_TIMEOUT, stderr_done).await;
                 let text = stderr.lock().map(|text| text.clone()).unwrap_or_default();
-                panic!("the example server did not start; its stderr:\n{text}");
+                panic!("the example {name} {why}; its stderr:\n{text}");
             }
         };
         let http = Http {
@@ -313,26 +370,53 @@ impl Receiver {
             .expect("VmRSS in /proc/<pid>/status")
     }
 
-    /// A cloneable HTTP handle on this receiver, for requests sent from
-    /// other tasks (say, one the test is about to cut off with SIGKILL).
+    /// A cloneable HTTP handle on this receiver whose requests may fail, for
+    /// requests sent from other tasks (say, one the test is about to cut off
+    /// with SIGKILL).
     pub fn http(&self) -> Http {
         self.http.clone()
     }
 
-    pub async fn post(&self, path: &str, headers: &[(&str, &str)], body: impl Into<Bytes>) -> Result<Reply, String> {
-        self.http.post(path, headers, body).await
+    /// One POST, which must be answered: a transport failure fails the test.
+    pub async fn post(&self, path: &str, headers: &[(&str, &str)], body: impl Into<Bytes>) -> Reply {
+        answered(path, self.http.post(path, headers, body).await)
     }
 
-    pub async fn deliver(&self, event_id: &str) -> Result<Reply, String> {
-        self.http.deliver(event_id).await
+    /// [`Receiver::post`] with header values of their own.
+    pub async fn post_with(&self, path: &str, headers: &[(&str, String)], body: impl Into<Bytes>) -> Reply {
+        let headers: Vec<(&str, &str)> = headers.iter().map(|(name, value)| (*name, value.as_str())).collect();
+        self.post(path, &headers, body).await
     }
+
+    /// One GET, which must be answered.
+    pub async fn get(&self, path: &str) -> Reply {
+        answered(path, self.http.send(Method::GET, path, &[], Bytes::new()).await)
+    }
+
+    /// Delivers a Stripe-shaped event, which must be answered.
+    pub async fn deliver(&self, event_id: &str) -> Reply {
+        answered("/webhooks/stripe", self.http.deliver(event_id).await)
+    }
+}
+
+/// The example `example` started on a new schema named after `name`, with
+/// `settings` added to the test defaults.
+pub async fn start_on_a_new_schema(example: &str, name: &str, settings: &[(&str, &str)]) -> (Schema, Receiver) {
+    let schema = Schema::new(name).await;
+    let receiver = Receiver::start_example(example, &schema, settings).await;
+    (schema, receiver)
+}
+
+fn answered(path: &str, result: Result<Reply, String>) -> Reply {
+    result.unwrap_or_else(|error| panic!("{path}: no answer: {error}"))
 }
 
 impl Drop for Receiver {
     fn drop(&mut self) {
         let _ = self.child.start_kill();
-        if std::thread::panicking() {
-            eprintln!("--- the receiver's stderr ---\n{}", self.stderr());
+        let stderr = self.stderr();
+        if std::thread::panicking() && !stderr.is_empty() {
+            eprintln!("--- the receiver's stderr ---\n{stderr}");
         }
     }
 }
@@ -388,7 +472,8 @@ impl Http {
 
     /// Delivers a Stripe-shaped event.
     pub async fn deliver(&self, event_id: &str) -> Result<Reply, String> {
-        self.post("/webhooks/stripe", &[], stripe_event(event_id)).await
+        let event = stripe_event(event_id, "charge.succeeded", 100);
+        self.post("/webhooks/stripe", &[], event).await
     }
 }
 
@@ -400,19 +485,29 @@ pub struct Reply {
 }
 
 impl Reply {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|value| value.to_str().ok())
+    }
+
+    pub fn content_type(&self) -> Option<&str> {
+        self.header(CONTENT_TYPE.as_str())
+    }
+
     pub fn replayed(&self) -> bool {
-        self.headers
-            .get("idempotent-replayed")
-            .is_some_and(|value| value == "true")
+        self.header("idempotent-replayed") == Some("true")
     }
 
     pub fn json(&self) -> Value {
         serde_json::from_slice(&self.body).unwrap_or_else(|error| panic!("not JSON ({error}): {self:?}"))
     }
 
-    pub fn problem_type(&self) -> Option<String> {
-        let value: Value = serde_json::from_slice(&self.body).ok()?;
-        value["type"].as_str().map(str::to_owned)
+    /// Asserts an RFC 9457 problem with this status.
+    pub fn assert_problem(&self, status: StatusCode) {
+        assert_eq!(self.status, status, "{self:?}");
+        assert_eq!(self.content_type(), Some("application/problem+json"), "{self:?}");
+        let problem = self.json();
+        assert_eq!(problem["status"], status.as_u16(), "{self:?}");
+        assert!(problem["type"].is_string() && problem["title"].is_string(), "{self:?}");
     }
 }
 
@@ -426,17 +521,15 @@ impl std::fmt::Debug for Reply {
     }
 }
 
-pub fn stripe_event(id: &str) -> String {
-    json!({"id": id, "type": "charge.succeeded", "data": {"object": {"amount": 100}}}).to_string()
+/// A Stripe event as the webhook receiver reads it.
+pub fn stripe_event(id: &str, event_type: &str, amount: i64) -> String {
+    json!({"id": id, "type": event_type, "data": {"object": {"amount": amount}}}).to_string()
 }
 
-/// The compiled webhook receiver example.
-pub fn example_binary() -> PathBuf {
-    named_example_binary("webhook_receiver")
-}
-
-/// A compiled example, beside this test binary's `deps/` folder.
-pub fn named_example_binary(name: &str) -> PathBuf {
+/// The compiled example `name`: `target/<profile>/examples/<name>`, beside
+/// this test binary's `target/<profile>/deps/`. Fails if it is missing or
+/// older than its source.
+pub fn example_binary(name: &str) -> PathBuf {
     let test_binary = std::env::current_exe().expect("the test binary's path");
     let profile_dir = test_binary
         .parent()
@@ -460,8 +553,57 @@ pub fn named_example_binary(name: &str) -> PathBuf {
     binary
 }
 
-/// Reads stdout up to the `listening on ADDRESS` line, then drains the rest
-/// in the background.
+/// The example `name` with `args`, its settings cleared of inherited
+/// values, its output piped, and killed if the test drops it.
+pub fn example_command(name: &str, args: &[&str]) -> Command {
+    let mut command = Command::new(example_binary(name));
+    command
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    for setting in EXAMPLE_SETTINGS {
+        command.env_remove(setting);
+    }
+    command
+}
+
+/// Runs the example `name` to its exit, on a free port if it does start:
+/// for runs that must not start serving, or `--help`.
+pub async fn run_to_exit(name: &str, args: &[&str], settings: &[(&str, &str)]) -> std::process::Output {
+    let mut command = example_command(name, args);
+    command.env("BIND", "127.0.0.1:0");
+    for (setting, value) in settings {
+        command.env(setting, value);
+    }
+    match timeout(REQUEST_TIMEOUT, command.output()).await {
+        Ok(Ok(output)) => output,
+        Ok(Err(error)) => panic!("cannot run the example {name}: {error}"),
+        Err(_) => panic!("the example {name} did not exit within {REQUEST_TIMEOUT:?}"),
+    }
+}
+
+/// Runs the example `name` with `setting=value` and asserts that it refuses
+/// to start, exiting with code 2 and naming the setting; returns its stderr.
+pub async fn assert_setting_refused(name: &str, setting: &str, value: &str) -> String {
+    let output = run_to_exit(name, &[], &[(setting, value)]).await;
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert_eq!(output.status.code(), Some(2), "{name}: {setting}={value}: {stderr}");
+    assert!(stderr.contains(setting), "{name}: the error names {setting}: {stderr}");
+    stderr
+}
+
+/// The example's `--help`.
+pub async fn help(name: &str) -> String {
+    let output = run_to_exit(name, &["--help"], &[]).await;
+    assert!(output.status.success(), "{name} --help: {output:?}");
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// Reads stdout up to the `listening on ADDRESS` line; `None` if stdout
+/// closes first. The rest is drained in the background, so that the
+/// example never blocks on a full pipe.
 async fn listening_address(stdout: ChildStdout) -> Option<SocketAddr> {
     let mut lines = BufReader::new(stdout).lines();
     while let Ok(Some(line)) = lines.next_line().await {
@@ -478,11 +620,11 @@ async fn listening_address(stdout: ChildStdout) -> Option<SocketAddr> {
 }
 
 /// Collects stderr as it comes, keeping the last 256 KiB, so the pipe never
-/// fills and a failing test can show it.
-fn capture(stderr: tokio::process::ChildStderr) -> Arc<Mutex<String>> {
+/// fills and a failing test can show it. The task ends at EOF.
+fn capture(stderr: ChildStderr) -> (Arc<Mutex<String>>, JoinHandle<()>) {
     let text = Arc::new(Mutex::new(String::new()));
     let sink = text.clone();
-    tokio::spawn(async move {
+    let task = tokio::spawn(async move {
         let mut lines = BufReader::new(stderr).lines();
         while let Ok(Some(line)) = lines.next_line().await {
             if let Ok(mut text) = sink.lock() {
@@ -496,7 +638,7 @@ fn capture(stderr: tokio::process::ChildStderr) -> Arc<Mutex<String>> {
             }
         }
     });
-    text
+    (text, task)
 }
 
 /// What a load run saw.
@@ -523,13 +665,58 @@ impl LoadReport {
     pub fn count(&self, status: u16) -> usize {
         self.statuses.get(&status).copied().unwrap_or(0)
     }
+
+    /// Fails unless every answer was a 200 or a 503 with `Retry-After` and
+    /// every event got its 200.
+    pub fn assert_only_200s_and_503s_and_every_event_done(&self) {
+        assert!(self.unexpected.is_empty(), "only 200s and 503s: {:#?}", self.unexpected);
+        assert!(
+            self.unfinished.is_empty(),
+            "every event got its 200: {:?}",
+            self.unfinished
+        );
+    }
 }
 
-/// Delivers every event with `concurrency` workers, each event retried as a
-/// provider would until it gets a 200 (the first run or a replay), for at
-/// most `give_up` per event. `progress` counts as it goes, so a test can act
-/// at points of progress.
-pub async fn deliver_all(
+/// `count` event ids, `<prefix>_<n>`.
+pub fn event_ids(prefix: &str, count: usize) -> Vec<String> {
+    (0..count).map(|n| format!("{prefix}_{n}")).collect()
+}
+
+/// Delivers `count` fresh events one at a time: each must run at the first
+/// try, and exactly once.
+pub async fn assert_fresh_events_run_at_the_first_try(
+    receiver: &Receiver,
+    schema: &Schema,
+    prefix: &str,
+    count: usize,
+) {
+    let events = event_ids(prefix, count);
+    for event in &events {
+        let reply = receiver.deliver(event).await;
+        assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+        assert!(!reply.replayed());
+    }
+    assert_eq!(schema.events_not_run_once("stripe", &events).await, vec![]);
+}
+
+/// Starts delivering every event with `concurrency` workers, each event
+/// retried as a provider would until it gets a 200 (the first run or a
+/// replay), for at most `give_up` per event. Returns the progress, which
+/// counts as it goes so that a test can act at points of progress, and the
+/// run, which ends with its report.
+pub fn spawn_load(
+    http: Http,
+    events: Arc<Vec<String>>,
+    concurrency: usize,
+    give_up: Duration,
+) -> (Arc<Progress>, JoinHandle<LoadReport>) {
+    let progress = Arc::new(Progress::default());
+    let load = tokio::spawn(deliver_all(http, events, concurrency, progress.clone(), give_up));
+    (progress, load)
+}
+
+async fn deliver_all(
     http: Http,
     events: Arc<Vec<String>>,
     concurrency: usize,
@@ -614,26 +801,5 @@ impl Progress {
             self.done() >= target
         })
         .await;
-    }
-}
-
-impl Schema {
-    /// Fails if any session of the receiver stays idle inside a transaction
-    /// (a connection returned to its pool mid-transaction stays that way).
-    pub async fn assert_no_idle_transactions(&self) {
-        let bound = Duration::from_secs(5);
-        let deadline = Instant::now() + bound;
-        loop {
-            let idle = self.sessions("idle in transaction%").await;
-            if idle == 0 {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{idle} session(s) of {} idle in a transaction for {bound:?}",
-                self.name
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
     }
 }

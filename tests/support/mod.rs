@@ -1,8 +1,15 @@
-//! Shared setup for the layer's tests: a Postgres schema per test, a probe
-//! handler whose behaviour each request chooses through headers, and small
-//! request helpers.
+//! Shared setup for the tests: the one place that says which Postgres they
+//! use (`DATABASE_URL`), a schema per test, a probe handler whose behaviour
+//! each request chooses through headers, requests built and read, requests
+//! signed as providers sign them ([`signing`]) and a proxy on the Postgres
+//! wire protocol ([`wire`]).
+//!
+//! Each test file is a crate of its own that includes this module with
+//! `mod support;`; what one file does not use is dead code there, hence the
+//! `allow` below.
 #![allow(dead_code)]
 
+pub mod signing;
 pub mod wire;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -23,10 +30,88 @@ use tokio_postgres::NoTls;
 use tower::ServiceExt;
 use tower_idempotency::{IdempotencyLayer, MemoryStore, PostgresStore, ResponseDecision, Store, Tx, TxError};
 
+/// The Postgres the tests use when `DATABASE_URL` is unset or empty.
 pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 
+/// `DATABASE_URL`, or [`DEFAULT_DATABASE_URL`] when it is unset or empty.
 pub fn database_url() -> String {
-    std::env::var("DATABASE_URL").unwrap_or_else(|_| DEFAULT_DATABASE_URL.to_owned())
+    std::env::var("DATABASE_URL")
+        .ok()
+        .filter(|url| !url.is_empty())
+        .unwrap_or_else(|| DEFAULT_DATABASE_URL.to_owned())
+}
+
+/// [`database_url`] parsed; fails naming DATABASE_URL.
+pub fn database_config() -> tokio_postgres::Config {
+    database_url()
+        .parse()
+        .unwrap_or_else(|error| panic!("DATABASE_URL is not a valid Postgres URL: {error}"))
+}
+
+/// [`database_url`] with `schema` as the search_path and as the sessions'
+/// `application_name`, so that `pg_stat_activity` tells them apart: for
+/// child processes, which take a URL.
+pub fn schema_url(schema: &str) -> String {
+    let url = database_url();
+    let separator = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{separator}options=-csearch_path%3D{schema}&application_name={schema}")
+}
+
+/// `config` with `schema` as the search_path and its sessions named
+/// `application_name`.
+pub fn on_schema(mut config: tokio_postgres::Config, schema: &str, application_name: &str) -> tokio_postgres::Config {
+    config.options(format!("-c search_path={schema}"));
+    config.application_name(application_name);
+    config
+}
+
+/// A pool of `size` connections made with `config`; `wait` bounds the wait
+/// for a free connection (`None`: deadpool's default, no bound).
+pub fn pool(config: tokio_postgres::Config, size: usize, wait: Option<Duration>) -> Pool {
+    let manager = Manager::from_config(
+        config,
+        NoTls,
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    Pool::builder(manager)
+        .max_size(size)
+        .wait_timeout(wait)
+        .runtime(Runtime::Tokio1)
+        .build()
+        .expect("build the pool")
+}
+
+/// A direct connection for setup and inspection; fails naming DATABASE_URL.
+pub async fn connect() -> tokio_postgres::Client {
+    let url = database_url();
+    let (client, connection) = tokio_postgres::connect(&url, NoTls).await.unwrap_or_else(|error| {
+        panic!(
+            "cannot reach Postgres at DATABASE_URL={url} (set DATABASE_URL to a Postgres these tests may \
+             create schemas in): {error}"
+        )
+    });
+    tokio::spawn(connection);
+    client
+}
+
+/// Runs `sql` from synchronous code (a `Drop`), on a thread and a runtime
+/// of its own, within `bound`. Failures are ignored: this is cleanup.
+pub fn execute_detached(sql: String, bound: Duration) {
+    let cleanup = std::thread::spawn(move || {
+        let Ok(runtime) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
+            return;
+        };
+        runtime.block_on(async {
+            let Ok((client, connection)) = tokio_postgres::connect(&database_url(), NoTls).await else {
+                return;
+            };
+            tokio::spawn(connection);
+            let _ = tokio::time::timeout(bound, client.batch_execute(&sql)).await;
+        });
+    });
+    let _ = cleanup.join();
 }
 
 /// A schema of the test's own, reached through a pool whose connections
@@ -84,31 +169,10 @@ impl TestDb {
         self.count("SELECT count(*) FROM idempotency_records").await
     }
 
-    /// Waits until none of this test's connections is idle inside a
-    /// transaction. Rollbacks of dropped requests run in the background, so
-    /// this polls; a connection returned to the pool inside a transaction
-    /// stays that way and fails the test.
+    /// Fails if one of this test's connections stays idle inside a
+    /// transaction.
     pub async fn assert_no_idle_transactions(&self) {
-        let admin = connect().await;
-        let query = "SELECT count(*) FROM pg_stat_activity
-                     WHERE application_name = $1 AND state LIKE 'idle in transaction%'";
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        loop {
-            let idle: i64 = admin
-                .query_one(query, &[&self.schema])
-                .await
-                .expect("pg_stat_activity")
-                .get(0);
-            if idle == 0 {
-                return;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "{idle} connection(s) of {} left idle in a transaction",
-                self.schema
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        assert_no_idle_transactions(&self.schema).await;
     }
 
     pub async fn drop_schema(self) {
@@ -120,35 +184,56 @@ impl TestDb {
     }
 }
 
-fn pool_for(schema: &str, size: usize) -> Pool {
-    let mut config: tokio_postgres::Config = database_url()
-        .parse()
-        .unwrap_or_else(|error| panic!("DATABASE_URL is not a valid Postgres URL: {error}"));
-    config.options(format!("-c search_path={schema}"));
-    config.application_name(schema);
-    let manager = Manager::from_config(
-        config,
-        NoTls,
-        ManagerConfig {
-            recycling_method: RecyclingMethod::Fast,
-        },
-    );
-    Pool::builder(manager)
-        .max_size(size)
-        .wait_timeout(Some(Duration::from_secs(10)))
-        .runtime(Runtime::Tokio1)
-        .build()
-        .expect("build the pool")
+/// Fails if a session named `application_name` stays idle inside a
+/// transaction: a connection returned to its pool mid-transaction stays that
+/// way. Rollbacks of dropped requests run in the background, hence the
+/// polling.
+pub async fn assert_no_idle_transactions(application_name: &str) {
+    let admin = connect().await;
+    let query = "SELECT count(*) FROM pg_stat_activity
+                 WHERE application_name = $1 AND state LIKE 'idle in transaction%'";
+    let bound = Duration::from_secs(5);
+    let deadline = tokio::time::Instant::now() + bound;
+    loop {
+        let idle: i64 = admin
+            .query_one(query, &[&application_name])
+            .await
+            .expect("pg_stat_activity")
+            .get(0);
+        if idle == 0 {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{idle} session(s) of {application_name} idle in a transaction for {bound:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
-/// A direct connection for setup and inspection.
-pub async fn connect() -> tokio_postgres::Client {
-    let url = database_url();
-    let (client, connection) = tokio_postgres::connect(&url, NoTls).await.unwrap_or_else(|error| {
-        panic!("cannot reach Postgres at {url}: {error}; set DATABASE_URL to a reachable server")
-    });
-    tokio::spawn(connection);
-    client
+/// Polls `condition` every 20 ms until it holds; panics with `what` after
+/// `bound`.
+pub async fn wait_until<F, Fut>(what: &str, bound: Duration, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + bound;
+    while !condition().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {bound:?} waiting until {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn pool_for(schema: &str, size: usize) -> Pool {
+    pool(
+        on_schema(database_config(), schema, schema),
+        size,
+        Some(Duration::from_secs(10)),
+    )
 }
 
 /// The store a shared test body runs against.

@@ -1,7 +1,7 @@
 //! The Postgres wire protocol as a proxy between the store's pool and the
 //! server sees it: a parser of the client's messages, a pool that connects
 //! through a proxy, and a proxy that loses or holds back one statement's
-//! answer after the server has run it.
+//! answer after the server has run it, or stalls altogether.
 //!
 //! After the startup packet every message, either way, is one type byte and
 //! a 4-byte length that counts itself, so messages can be told apart exactly.
@@ -11,11 +11,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use deadpool_postgres::Pool;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
-use tokio_postgres::NoTls;
 
 /// One frontend message: its type byte and its body (after the length).
 pub struct Frame {
@@ -144,7 +143,7 @@ fn holds_ready_for_query(bytes: &[u8]) -> bool {
 
 /// The server DATABASE_URL names, as a TCP address.
 pub fn upstream() -> (String, u16) {
-    let config: tokio_postgres::Config = super::database_url().parse().expect("DATABASE_URL");
+    let config = super::database_config();
     let host = match config.get_hosts().first() {
         Some(tokio_postgres::config::Host::Tcp(host)) => host.clone(),
         _ => panic!("the wire proxy needs a TCP DATABASE_URL"),
@@ -152,10 +151,10 @@ pub fn upstream() -> (String, u16) {
     (host, config.get_ports().first().copied().unwrap_or(5432))
 }
 
-/// A pool of `size` connections through a proxy on `port`, on the test's
-/// schema.
-pub fn pool_through(port: u16, schema: &str, size: usize) -> Pool {
-    let url: tokio_postgres::Config = super::database_url().parse().expect("DATABASE_URL");
+/// DATABASE_URL's database and credentials, reached through a proxy on
+/// `port`.
+pub fn proxied_config(port: u16) -> tokio_postgres::Config {
+    let url = super::database_config();
     let mut config = tokio_postgres::Config::new();
     config.host("127.0.0.1").port(port);
     if let Some(user) = url.get_user() {
@@ -167,20 +166,13 @@ pub fn pool_through(port: u16, schema: &str, size: usize) -> Pool {
     if let Some(dbname) = url.get_dbname() {
         config.dbname(dbname);
     }
-    config.options(format!("-c search_path={schema}"));
-    config.application_name(schema);
-    let manager = Manager::from_config(
-        config,
-        NoTls,
-        ManagerConfig {
-            recycling_method: RecyclingMethod::Fast,
-        },
-    );
-    Pool::builder(manager)
-        .max_size(size)
-        .runtime(Runtime::Tokio1)
-        .build()
-        .expect("pool")
+    config
+}
+
+/// A pool of `size` connections through a proxy on `port`, on the test's
+/// schema.
+pub fn pool_through(port: u16, schema: &str, size: usize) -> Pool {
+    super::pool(super::on_schema(proxied_config(port), schema, schema), size, None)
 }
 
 /// What happens to the answer of the statement a [`FaultyProxy`] watches,
@@ -195,69 +187,93 @@ pub enum Fault {
     HoldAnswer,
 }
 
-struct Watch {
-    marker: String,
-    fault: Fault,
+struct Control {
+    /// The marker of the watched statement's SQL and what its answer meets;
+    /// `None` watches no statement.
+    watched: Option<(String, Fault)>,
     armed: AtomicBool,
     answered: Notify,
     resume: Notify,
+    /// While set, what clients send is swallowed.
+    stalled: AtomicBool,
 }
 
-/// A proxy that relays every connection faithfully, except for the next
-/// execution, once armed, of a prepared statement whose SQL contains a
-/// marker: the server runs it, and then its answer meets the [`Fault`].
+/// A proxy that relays every connection faithfully, except
+/// - for the next execution, once armed, of a prepared statement whose SQL
+///   contains the watched marker: the server runs it, and then its answer
+///   meets the [`Fault`];
+/// - while stalled: what clients send is swallowed and no answer comes, as
+///   from a stalled server or over a broken network. A client that closes
+///   its end still closes the server's.
 #[derive(Clone)]
 pub struct FaultyProxy {
     pub port: u16,
-    watch: Arc<Watch>,
+    control: Arc<Control>,
 }
 
 impl FaultyProxy {
+    /// A proxy watching the statement whose SQL contains `marker`.
     pub async fn start(marker: &str, fault: Fault) -> Self {
-        let watch = Arc::new(Watch {
-            marker: marker.to_owned(),
-            fault,
+        Self::spawn(Some((marker.to_owned(), fault))).await
+    }
+
+    /// A proxy watching no statement, faithful until [`FaultyProxy::stall`].
+    pub async fn stalling() -> Self {
+        Self::spawn(None).await
+    }
+
+    async fn spawn(watched: Option<(String, Fault)>) -> Self {
+        let control = Arc::new(Control {
+            watched,
             armed: AtomicBool::new(false),
             answered: Notify::new(),
             resume: Notify::new(),
+            stalled: AtomicBool::new(false),
         });
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind the proxy");
         let port = listener.local_addr().expect("the proxy's address").port();
         let upstream = upstream();
         tokio::spawn({
-            let watch = watch.clone();
+            let control = control.clone();
             async move {
                 while let Ok((client, _)) = listener.accept().await {
                     let server = TcpStream::connect((upstream.0.as_str(), upstream.1))
                         .await
                         .expect("reach Postgres from the proxy");
-                    tokio::spawn(relay(client, server, watch.clone()));
+                    tokio::spawn(relay(client, server, control.clone()));
                 }
             }
         });
-        Self { port, watch }
+        Self { port, control }
     }
 
     /// Applies the fault to the next execution of the watched statement.
     pub fn arm(&self) {
-        self.watch.armed.store(true, Ordering::SeqCst);
+        self.control.armed.store(true, Ordering::SeqCst);
     }
 
     /// Waits until the server has answered the watched statement in full
     /// (so, outside a transaction block, committed it).
     pub async fn answered(&self) {
-        tokio::time::timeout(Duration::from_secs(10), self.watch.answered.notified())
+        tokio::time::timeout(Duration::from_secs(10), self.control.answered.notified())
             .await
             .expect("the watched statement to be answered by the server");
     }
 
-    /// Lets a held answer, and everything after it, through.
+    /// Swallows what clients send from now on, until [`FaultyProxy::resume`].
+    pub fn stall(&self) {
+        self.control.stalled.store(true, Ordering::SeqCst);
+    }
+
+    /// Ends a stall, and lets a held answer, and everything after it,
+    /// through.
     pub fn resume(&self) {
-        self.watch.resume.notify_one();
+        self.control.stalled.store(false, Ordering::SeqCst);
+        self.control.resume.notify_one();
     }
 }
 
-async fn relay(client: TcpStream, server: TcpStream, watch: Arc<Watch>) {
+async fn relay(client: TcpStream, server: TcpStream, control: Arc<Control>) {
     let (mut client_read, mut client_write) = client.into_split();
     let (mut server_read, mut server_write) = server.into_split();
     // Set when this connection has sent the watched statement; the server's
@@ -266,7 +282,7 @@ async fn relay(client: TcpStream, server: TcpStream, watch: Arc<Watch>) {
     let faulted = Arc::new(AtomicBool::new(false));
     let cut = Arc::new(Notify::new());
     let upstream = {
-        let (watch, faulted, cut) = (watch.clone(), faulted.clone(), cut.clone());
+        let (control, faulted, cut) = (control.clone(), faulted.clone(), cut.clone());
         async move {
             let mut parser = FrontendParser::default();
             let mut watched = HashSet::new();
@@ -279,14 +295,17 @@ async fn relay(client: TcpStream, server: TcpStream, watch: Arc<Watch>) {
                     },
                     () = cut.notified() => break,
                 };
+                if control.stalled.load(Ordering::SeqCst) {
+                    continue;
+                }
                 for frame in parser.frames(&buffer[..read]) {
-                    if let Some((name, sql)) = frame.parsed_statement() {
-                        if sql.contains(&watch.marker) {
+                    if let (Some((name, sql)), Some((marker, _))) = (frame.parsed_statement(), &control.watched) {
+                        if sql.contains(marker.as_str()) {
                             watched.insert(name.to_owned());
                         }
                     }
                     if frame.bound_statement().is_some_and(|name| watched.contains(name))
-                        && watch.armed.swap(false, Ordering::SeqCst)
+                        && control.armed.swap(false, Ordering::SeqCst)
                     {
                         faulted.store(true, Ordering::SeqCst);
                     }
@@ -317,14 +336,15 @@ async fn relay(client: TcpStream, server: TcpStream, watch: Arc<Watch>) {
                 continue;
             }
             faulted.store(false, Ordering::SeqCst);
-            watch.answered.notify_one();
-            match watch.fault {
-                Fault::CutBeforeAnswer => {
+            control.answered.notify_one();
+            // Only a watched statement sets `faulted`, so `watched` is `Some` here.
+            match control.watched.as_ref().map(|(_, fault)| *fault) {
+                Some(Fault::CutBeforeAnswer) | None => {
                     cut.notify_one();
                     break;
                 }
-                Fault::HoldAnswer => {
-                    watch.resume.notified().await;
+                Some(Fault::HoldAnswer) => {
+                    control.resume.notified().await;
                     if client_write.write_all(&std::mem::take(&mut answer)).await.is_err() {
                         break;
                     }
