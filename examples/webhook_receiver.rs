@@ -75,8 +75,8 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use serde_json::Value;
 use tokio::net::TcpListener;
 use tower_idempotency::{
-    Extractor, GitHubSignature, IdempotencyLayer, InFlight, InvalidJsonPath, Mode, OrderingGuard, PostgresStore,
-    RecordKey, ShutdownHandle, StandardWebhooksSignature, StripeSignature, Tx, VerifySignature,
+    GitHubSignature, IdempotencyLayer, Mode, OrderingGuard, PostgresStore, Preset, RecordKey, ShutdownHandle,
+    StandardWebhooksSignature, StripeSignature, Tx, VerifySignature,
 };
 
 const DEFAULT_BIND: &str = "127.0.0.1:3000";
@@ -87,8 +87,6 @@ const RECORD_CACHE_BYTES: u64 = 64 << 20;
 
 /// How long `/healthz` gives the database to answer.
 const HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
-/// How long a webhook duplicate waits for an in-flight first delivery.
-const WEBHOOK_WAIT: Duration = Duration::from_secs(10);
 /// `Retry-After` of this example's own 503s, in seconds.
 const RETRY_AFTER_SECONDS: u32 = 1;
 
@@ -290,11 +288,11 @@ fn secret_setting<V, E: std::fmt::Display>(
     }
 }
 
-/// Adds a route's signature check when its secret is set.
-fn verified(layer: IdempotencyLayer, verifier: Option<impl VerifySignature>) -> IdempotencyLayer {
+/// Adds the provider's signature check to its preset when its secret is set.
+fn verified(preset: Preset, verifier: Option<impl VerifySignature>) -> Preset {
     match verifier {
-        Some(verifier) => layer.verify_signature(verifier),
-        None => layer,
+        Some(verifier) => preset.verify_signature(verifier),
+        None => preset,
     }
 }
 
@@ -395,8 +393,7 @@ async fn run(settings: Settings) -> Result<(), String> {
         .install_recorder()
         .map_err(|error| format!("cannot install the metrics recorder: {error}"))?;
     let _ = METRICS.set(metrics);
-    let (router, shutdown) =
-        router(app, &store, settings.signatures).map_err(|error| format!("invalid route configuration: {error}"))?;
+    let (router, shutdown) = router(app, &store, settings.signatures);
 
     let listener = TcpListener::bind(settings.bind)
         .await
@@ -440,11 +437,7 @@ async fn create_payment_states(pool: &Pool, guard: &OrderingGuard) -> Result<(),
 /// Each protected route gets a layer of its own: its source, where its key
 /// and event type come from, and what a concurrent duplicate gets. They are
 /// all made from one base layer, so one handle shuts them all down.
-fn router(
-    app: App,
-    store: &PostgresStore,
-    signatures: Signatures,
-) -> Result<(Router, ShutdownHandle), InvalidJsonPath> {
+fn router(app: App, store: &PostgresStore, signatures: Signatures) -> (Router, ShutdownHandle) {
     let mode = match app.record_mode {
         RecordMode::Transaction => Mode::Transaction,
         RecordMode::Lease(lease) => Mode::lease(lease),
@@ -453,32 +446,27 @@ fn router(
         .max_request_bytes(app.max_body_bytes)
         .mode(mode);
     let shutdown = base.shutdown_handle();
-    let layer = |source: &str| base.clone().source(source);
-    // Providers retry on 409 anyway, but waiting answers them at once.
-    let webhook = |source: &str| layer(source).in_flight(InFlight::Wait(WEBHOOK_WAIT));
 
-    // A signature, where its secret is set, is checked on the raw body
-    // before the key is read or claimed: a forgery leaves no trace.
-    let stripe = webhook("stripe")
-        .key(Extractor::json("/id")?)
-        .event_type(Extractor::json("/type")?)
-        .json_body(true);
-    let stripe = verified(stripe, signatures.stripe);
-    let github = webhook("github")
-        .key(Extractor::header("X-GitHub-Delivery"))
-        .event_type(Extractor::header("X-GitHub-Event"));
-    let github = verified(github, signatures.github);
-    let standard = webhook("standard")
-        .key(Extractor::header("webhook-id"))
-        .event_type(Extractor::json("/type")?)
-        .json_body(true);
-    let standard = verified(standard, signatures.standard);
-    // API clients are told to retry a 409; holding their request open would
+    // Each webhook preset keys the provider's documented event id, requires
+    // JSON where the key or event type is read from it, and lets a duplicate
+    // wait up to 10 s for its in-flight first delivery: providers retry a
+    // 409 anyway, but waiting answers them at once. A signature, where its
+    // secret is set, is checked on the raw body before the key is read or
+    // claimed: a forgery leaves no trace.
+    let stripe = base.clone().preset(verified(Preset::stripe(), signatures.stripe));
+    let github = base.clone().preset(verified(Preset::github(), signatures.github));
+    // This route's source is `standard`, not the preset's `standard-webhooks`.
+    let standard = base
+        .clone()
+        .preset(verified(Preset::standard_webhooks(), signatures.standard))
+        .source("standard");
+    // The Idempotency-Key preset answers an in-flight duplicate 409 at once:
+    // API clients are told to retry it, and holding their request open would
     // only tie up a connection. The body must be JSON even though the key is
     // a header: the handler reads `/amount`.
-    let payments = layer("payments")
-        .key(Extractor::header("Idempotency-Key"))
-        .in_flight(InFlight::Conflict)
+    let payments = base
+        .preset(Preset::idempotency_key())
+        .source("payments")
         .json_body(true);
 
     let router = Router::new()
@@ -494,7 +482,7 @@ fn router(
         // plain text, or refuse a body the layer had accepted.
         .layer(DefaultBodyLimit::disable())
         .with_state(app);
-    Ok((router, shutdown))
+    (router, shutdown)
 }
 
 async fn stripe_webhook(

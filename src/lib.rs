@@ -12,39 +12,52 @@
 //! In [`Mode::Transaction`] (the default) the handler writes through the
 //! request's own transaction ([`Tx`]), and the record commits atomically
 //! with those writes: effects in the same database happen exactly once.
+//! A whole Stripe webhook receiver, signature checked, each event's row
+//! inserted once (`examples/stripe_minimal.rs`):
 //!
 //! ```no_run
-//! use axum::{routing::post, Json, Router};
-//! use tower_idempotency::{Extractor, IdempotencyLayer, PostgresStore, Tx};
+//! use axum::{http::StatusCode, routing::post, Json, Router};
+//! use serde_json::Value;
+//! use tower_idempotency::{IdempotencyLayer, PostgresStore, Preset, StripeSignature, Tx};
 //!
-//! async fn stripe_webhook(tx: Tx, Json(event): Json<serde_json::Value>) -> Result<&'static str, String> {
+//! /// Runs once per event: its row commits with the idempotency record, or
+//! /// neither does.
+//! async fn stripe_webhook(tx: Tx, Json(event): Json<Value>) -> Result<StatusCode, StatusCode> {
 //!     tx.execute(
-//!         "INSERT INTO ledger_entries (source, event_id) VALUES ('stripe', $1)",
-//!         &[&event["id"].as_str()],
+//!         "INSERT INTO stripe_events (event_id, event_type) VALUES ($1, $2)",
+//!         &[&event["id"].as_str(), &event["type"].as_str()],
 //!     )
 //!     .await
-//!     .map_err(|error| error.to_string())?;
-//!     Ok("ok")
+//!     // Not a 2xx: the row rolls back and Stripe's retry runs afresh.
+//!     .map_err(|_| StatusCode::SERVICE_UNAVAILABLE)?;
+//!     Ok(StatusCode::OK)
 //! }
 //!
-//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
-//! let mut config = deadpool_postgres::Config::new();
-//! config.url = Some("postgres://postgres@127.0.0.1:5432/postgres".into());
-//! let pool = config.create_pool(Some(deadpool_postgres::Runtime::Tokio1), tokio_postgres::NoTls)?;
-//! let store = PostgresStore::new(pool);
-//! store.migrate().await?;
+//! #[tokio::main]
+//! async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//!     let secret = std::env::var("STRIPE_WEBHOOK_SECRET").map_err(|_| "set STRIPE_WEBHOOK_SECRET (whsec_...)")?;
+//!     let stripe = Preset::stripe().verify_signature(StripeSignature::new(secret)?);
+//!     let env = |name: &str, default: &str| std::env::var(name).unwrap_or_else(|_| default.to_owned());
 //!
-//! let app: Router = Router::new()
-//!     .route("/webhooks/stripe", post(stripe_webhook))
-//!     .route_layer(
-//!         IdempotencyLayer::new(store)
-//!             .source("stripe")
-//!             .key(Extractor::json("/id")?)
-//!             .event_type(Extractor::json("/type")?),
-//!     );
-//! let listener = tokio::net::TcpListener::bind("127.0.0.1:3000").await?;
-//! axum::serve(listener, app).await?;
-//! # Ok(()) }
+//!     let mut config = deadpool_postgres::Config::new();
+//!     config.url = Some(env("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/postgres"));
+//!     let pool = config.create_pool(Some(deadpool_postgres::Runtime::Tokio1), tokio_postgres::NoTls)?;
+//!     let store = PostgresStore::new(pool.clone());
+//!     store.migrate().await?; // the idempotency records' table
+//!     pool.get()
+//!         .await?
+//!         .batch_execute("CREATE TABLE IF NOT EXISTS stripe_events (event_id text NOT NULL, event_type text)")
+//!         .await?;
+//!
+//!     let app = Router::new()
+//!         .route("/webhooks/stripe", post(stripe_webhook))
+//!         .route_layer(IdempotencyLayer::new(store).preset(stripe));
+//!
+//!     let listener = tokio::net::TcpListener::bind(env("BIND", "127.0.0.1:3000")).await?;
+//!     println!("listening on {}", listener.local_addr()?);
+//!     axum::serve(listener, app).await?;
+//!     Ok(())
+//! }
 //! ```
 //!
 //! # Webhook providers
