@@ -80,10 +80,10 @@ pub(crate) struct Config {
     pub(crate) replay_headers: Vec<HeaderName>,
     pub(crate) retention: Duration,
     pub(crate) mode: Mode,
-    pub(crate) detach: bool,
+    pub(crate) detach_on_disconnect: bool,
     pub(crate) fail_open: bool,
     pub(crate) fingerprint: Fingerprint,
-    pub(crate) require_json: bool,
+    pub(crate) json_body: bool,
     pub(crate) methods: Option<Vec<Method>>,
     pub(crate) store_timeout: Duration,
     pub(crate) grpc_methods: Vec<String>,
@@ -109,10 +109,10 @@ impl Default for Config {
             replay_headers: vec![CONTENT_TYPE],
             retention: DEFAULT_RETENTION,
             mode: Mode::Transaction,
-            detach: true,
+            detach_on_disconnect: true,
             fail_open: false,
             fingerprint: Fingerprint::default(),
-            require_json: false,
+            json_body: false,
             methods: None,
             store_timeout: DEFAULT_STORE_TIMEOUT,
             grpc_methods: Vec::new(),
@@ -319,7 +319,7 @@ impl IdempotencyLayer {
     /// completion in a task of its own and the record reflects its outcome.
     /// With `false`, a dropped future releases the claim.
     pub fn detach_on_disconnect(self, detach: bool) -> Self {
-        self.with(|config| config.detach = detach)
+        self.with(|config| config.detach_on_disconnect = detach)
     }
 
     /// Whether to run the handler unprotected when the store is unavailable
@@ -338,7 +338,7 @@ impl IdempotencyLayer {
     /// a malformed body gets `400` before the key is read (default `false`;
     /// routes whose key or event type comes from JSON check it anyway).
     pub fn json_body(self, required: bool) -> Self {
-        self.with(|config| config.require_json = required)
+        self.with(|config| config.json_body = required)
     }
 
     /// Protects only requests with these methods (default: all but GET,

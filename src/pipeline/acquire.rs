@@ -64,7 +64,7 @@ pub(super) async fn acquire<B>(shared: &Shared, identity: &Identity) -> Acquired
     // One claim token for the request, so that a retried claim knows its
     // own; made at the first claim, since a duplicate never needs one.
     let mut request: Option<ClaimRequest> = None;
-    let mut step = if shared.store.likely_completed(&identity.key) {
+    let mut step = if shared.store.likely_completed(&identity.record) {
         Step::Read
     } else {
         Step::EnterLocally { read: false }
@@ -73,7 +73,7 @@ pub(super) async fn acquire<B>(shared: &Shared, identity: &Identity) -> Acquired
         step = match step {
             Step::Read => {
                 let found = store_step(&shared.store, "lookup", config.store_timeout, || {
-                    shared.store.lookup(&identity.key)
+                    shared.store.lookup(&identity.record)
                 })
                 .await;
                 match found {
@@ -81,16 +81,16 @@ pub(super) async fn acquire<B>(shared: &Shared, identity: &Identity) -> Acquired
                     Ok(Lookup::Completed(completed)) => {
                         return Acquired::Answer(replay_or_mismatch(completed, identity, waiting.finish()))
                     }
-                    Ok(Lookup::InProgress { fingerprint }) if fingerprint != identity.fingerprint => {
+                    Ok(Lookup::InFlight { fingerprint }) if fingerprint != identity.fingerprint => {
                         return Acquired::Answer(mismatch(identity));
                     }
-                    Ok(Lookup::InProgress { .. } | Lookup::Absent) if holder.is_none() => {
+                    Ok(Lookup::InFlight { .. } | Lookup::Absent) if holder.is_none() => {
                         Step::EnterLocally { read: true }
                     }
-                    Ok(Lookup::InProgress { .. } | Lookup::Absent) => Step::Claim { read: true },
+                    Ok(Lookup::InFlight { .. } | Lookup::Absent) => Step::Claim { read: true },
                 }
             }
-            Step::EnterLocally { read } => match shared.in_flight.enter(&identity.key) {
+            Step::EnterLocally { read } => match shared.in_flight.enter(&identity.record) {
                 Entry::Holder(guard) => {
                     holder = Some(guard);
                     Step::Claim { read }
@@ -128,7 +128,7 @@ pub(super) async fn acquire<B>(shared: &Shared, identity: &Identity) -> Acquired
             Step::Claim { .. } => {
                 let request = request.get_or_insert_with(|| {
                     ClaimRequest::new(
-                        identity.key.clone(),
+                        identity.record.clone(),
                         identity.fingerprint,
                         config.mode,
                         config.retention,

@@ -148,7 +148,7 @@ pub(super) fn identify(
     metrics_label: &Arc<str>,
 ) -> Result<Option<Identity>, KeyError> {
     let mut json = JsonBody::new(body);
-    if config.require_json || config.fingerprint.reads_json() || config.key.reads_json() {
+    if config.json_body || config.fingerprint.reads_json() || config.key.reads_json() {
         json.value()?;
     }
     let source = config.source.resolve(parts)?;
@@ -171,7 +171,7 @@ pub(super) fn identify(
     key::validate("key", &key, config.max_key_bytes, false)?;
     let fingerprint = config.fingerprint.digest(parts, body, &mut json)?;
     Ok(Some(Identity {
-        key: RecordKey {
+        record: RecordKey {
             source,
             event_type,
             key,

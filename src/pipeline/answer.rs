@@ -34,7 +34,7 @@ pub(super) fn mismatch<B>(identity: &Identity) -> Response<ResponseBody<B>> {
         identity.protocol,
         &format!(
             "the key `{}` was already used with a different request",
-            identity.key.key
+            identity.record.key
         ),
     )
 }
@@ -49,7 +49,7 @@ pub(super) fn in_flight<B>(identity: &Identity) -> Response<ResponseBody<B>> {
     metrics::count(&identity.metrics_label, Outcome::Conflict);
     Problem::InFlight.response(
         identity.protocol,
-        &format!("a request with the key `{}` is being processed", identity.key.key),
+        &format!("a request with the key `{}` is being processed", identity.record.key),
     )
 }
 

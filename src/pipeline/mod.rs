@@ -35,7 +35,7 @@ pub(crate) type Answer<B, E> = Result<Response<ResponseBody<B>>, E>;
 
 /// The identity of a protected request.
 pub(crate) struct Identity {
-    key: RecordKey,
+    record: RecordKey,
     fingerprint: [u8; 32],
     protocol: Protocol,
     /// The route's metrics label (never the per-request source).
@@ -70,14 +70,14 @@ where
     };
     let span = tracing::info_span!(
         "idempotency",
-        source = %identity.key.source,
-        event_type = %identity.key.event_type,
-        key = %identity.key.key,
+        source = %identity.record.source,
+        event_type = %identity.record.event_type,
+        key = %identity.record.key,
         outcome = tracing::field::Empty,
     );
     // A duplicate answered from the record cache runs nothing that a
     // disconnect could cut off, so it needs no task of its own.
-    if let Some(completed) = shared.store.cached(&identity.key) {
+    if let Some(completed) = shared.store.cached(&identity.record) {
         return Ok(span.in_scope(|| replay_or_mismatch(completed, &identity, false)));
     }
     // Boxed once here: the state machine is several KiB, and moving it into
@@ -85,7 +85,7 @@ where
     // so that a graceful shutdown waits for it.
     let protected = Box::pin(protected(shared.clone(), inner, request, identity).instrument(span));
     let protected = shared.shutdown.track(protected);
-    if !shared.config.detach {
+    if !shared.config.detach_on_disconnect {
         return protected.await;
     }
     // Detached: the handler and its commit run to the end even if this
@@ -166,7 +166,7 @@ pub(crate) mod bench {
     pub(crate) fn identify(config: &Config, parts: &Parts, body: &Bytes) -> Result<Option<String>, KeyError> {
         let protocol = config.protocol_of(&parts.headers);
         let label = Arc::from(config.metrics_label());
-        Ok(admit::identify(config, parts, body, protocol, &label)?.map(|identity| identity.key.key))
+        Ok(admit::identify(config, parts, body, protocol, &label)?.map(|identity| identity.record.key))
     }
 
     /// The replay of a stored response.

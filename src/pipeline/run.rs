@@ -270,20 +270,20 @@ pub(super) async fn answer_from_the_first_record<B>(
     store: &Store,
     identity: &Identity,
 ) -> Response<ResponseBody<B>> {
-    let found = store_step(store, "lookup", config.store_timeout, || store.lookup(&identity.key)).await;
+    let found = store_step(store, "lookup", config.store_timeout, || store.lookup(&identity.record)).await;
     let other_payload = || {
         Problem::FingerprintMismatch.response(
             identity.protocol,
-            &format!("the key `{}` was used with a different request", identity.key.key),
+            &format!("the key `{}` was used with a different request", identity.record.key),
         )
     };
     match found {
         Ok(Lookup::Completed(completed)) if completed.fingerprint == identity.fingerprint => replay(completed.response),
         Ok(Lookup::Completed(_)) => other_payload(),
-        Ok(Lookup::InProgress { fingerprint }) if fingerprint != identity.fingerprint => other_payload(),
-        Ok(Lookup::InProgress { .. }) => Problem::InFlight.response(
+        Ok(Lookup::InFlight { fingerprint }) if fingerprint != identity.fingerprint => other_payload(),
+        Ok(Lookup::InFlight { .. }) => Problem::InFlight.response(
             identity.protocol,
-            &format!("a request with the key `{}` is being processed", identity.key.key),
+            &format!("a request with the key `{}` is being processed", identity.record.key),
         ),
         Ok(Lookup::Absent) => Problem::CommitFailed.response(
             identity.protocol,

@@ -50,7 +50,7 @@ struct Record {
 }
 
 enum State {
-    InProgress { token: u64, locked_until: Option<Instant> },
+    InFlight { token: u64, locked_until: Option<Instant> },
     Completed(StoredResponse),
 }
 
@@ -63,7 +63,7 @@ impl Record {
     fn is_live(&self, now: Instant) -> bool {
         match &self.state {
             State::Completed(_) => self.expires_at > now,
-            State::InProgress { locked_until, .. } => locked_until.is_none_or(|until| until > now),
+            State::InFlight { locked_until, .. } => locked_until.is_none_or(|until| until > now),
         }
     }
 
@@ -72,12 +72,12 @@ impl Record {
     fn dies_at(&self) -> Option<Instant> {
         match &self.state {
             State::Completed(_) => Some(self.expires_at),
-            State::InProgress { locked_until, .. } => *locked_until,
+            State::InFlight { locked_until, .. } => *locked_until,
         }
     }
 
     fn is_owned_by(&self, claim_token: u64) -> bool {
-        matches!(self.state, State::InProgress { token, .. } if token == claim_token)
+        matches!(self.state, State::InFlight { token, .. } if token == claim_token)
     }
 }
 
@@ -135,7 +135,7 @@ impl MemoryStore {
             if record.is_live(now) {
                 return Ok(match found(record) {
                     Lookup::Completed(completed) => ClaimOutcome::Completed(completed),
-                    Lookup::InProgress { fingerprint } => ClaimOutcome::InFlight {
+                    Lookup::InFlight { fingerprint } => ClaimOutcome::InFlight {
                         fingerprint: Some(fingerprint),
                     },
                     Lookup::Absent => ClaimOutcome::InFlight { fingerprint: None },
@@ -155,7 +155,7 @@ impl MemoryStore {
         };
         let record = Record {
             fingerprint: request.fingerprint,
-            state: State::InProgress { token, locked_until },
+            state: State::InFlight { token, locked_until },
             expires_at: now + request.retention,
         };
         records.note_death(record.dies_at());
@@ -172,7 +172,7 @@ impl MemoryStore {
         let mut records = self.records();
         let dies_at = match records.by_key.get_mut(key) {
             Some(record) if record.is_owned_by(token) => {
-                record.state = State::InProgress {
+                record.state = State::InFlight {
                     token,
                     locked_until: Some(Instant::now() + lease),
                 };
@@ -233,8 +233,8 @@ fn found(record: &Record) -> Lookup {
         // A transaction-mode claim is invisible until it completes, as its
         // uncommitted row is on Postgres: another payload gets the in-flight
         // answer, not a 422 for a record that may never exist.
-        State::InProgress { locked_until: None, .. } => Lookup::Absent,
-        State::InProgress { .. } => Lookup::InProgress {
+        State::InFlight { locked_until: None, .. } => Lookup::Absent,
+        State::InFlight { .. } => Lookup::InFlight {
             fingerprint: record.fingerprint,
         },
     }

@@ -151,7 +151,7 @@ pub(crate) enum Lookup {
     Absent,
     Completed(Completed),
     /// A lease-mode claim whose lease is still running.
-    InProgress {
+    InFlight {
         fingerprint: [u8; 32],
     },
 }

@@ -331,7 +331,7 @@ impl PostgresStore {
         }
         Ok(match found {
             Lookup::Completed(completed) => ClaimOutcome::Completed(completed),
-            Lookup::InProgress { fingerprint } => ClaimOutcome::InFlight {
+            Lookup::InFlight { fingerprint } => ClaimOutcome::InFlight {
                 fingerprint: Some(fingerprint),
             },
             Lookup::Absent => ClaimOutcome::InFlight { fingerprint: None },
@@ -396,7 +396,7 @@ impl PostgresStore {
             self.remember_found(key, &row, &found)?;
             match found {
                 Lookup::Completed(completed) => return Ok(ClaimOutcome::Completed(completed)),
-                Lookup::InProgress { fingerprint } => {
+                Lookup::InFlight { fingerprint } => {
                     return Ok(ClaimOutcome::InFlight {
                         fingerprint: Some(fingerprint),
                     })
@@ -727,7 +727,7 @@ fn lookup_from_row(row: &Row) -> Result<Lookup, StoreError> {
     let state: i16 = row.try_get("state")?;
     let fingerprint = fingerprint_from(row.try_get::<_, &[u8]>("fingerprint")?)?;
     if state != COMPLETED {
-        return Ok(Lookup::InProgress { fingerprint });
+        return Ok(Lookup::InFlight { fingerprint });
     }
     let status: i16 = row.try_get("response_status")?;
     let status = u16::try_from(status)
