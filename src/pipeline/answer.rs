@@ -115,3 +115,67 @@ pub(super) fn store_failed<B>(identity: &Identity, error: &StoreError) -> Respon
     };
     problem.response(identity.protocol, &detail)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use http::StatusCode;
+    use http_body_util::{BodyExt, Empty};
+
+    use super::*;
+    use crate::key::RecordKey;
+
+    fn identity() -> Identity {
+        Identity {
+            record: RecordKey {
+                source: "s".to_owned(),
+                event_type: String::new(),
+                key: "k".to_owned(),
+            },
+            fingerprint: [0; 32],
+            protocol: Protocol::Http,
+            metrics_label: Arc::from("s"),
+        }
+    }
+
+    async fn kind_of(error: StoreError) -> (StatusCode, String) {
+        let response: Response<ResponseBody<Empty<Bytes>>> = store_failed(&identity(), &error);
+        let status = response.status();
+        let body = response.into_body().collect().await.expect("the body").to_bytes();
+        let document: serde_json::Value = serde_json::from_slice(&body).expect("problem+json");
+        (status, document["type"].as_str().unwrap_or_default().to_owned())
+    }
+
+    #[tokio::test]
+    async fn store_failures_map_to_transient_or_permanent_problems() {
+        let cases = [
+            (
+                StoreError::Timeout(Duration::from_secs(5)),
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store-unavailable",
+            ),
+            (StoreError::Full, StatusCode::SERVICE_UNAVAILABLE, "store-full"),
+            (
+                StoreError::Corrupt("bad".to_owned()),
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "corrupt-record",
+            ),
+            (
+                StoreError::TableMissing("t".to_owned()),
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "store-misconfigured",
+            ),
+        ];
+        for (error, status, kind) in cases {
+            let what = error.to_string();
+            assert_eq!(
+                kind_of(error).await,
+                (status, format!("urn:tower-idempotency:{kind}")),
+                "{what}"
+            );
+        }
+    }
+}

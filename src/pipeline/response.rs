@@ -238,3 +238,157 @@ pub(super) fn stored_response(
         trailers: trailers.map(storable_headers),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+    use std::time::Duration;
+
+    use http::StatusCode;
+    use http_body::Frame;
+    use http_body_util::{Full, StreamBody};
+
+    use super::*;
+
+    type Frames = Vec<Result<Frame<Bytes>, Infallible>>;
+
+    /// A body of these frames, all ready at once.
+    fn body(frames: Frames) -> impl Body<Data = Bytes, Error = Infallible> + Send + 'static {
+        StreamBody::new(futures_util::stream::iter(frames))
+    }
+
+    fn data(text: &'static str) -> Result<Frame<Bytes>, Infallible> {
+        Ok(Frame::data(Bytes::from_static(text.as_bytes())))
+    }
+
+    fn trailers(status: &'static str) -> Result<Frame<Bytes>, Infallible> {
+        let mut trailers = HeaderMap::new();
+        trailers.insert("grpc-status", status.parse().expect("a header value"));
+        Ok(Frame::trailers(trailers))
+    }
+
+    fn far() -> Instant {
+        Instant::now() + Duration::from_secs(60)
+    }
+
+    async fn text<B: Body<Data = Bytes>>(body: B) -> String
+    where
+        B::Error: std::fmt::Debug,
+    {
+        let bytes = body.collect().await.expect("the body").to_bytes();
+        String::from_utf8(bytes.to_vec()).expect("UTF-8")
+    }
+
+    #[tokio::test]
+    async fn a_single_frame_is_kept_as_it_came() {
+        let frame = Bytes::from_static(b"whole");
+        let pointer = frame.as_ptr();
+        let Ok(Buffered::Whole { body, trailers }) = buffer(Full::new(frame), 100, far()).await else {
+            panic!("a small body is buffered whole");
+        };
+        assert_eq!(body.as_ptr(), pointer, "not copied");
+        assert!(trailers.is_none());
+    }
+
+    #[tokio::test]
+    async fn frames_are_joined_and_trailers_kept() {
+        let Ok(Buffered::Whole { body, trailers }) = buffer(
+            self::body(vec![data("a"), data("b"), data("c"), trailers("0")]),
+            100,
+            far(),
+        )
+        .await
+        else {
+            panic!("a small body is buffered whole");
+        };
+        assert_eq!(body, Bytes::from_static(b"abc"));
+        assert_eq!(grpc_status(&trailers.expect("trailers")), Some(0));
+    }
+
+    #[tokio::test]
+    async fn a_body_over_the_limit_streams_on_whole_and_in_order() {
+        let frames = self::body(vec![data("12345"), data("67890"), data("abc")]);
+        let Ok(Buffered::TooLarge(rest)) = buffer(frames, 7, far()).await else {
+            panic!("a body over the limit is not buffered");
+        };
+        assert_eq!(text(rest).await, "1234567890abc");
+    }
+
+    #[tokio::test]
+    async fn a_body_slower_than_the_deadline_streams_on_with_what_was_read() {
+        let (sender, receiver) = tokio::sync::mpsc::unbounded_channel::<Result<Frame<Bytes>, Infallible>>();
+        sender.send(data("first ")).expect("the body is open");
+        let slow = StreamBody::new(tokio_stream_from(receiver));
+        let deadline = Instant::now() + Duration::from_millis(20);
+        let Ok(Buffered::TooSlow(rest)) = buffer(slow, 100, deadline).await else {
+            panic!("a body that stalls past the deadline is not buffered");
+        };
+        sender.send(data("then the rest")).expect("the body is open");
+        drop(sender);
+        assert_eq!(text(rest).await, "first then the rest");
+    }
+
+    /// An mpsc receiver as a stream, without another dependency.
+    fn tokio_stream_from<T>(
+        mut receiver: tokio::sync::mpsc::UnboundedReceiver<T>,
+    ) -> impl futures_util::Stream<Item = T> {
+        futures_util::stream::poll_fn(move |cx| receiver.poll_recv(cx))
+    }
+
+    fn grpc_response(frames: Frames) -> Response<impl Body<Data = Bytes, Error = Infallible> + Send + 'static> {
+        Response::builder()
+            .status(StatusCode::OK)
+            .header(CONTENT_TYPE, "application/grpc")
+            .body(body(frames))
+            .expect("a response")
+    }
+
+    #[tokio::test]
+    async fn a_grpc_response_commits_on_status_0_in_its_trailers() {
+        let config = Config::default();
+        let handled = classify_grpc(&config, None, grpc_response(vec![data("msg"), trailers("0")])).await;
+        assert!(matches!(handled, Ok(Handled::Buffered { .. })));
+    }
+
+    #[tokio::test]
+    async fn a_grpc_error_status_releases() {
+        let config = Config::default();
+        let handled = classify_grpc(&config, None, grpc_response(vec![trailers("14")])).await;
+        assert!(matches!(handled, Ok(Handled::ReleasedBuffered { .. })));
+    }
+
+    #[tokio::test]
+    async fn a_trailers_only_grpc_response_is_judged_by_its_headers() {
+        let config = Config::default();
+        let mut response = grpc_response(vec![]);
+        response
+            .headers_mut()
+            .insert("grpc-status", "0".parse().expect("a header value"));
+        assert!(matches!(
+            classify_grpc(&config, None, response).await,
+            Ok(Handled::Buffered { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_grpc_response_the_handler_releases_is_released_unread() {
+        let config = Config::default();
+        let response = grpc_response(vec![data("msg"), trailers("0")]);
+        let handled = classify_grpc(&config, Some(ResponseDecision::Release), response).await;
+        assert!(matches!(handled, Ok(Handled::Released(_))));
+    }
+
+    #[test]
+    fn streaming_media_types_match_without_parameters_or_case() {
+        let config = Config::default();
+        let headers = |value: &'static str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(CONTENT_TYPE, value.parse().expect("a header value"));
+            headers
+        };
+        assert!(is_streaming(&config, &headers("Text/Event-Stream; charset=utf-8")));
+        assert!(!is_streaming(&config, &headers("text/event-streamx")));
+        assert!(!is_streaming(&config, &headers("application/json")));
+        assert!(!is_streaming(&config, &HeaderMap::new()));
+    }
+}

@@ -306,3 +306,60 @@ pub(super) async fn release(config: &Config, claim: Claim, why: &str) {
         tracing::warn!(%error, "could not release the claim in time; it is released in the background, or ends with its lease or connection");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use http::StatusCode;
+    use http_body_util::{BodyExt, Empty};
+
+    use super::*;
+
+    /// The status, `type` and `Retry-After` of a problem response.
+    async fn problem(response: Response<ResponseBody<Empty<Bytes>>>) -> (StatusCode, String, bool) {
+        let status = response.status();
+        let retry_after = response.headers().contains_key("retry-after");
+        let body = response.into_body().collect().await.expect("the body").to_bytes();
+        let document: serde_json::Value = serde_json::from_slice(&body).expect("problem+json");
+        (
+            status,
+            document["type"].as_str().unwrap_or_default().to_owned(),
+            retry_after,
+        )
+    }
+
+    #[tokio::test]
+    async fn a_handler_holding_its_transaction_is_a_permanent_500() {
+        let (status, kind, retry_after) = problem(commit_failed(Protocol::Http, &StoreError::TransactionInUse)).await;
+        assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(kind, "urn:tower-idempotency:transaction-held");
+        assert!(!retry_after);
+    }
+
+    #[tokio::test]
+    async fn a_commit_that_timed_out_is_of_unknown_outcome() {
+        let timeout = StoreError::Timeout(Duration::from_secs(5));
+        let (status, kind, retry_after) = problem(commit_failed(Protocol::Http, &timeout)).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(kind, "urn:tower-idempotency:commit-outcome-unknown");
+        assert!(retry_after);
+    }
+
+    #[tokio::test]
+    async fn a_commit_on_a_missing_table_is_a_misconfigured_store() {
+        let missing = StoreError::TableMissing("idempotency_records".to_owned());
+        let (status, kind, retry_after) = problem(commit_failed(Protocol::Http, &missing)).await;
+        assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(kind, "urn:tower-idempotency:store-misconfigured");
+        assert!(!retry_after);
+    }
+
+    #[tokio::test]
+    async fn a_commit_that_never_left_is_rolled_back_and_retryable() {
+        let (status, kind, retry_after) = problem(commit_failed(Protocol::Http, &StoreError::ConnectionGone)).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(kind, "urn:tower-idempotency:commit-failed");
+        assert!(retry_after);
+    }
+}
