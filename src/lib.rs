@@ -155,7 +155,7 @@ pub use signature::{
     DEFAULT_SIGNATURE_TOLERANCE,
 };
 pub use store::{
-    IdempotencyTx, InvalidTableName, MemoryStore, PostgresStore, RecordView, Released, Store, StoreError, StoreStats,
+    Deletion, IdempotencyTx, InvalidTableName, MemoryStore, PostgresStore, RecordView, Store, StoreError, StoreStats,
     Tx, TxError, DEFAULT_TABLE,
 };
 

@@ -80,10 +80,10 @@ async fn a_stale_guess_that_a_key_is_completed_costs_a_read_only(mode: Mode, nam
     let app = probe.app(layer(store, mode));
     send(&app, request(Some("k"), "{}", &[])).await;
 
-    // Released through another instance: this one still takes `k` for a
+    // Deleted through another instance: this one still takes `k` for a
     // completed key, reads, finds nothing, and claims.
     let operator = PostgresStore::new(db.another_pool());
-    operator.release_record("test", "", "k", false).await.unwrap();
+    operator.delete_record("test", "", "k", false).await.unwrap();
     let again = send(&app, request(Some("k"), "{}", &[])).await;
     let replay = send(&app, request(Some("k"), "{}", &[])).await;
 

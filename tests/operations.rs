@@ -11,7 +11,7 @@ use axum::Router;
 use futures_util::future::join_all;
 use http::StatusCode;
 use support::{request, send, Probe, TestDb};
-use tower_idempotency::{IdempotencyLayer, InFlight, Mode, PostgresStore, Released};
+use tower_idempotency::{Deletion, IdempotencyLayer, InFlight, Mode, PostgresStore};
 
 /// Inserts `count` records of each kind: expired completed, live completed,
 /// and open claims with a live lease but a past `expires_at` (which must
@@ -111,8 +111,8 @@ async fn stats_count_records_by_state() {
 }
 
 #[tokio::test]
-async fn release_record_refuses_a_live_claim_unless_forced() {
-    let db = TestDb::new("release_record").await;
+async fn delete_record_refuses_a_live_claim_unless_forced() {
+    let db = TestDb::new("delete_record").await;
     let store = db.store().await;
     let probe = Probe::default();
     let app = probe.app(
@@ -129,22 +129,22 @@ async fn release_record_refuses_a_live_claim_unless_forced() {
     probe.started().await;
 
     assert_eq!(
-        store.release_record("s", "", "busy", false).await.unwrap(),
-        Released::InProgress
+        store.delete_record("s", "", "busy", false).await.unwrap(),
+        Deletion::InFlight
     );
     assert_eq!(
-        store.release_record("s", "", "missing", false).await.unwrap(),
-        Released::NotFound
+        store.delete_record("s", "", "missing", false).await.unwrap(),
+        Deletion::NotFound
     );
     assert_eq!(
-        store.release_record("s", "", "done", false).await.unwrap(),
-        Released::Deleted
+        store.delete_record("s", "", "done", false).await.unwrap(),
+        Deletion::Deleted
     );
     let rerun = send(&app, request(Some("done"), "{}", &[])).await;
     assert!(!rerun.replayed(), "a released key runs again");
     assert_eq!(
-        store.release_record("s", "", "busy", true).await.unwrap(),
-        Released::Deleted
+        store.delete_record("s", "", "busy", true).await.unwrap(),
+        Deletion::Deleted
     );
     probe.open_gate();
     running.await.unwrap();
@@ -222,8 +222,8 @@ async fn a_release_through_the_store_forgets_the_cached_record_at_once() {
     send(&app, request(Some("k"), "{}", &[])).await;
 
     assert_eq!(
-        store.release_record("s", "", "k", false).await.unwrap(),
-        Released::Deleted
+        store.delete_record("s", "", "k", false).await.unwrap(),
+        Deletion::Deleted
     );
     let rerun = send(&app, request(Some("k"), "{}", &[])).await;
 
@@ -428,13 +428,13 @@ async fn admin_show_of_a_missing_record_exits_with_code_3() {
 
 #[cfg(feature = "admin")]
 #[tokio::test]
-async fn admin_release_of_an_open_claim_needs_force() {
-    let db = with_a_completed_record_and_an_open_claim("admin_release_open").await;
+async fn admin_delete_of_an_open_claim_needs_force() {
+    let db = with_a_completed_record_and_an_open_claim("admin_delete_open").await;
 
-    let refused = admin(&db, &["release", "stripe", "", "busy"]);
+    let refused = admin(&db, &["delete", "stripe", "", "busy"]);
     assert_eq!(refused.status.code(), Some(4));
     assert!(stderr(&refused).contains("--force"));
-    let forced = admin(&db, &["release", "stripe", "", "busy", "--force", "--by", "alice"]);
+    let forced = admin(&db, &["delete", "stripe", "", "busy", "--force", "--by", "alice"]);
     assert!(forced.status.success());
     assert!(stderr(&forced).contains("by alice at "), "{}", stderr(&forced));
 
@@ -444,12 +444,24 @@ async fn admin_release_of_an_open_claim_needs_force() {
 
 #[cfg(feature = "admin")]
 #[tokio::test]
-async fn admin_release_deletes_a_completed_record_once() {
-    let db = with_a_completed_record_and_an_open_claim("admin_release").await;
+async fn admin_delete_deletes_a_completed_record_once() {
+    let db = with_a_completed_record_and_an_open_claim("admin_delete").await;
 
-    let released = admin(&db, &["release", "stripe", "", "evt_1"]);
-    assert!(released.status.success());
-    assert_eq!(admin(&db, &["release", "stripe", "", "evt_1"]).status.code(), Some(3));
+    let deleted = admin(&db, &["delete", "stripe", "", "evt_1"]);
+    assert!(deleted.status.success());
+    assert_eq!(stdout(&deleted).trim(), "deleted");
+    assert_eq!(admin(&db, &["delete", "stripe", "", "evt_1"]).status.code(), Some(3));
+
+    assert_eq!(records_with_key(&db, "evt_1").await, 0);
+    db.drop_schema().await;
+}
+
+#[cfg(feature = "admin")]
+#[tokio::test]
+async fn admin_release_is_the_former_name_of_delete() {
+    let db = with_a_completed_record_and_an_open_claim("admin_release_alias").await;
+
+    assert!(admin(&db, &["release", "stripe", "", "evt_1"]).status.success());
 
     assert_eq!(records_with_key(&db, "evt_1").await, 0);
     db.drop_schema().await;
@@ -460,7 +472,7 @@ async fn admin_release_deletes_a_completed_record_once() {
 async fn admin_help_covers_every_command() {
     let db = TestDb::new("admin_help").await;
     assert!(stdout(&admin(&db, &["--help"])).contains("Commands:"));
-    for command in ["migrate", "stats", "purge", "show", "release"] {
+    for command in ["migrate", "stats", "purge", "show", "delete", "release"] {
         let help = admin(&db, &[command, "--help"]);
         assert!(
             help.status.success() && stdout(&help).starts_with("Usage:"),

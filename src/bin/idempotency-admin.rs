@@ -14,7 +14,7 @@ use std::process::ExitCode;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::json;
-use tower_idempotency::{PostgresStore, RecordView, Released, StoreError, StoreStats, DEFAULT_TABLE};
+use tower_idempotency::{Deletion, PostgresStore, RecordView, StoreError, StoreStats, DEFAULT_TABLE};
 
 const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 const DEFAULT_BATCH: u32 = 10_000;
@@ -30,9 +30,10 @@ Commands:
   purge [--batch N] [--dry-run]       delete expired records in batches of N
                                       (default 10000); --dry-run only counts them
   show SOURCE EVENT_TYPE KEY [--json] one record, with its stored response
-  release SOURCE EVENT_TYPE KEY [--force] [--by NAME]
+  delete SOURCE EVENT_TYPE KEY [--force] [--by NAME]
                                       delete a record so the next delivery runs
                                       again; an open claim needs --force
+                                      (`release` is its former name)
   help [COMMAND]                      this text, or a command's
 
 Options:
@@ -54,7 +55,7 @@ fn command_usage(command: &str) -> Option<&'static str> {
         "stats" => "Usage: idempotency-admin [--table NAME] stats [--json]\n\nPrints records by state, the oldest open claim, expired records awaiting\npurge and open claims whose lease ran out. Reads the whole table.\n",
         "purge" => "Usage: idempotency-admin [--table NAME] purge [--batch N] [--dry-run]\n\nDeletes expired records, oldest first, N at a time (default 10000), each\nbatch a short transaction; safe beside running instances and other purges.\n--dry-run prints how many would be deleted.\n",
         "show" => "Usage: idempotency-admin [--table NAME] show SOURCE EVENT_TYPE KEY [--json]\n\nPrints one record and its stored response. Use '' for an empty event type.\n",
-        "release" => "Usage: idempotency-admin [--table NAME] release SOURCE EVENT_TYPE KEY [--force] [--by NAME]\n\nDeletes one record so that the next delivery of the event runs the handler\nagain. An open claim with a live lease is refused unless --force (its\nhandler may still be running). The release is logged to stderr with who\n(--by, else $USER) and when. Instances with a record cache may replay the\nkey until their cache time-to-live passes.\n",
+        "delete" | "release" => "Usage: idempotency-admin [--table NAME] delete SOURCE EVENT_TYPE KEY [--force] [--by NAME]\n\nDeletes one record so that the next delivery of the event runs the handler\nagain. An open claim with a live lease is refused unless --force (its\nhandler may still be running). The deletion is logged to stderr with who\n(--by, else $USER) and when. Instances with a record cache may replay the\nkey until their cache time-to-live passes. `release` is its former name.\n",
         _ => return None,
     })
 }
@@ -215,16 +216,18 @@ async fn run(invocation: Invocation) -> ExitCode {
                 }
             })
         }
-        "release" => {
+        // `release` was this command's name; a claim's release is the
+        // layer's, an operator deletes a record.
+        "delete" | "release" => {
             let (source, event_type, key) = match invocation.record_key() {
                 Ok(parts) => parts,
                 Err(error) => return usage_error(&error),
             };
             let force = invocation.flag("--force");
             store
-                .release_record(source, event_type, key, force)
+                .delete_record(source, event_type, key, force)
                 .await
-                .map(|released| release_outcome(released, (source, event_type, key), force, invocation.by.as_deref()))
+                .map(|deletion| deletion_outcome(deletion, (source, event_type, key), force, invocation.by.as_deref()))
         }
         _ => return usage_error(&format!("unknown command `{}`", invocation.command)),
     };
@@ -248,30 +251,30 @@ fn connect(table: &str) -> Result<PostgresStore, String> {
         .map_err(|error| error.to_string())
 }
 
-fn release_outcome(released: Released, key: (&str, &str, &str), force: bool, by: Option<&str>) -> ExitCode {
+fn deletion_outcome(deletion: Deletion, key: (&str, &str, &str), force: bool, by: Option<&str>) -> ExitCode {
     let (source, event_type, key) = key;
-    match released {
-        Released::Deleted => {
+    match deletion {
+        Deletion::Deleted => {
             let who = by
                 .map(str::to_owned)
                 .or_else(|| std::env::var("USER").ok())
                 .unwrap_or_else(|| "unknown".into());
             eprintln!(
-                "idempotency-admin: released ({source:?}, {event_type:?}, {key:?}) by {who} at {}{}",
+                "idempotency-admin: deleted ({source:?}, {event_type:?}, {key:?}) by {who} at {}{}",
                 timestamp(SystemTime::now()),
                 if force { " (forced)" } else { "" }
             );
-            println!("released");
+            println!("deleted");
             ExitCode::SUCCESS
         }
-        Released::NotFound => {
+        Deletion::NotFound => {
             eprintln!("idempotency-admin: no record for ({source:?}, {event_type:?}, {key:?})");
             ExitCode::from(3)
         }
-        Released::InProgress => {
+        Deletion::InFlight => {
             eprintln!(
                 "idempotency-admin: ({source:?}, {event_type:?}, {key:?}) is an open claim whose handler may still \
-                 be running; rerun with --force to release it anyway"
+                 be running; rerun with --force to delete it anyway"
             );
             ExitCode::from(4)
         }

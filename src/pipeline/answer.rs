@@ -100,7 +100,7 @@ pub(super) fn store_failed<B>(identity: &Identity, error: &StoreError) -> Respon
         Problem::StoreUnavailable | Problem::StoreFull => tracing::error!(%error, "store unavailable; request refused"),
         Problem::CorruptRecord => tracing::error!(
             %error,
-            "a stored record is corrupt; inspect it with `idempotency-admin show` and delete it with `idempotency-admin release` to let the next delivery run"
+            "a stored record is corrupt; inspect it with `idempotency-admin show` and delete it with `idempotency-admin delete` to let the next delivery run"
         ),
         _ => tracing::error!(
             %error,

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 pub use memory::MemoryStore;
 pub use postgres::{
-    IdempotencyTx, InvalidTableName, PostgresStore, RecordView, Released, StoreStats, Tx, TxError, DEFAULT_TABLE,
+    Deletion, IdempotencyTx, InvalidTableName, PostgresStore, RecordView, StoreStats, Tx, TxError, DEFAULT_TABLE,
 };
 
 use crate::key::RecordKey;

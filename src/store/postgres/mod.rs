@@ -18,7 +18,7 @@ mod operations;
 mod sql;
 mod tx;
 
-pub use operations::{RecordView, Released, StoreStats};
+pub use operations::{Deletion, RecordView, StoreStats};
 pub(crate) use tx::TxConnection;
 pub use tx::{IdempotencyTx, Tx, TxError};
 

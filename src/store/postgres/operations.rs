@@ -58,16 +58,16 @@ pub struct RecordView {
     pub response_body: Option<Bytes>,
 }
 
-/// What [`PostgresStore::release_record`] did.
+/// What [`PostgresStore::delete_record`] did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Released {
+pub enum Deletion {
     /// The record was deleted; the next delivery runs the handler.
     Deleted,
     /// No such record.
     NotFound,
-    /// The record is an open claim with a live lease; release it with
-    /// `force` to let a second delivery run beside the first.
-    InProgress,
+    /// The record is an open claim with a live lease (in flight); delete
+    /// it with `force` to let a second delivery run beside the first.
+    InFlight,
 }
 
 impl PostgresStore {
@@ -191,13 +191,13 @@ impl PostgresStore {
     /// uncommitted transaction-mode claim is invisible here and unaffected.
     /// This instance's cache forgets the record at once; other instances'
     /// caches may replay it for up to their time-to-live.
-    pub async fn release_record(
+    pub async fn delete_record(
         &self,
         source: &str,
         event_type: &str,
         key: &str,
         force: bool,
-    ) -> Result<Released, StoreError> {
+    ) -> Result<Deletion, StoreError> {
         let client = self.connection().await?;
         let row = client
             .query_one(
@@ -212,9 +212,9 @@ impl PostgresStore {
             key: key.into(),
         });
         Ok(match (found, deleted) {
-            (_, true) => Released::Deleted,
-            (false, false) => Released::NotFound,
-            (true, false) => Released::InProgress,
+            (_, true) => Deletion::Deleted,
+            (false, false) => Deletion::NotFound,
+            (true, false) => Deletion::InFlight,
         })
     }
 }
