@@ -7,7 +7,8 @@
 
 use axum::{http::StatusCode, routing::post, Json, Router};
 use serde_json::Value;
-use tower_idempotency::{IdempotencyLayer, PostgresStore, Preset, StripeSignature, Tx};
+use tower_idempotency::signature::StripeSignature;
+use tower_idempotency::{IdempotencyLayer, PostgresStore, Preset, Tx};
 
 /// Runs once per event: its row commits with the idempotency record, or
 /// neither does.

@@ -74,10 +74,8 @@ use http_body_util::{BodyExt, LengthLimitError, Limited};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use serde_json::Value;
 use tokio::net::TcpListener;
-use tower_idempotency::{
-    GitHubSignature, IdempotencyLayer, Mode, OrderingGuard, PostgresStore, Preset, RecordKey, ShutdownHandle,
-    StandardWebhooksSignature, StripeSignature, Tx, VerifySignature,
-};
+use tower_idempotency::signature::{GitHubSignature, StandardWebhooksSignature, StripeSignature, VerifySignature};
+use tower_idempotency::{IdempotencyLayer, Mode, OrderingGuard, PostgresStore, Preset, RecordKey, ShutdownHandle, Tx};
 
 const DEFAULT_BIND: &str = "127.0.0.1:3000";
 const DEFAULT_MAX_BODY_BYTES: &str = "1048576";
@@ -158,7 +156,7 @@ in the past or the future are refused.
         connect = CONNECT_TIMEOUT.as_secs(),
         wait = POOL_WAIT_TIMEOUT.as_secs(),
         statement = STATEMENT_TIMEOUT.as_secs(),
-        tolerance = tower_idempotency::DEFAULT_SIGNATURE_TOLERANCE.as_secs(),
+        tolerance = tower_idempotency::signature::DEFAULT_SIGNATURE_TOLERANCE.as_secs(),
         cache_mib = RECORD_CACHE_BYTES >> 20,
     )
 }

@@ -18,7 +18,8 @@
 //! ```no_run
 //! use axum::{http::StatusCode, routing::post, Json, Router};
 //! use serde_json::Value;
-//! use tower_idempotency::{IdempotencyLayer, PostgresStore, Preset, StripeSignature, Tx};
+//! use tower_idempotency::signature::StripeSignature;
+//! use tower_idempotency::{IdempotencyLayer, PostgresStore, Preset, Tx};
 //!
 //! /// Runs once per event: its row commits with the idempotency record, or
 //! /// neither does.
@@ -63,10 +64,9 @@
 //! # Webhook providers
 //!
 //! A [`Preset`] sets a provider's documented key, event type and, given
-//! its secret, signature scheme ([`StripeSignature`], [`GitHubSignature`],
-//! [`ShopifySignature`], [`StandardWebhooksSignature`] (also Svix),
-//! [`SlackSignature`], [`TwilioSignature`], [`PaystackSignature`],
-//! [`FlutterwaveSignature`]) in one call to [`IdempotencyLayer::preset`].
+//! its secret, signature scheme (in [`signature`]: Stripe, GitHub, Shopify,
+//! Standard Webhooks and Svix, Slack, Twilio, Paystack, Flutterwave) in one
+//! call to [`IdempotencyLayer::preset`].
 //! Signatures are checked on the raw body before anything is claimed.
 //! [`Extractor::common_event_id`] keys senders that document no event id,
 //! and an [`OrderingGuard`] keeps out-of-order deliveries from moving a
@@ -133,7 +133,7 @@ mod problem;
 mod record;
 mod service;
 mod shutdown;
-mod signature;
+pub mod signature;
 mod store;
 
 pub use body::{BoxError, ResponseBody};
@@ -149,11 +149,6 @@ pub use policy::{InFlight, MissingKey, Mode, ResponseDecision};
 pub use preset::Preset;
 pub use service::{IdempotencyService, RequestBody, ResponseFuture, REPLAYED_HEADER};
 pub use shutdown::{ShutdownHandle, ShutdownReport};
-pub use signature::{
-    FlutterwaveSignature, GitHubSignature, InvalidSignatureConfig, PaystackSignature, ShopifySignature, SignatureError,
-    SlackSignature, StandardWebhooksSignature, StripeSignature, TwilioSignature, VerifySignature,
-    DEFAULT_SIGNATURE_TOLERANCE,
-};
 pub use store::{
     Deletion, IdempotencyTx, InvalidTableName, MemoryStore, PostgresStore, RecordView, Store, StoreError, StoreStats,
     Tx, TxError, DEFAULT_TABLE,

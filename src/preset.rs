@@ -22,15 +22,15 @@ const WEBHOOK_WAIT: Duration = Duration::from_secs(10);
 ///
 /// | preset | source | key | event type | signature |
 /// | --- | --- | --- | --- | --- |
-/// | [`stripe`](Preset::stripe) | `stripe` | JSON `/id` | JSON `/type` | [`StripeSignature`](crate::StripeSignature) |
-/// | [`github`](Preset::github) | `github` | `X-GitHub-Delivery` | `X-GitHub-Event` | [`GitHubSignature`](crate::GitHubSignature) |
-/// | [`shopify`](Preset::shopify) | `shopify` | `X-Shopify-Webhook-Id` | `X-Shopify-Topic` | [`ShopifySignature`](crate::ShopifySignature) |
-/// | [`standard_webhooks`](Preset::standard_webhooks) | `standard-webhooks` | `webhook-id` | JSON `/type` | [`StandardWebhooksSignature`](crate::StandardWebhooksSignature) |
-/// | [`svix`](Preset::svix) | `svix` | `svix-id` | JSON `/type` | [`StandardWebhooksSignature::svix`](crate::StandardWebhooksSignature::svix) |
-/// | [`slack`](Preset::slack) | `slack` | JSON `/event_id`, else the body's SHA-256 | JSON `/event/type`, else `/type` | [`SlackSignature`](crate::SlackSignature) |
-/// | [`twilio`](Preset::twilio) | `twilio` | `I-Twilio-Idempotency-Token`, else the body's SHA-256 | none | [`TwilioSignature`](crate::TwilioSignature) |
-/// | [`paystack`](Preset::paystack) | `paystack` | JSON `/data/id`, else `/data/reference` | JSON `/event` | [`PaystackSignature`](crate::PaystackSignature) |
-/// | [`flutterwave`](Preset::flutterwave) | `flutterwave` | JSON `/data/id` | JSON `/type`, else `/event` | [`FlutterwaveSignature`](crate::FlutterwaveSignature) |
+/// | [`stripe`](Preset::stripe) | `stripe` | JSON `/id` | JSON `/type` | [`StripeSignature`](crate::signature::StripeSignature) |
+/// | [`github`](Preset::github) | `github` | `X-GitHub-Delivery` | `X-GitHub-Event` | [`GitHubSignature`](crate::signature::GitHubSignature) |
+/// | [`shopify`](Preset::shopify) | `shopify` | `X-Shopify-Webhook-Id` | `X-Shopify-Topic` | [`ShopifySignature`](crate::signature::ShopifySignature) |
+/// | [`standard_webhooks`](Preset::standard_webhooks) | `standard-webhooks` | `webhook-id` | JSON `/type` | [`StandardWebhooksSignature`](crate::signature::StandardWebhooksSignature) |
+/// | [`svix`](Preset::svix) | `svix` | `svix-id` | JSON `/type` | [`StandardWebhooksSignature::svix`](crate::signature::StandardWebhooksSignature::svix) |
+/// | [`slack`](Preset::slack) | `slack` | JSON `/event_id`, else the body's SHA-256 | JSON `/event/type`, else `/type` | [`SlackSignature`](crate::signature::SlackSignature) |
+/// | [`twilio`](Preset::twilio) | `twilio` | `I-Twilio-Idempotency-Token`, else the body's SHA-256 | none | [`TwilioSignature`](crate::signature::TwilioSignature) |
+/// | [`paystack`](Preset::paystack) | `paystack` | JSON `/data/id`, else `/data/reference` | JSON `/event` | [`PaystackSignature`](crate::signature::PaystackSignature) |
+/// | [`flutterwave`](Preset::flutterwave) | `flutterwave` | JSON `/data/id` | JSON `/type`, else `/event` | [`FlutterwaveSignature`](crate::signature::FlutterwaveSignature) |
 /// | [`idempotency_key`](Preset::idempotency_key) | unchanged | `Idempotency-Key` | none | none |
 ///
 /// Webhook presets wait up to 10 s for an in-flight first delivery
@@ -38,7 +38,8 @@ const WEBHOOK_WAIT: Duration = Duration::from_secs(10);
 /// ([`InFlight::Conflict`]), as the IETF draft says.
 ///
 /// ```
-/// use tower_idempotency::{IdempotencyLayer, MemoryStore, Preset, StripeSignature};
+/// use tower_idempotency::{IdempotencyLayer, MemoryStore, Preset};
+/// use tower_idempotency::signature::StripeSignature;
 ///
 /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// let secret = "whsec_..."; // the endpoint's signing secret
@@ -145,7 +146,7 @@ impl Preset {
     /// envelope's `/type`. Requests without an `event_id`, such as the
     /// `url_verification` handshake, are keyed by the body's SHA-256. Slash
     /// commands and interactivity are form-encoded: protect those with a
-    /// key of your own and [`SlackSignature`](crate::SlackSignature).
+    /// key of your own and [`SlackSignature`](crate::signature::SlackSignature).
     /// <https://docs.slack.dev/apis/events-api/>
     pub fn slack() -> Self {
         Self::webhook(
@@ -159,7 +160,7 @@ impl Preset {
     /// Twilio: `I-Twilio-Idempotency-Token`, else the body's SHA-256 (the
     /// token is not sent by every product). Twilio bodies are form-encoded:
     /// there is no event type. Its signature needs the public base URL, see
-    /// [`TwilioSignature`](crate::TwilioSignature).
+    /// [`TwilioSignature`](crate::signature::TwilioSignature).
     /// <https://www.twilio.com/docs/usage/api-security-reference-guide/webhook>
     pub fn twilio() -> Self {
         Self::webhook(
@@ -273,7 +274,7 @@ impl VerifySignature for SharedVerifier {
         parts: &http::request::Parts,
         body: &[u8],
         now: std::time::SystemTime,
-    ) -> Result<(), crate::SignatureError> {
+    ) -> Result<(), crate::signature::SignatureError> {
         self.0.verify(parts, body, now)
     }
 }

@@ -16,7 +16,8 @@ use axum::Router;
 use http::{Method, Request, StatusCode};
 use support::signing::{stripe_signature, unix_now, INVALID_SIGNATURE};
 use support::{send, TestDb};
-use tower_idempotency::{IdempotencyLayer, Mode, Preset, StripeSignature};
+use tower_idempotency::signature::StripeSignature;
+use tower_idempotency::{IdempotencyLayer, Mode, Preset};
 
 const SECRET: &str = "whsec_forgery_test";
 const EVENT: &str = r#"{"id":"evt_forged","type":"charge.succeeded"}"#;

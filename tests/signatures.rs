@@ -21,10 +21,11 @@ use support::signing::{
     INVALID_SIGNATURE, STANDARD_SECRET, TOO_FAR_AHEAD,
 };
 use support::{send, Probe, Reply, TestDb};
-use tower_idempotency::{
-    Extractor, FlutterwaveSignature, GitHubSignature, IdempotencyLayer, PaystackSignature, Preset, ShopifySignature,
-    SlackSignature, StandardWebhooksSignature, StripeSignature, TwilioSignature,
+use tower_idempotency::signature::{
+    FlutterwaveSignature, GitHubSignature, PaystackSignature, ShopifySignature, SlackSignature,
+    StandardWebhooksSignature, StripeSignature, TwilioSignature,
 };
+use tower_idempotency::{Extractor, IdempotencyLayer, Preset};
 
 const STRIPE_SECRET: &str = "whsec_test_secret";
 

@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 use arbitrary::Arbitrary;
 use http::{HeaderName, HeaderValue, Request};
 use libfuzzer_sys::fuzz_target;
-use tower_idempotency::{
+use tower_idempotency::signature::{
     FlutterwaveSignature, GitHubSignature, PaystackSignature, ShopifySignature, SlackSignature,
     StandardWebhooksSignature, StripeSignature, TwilioSignature, VerifySignature,
 };

@@ -23,7 +23,8 @@ const VERIF_HASH: &str = "verif-hash";
 /// the legacy `verif-hash`.
 ///
 /// ```
-/// use tower_idempotency::{FlutterwaveSignature, IdempotencyLayer, MemoryStore, Preset};
+/// use tower_idempotency::{IdempotencyLayer, MemoryStore, Preset};
+/// use tower_idempotency::signature::FlutterwaveSignature;
 ///
 /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// let signature = FlutterwaveSignature::new("my-secret-hash")?;

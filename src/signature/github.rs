@@ -15,7 +15,8 @@ const SIGNATURE: &str = "x-hub-signature-256";
 /// `X-Hub-Signature` is not accepted).
 ///
 /// ```
-/// use tower_idempotency::{GitHubSignature, IdempotencyLayer, MemoryStore, Preset};
+/// use tower_idempotency::{IdempotencyLayer, MemoryStore, Preset};
+/// use tower_idempotency::signature::GitHubSignature;
 ///
 /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// let signature = GitHubSignature::new("It's a Secret to Everybody")?;

@@ -46,7 +46,7 @@ pub const DEFAULT_SIGNATURE_TOLERANCE: Duration = Duration::from_secs(5 * 60);
 /// ```
 /// use std::time::SystemTime;
 /// use http::request::Parts;
-/// use tower_idempotency::{SignatureError, VerifySignature};
+/// use tower_idempotency::signature::{SignatureError, VerifySignature};
 ///
 /// /// Accepts requests that carry a shared token (for illustration only:
 /// /// real schemes sign the body).

@@ -15,7 +15,8 @@ const SIGNATURE: &str = "x-paystack-signature";
 /// Verifies Paystack's `x-paystack-signature` header.
 ///
 /// ```
-/// use tower_idempotency::{IdempotencyLayer, MemoryStore, PaystackSignature, Preset};
+/// use tower_idempotency::{IdempotencyLayer, MemoryStore, Preset};
+/// use tower_idempotency::signature::PaystackSignature;
 ///
 /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// let signature = PaystackSignature::new("sk_live_...")?;

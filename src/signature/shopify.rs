@@ -18,7 +18,8 @@ const EVENTS_SIGNATURE: &str = "shopify-hmac-sha256";
 /// Verifies Shopify's `X-Shopify-Hmac-Sha256` header.
 ///
 /// ```
-/// use tower_idempotency::{IdempotencyLayer, MemoryStore, Preset, ShopifySignature};
+/// use tower_idempotency::{IdempotencyLayer, MemoryStore, Preset};
+/// use tower_idempotency::signature::ShopifySignature;
 ///
 /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// let signature = ShopifySignature::new("client-secret")?;

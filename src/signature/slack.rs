@@ -19,7 +19,8 @@ const TIMESTAMP: &str = "x-slack-request-timestamp";
 /// headers, for the Events API, slash commands and interactivity alike.
 ///
 /// ```
-/// use tower_idempotency::{IdempotencyLayer, MemoryStore, Preset, SlackSignature};
+/// use tower_idempotency::{IdempotencyLayer, MemoryStore, Preset};
+/// use tower_idempotency::signature::SlackSignature;
 ///
 /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// let signature = SlackSignature::new("8f742231b10e8888abcd99yyyzzz85a5")?;

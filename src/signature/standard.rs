@@ -45,7 +45,8 @@ const SVIX: Headers = Headers {
 /// receiver's clock, in the past or the future.
 ///
 /// ```
-/// use tower_idempotency::{IdempotencyLayer, MemoryStore, Preset, StandardWebhooksSignature};
+/// use tower_idempotency::{IdempotencyLayer, MemoryStore, Preset};
+/// use tower_idempotency::signature::StandardWebhooksSignature;
 ///
 /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// let signature = StandardWebhooksSignature::new("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")?;

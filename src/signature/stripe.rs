@@ -21,7 +21,8 @@ const SIGNATURE: &str = "stripe-signature";
 /// receiver's clock, in the past or the future.
 ///
 /// ```
-/// use tower_idempotency::{IdempotencyLayer, MemoryStore, Preset, StripeSignature};
+/// use tower_idempotency::{IdempotencyLayer, MemoryStore, Preset};
+/// use tower_idempotency::signature::StripeSignature;
 ///
 /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// // While rotating, accept the old and the new secret.

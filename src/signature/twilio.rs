@@ -29,7 +29,8 @@ const SIGNATURE: &str = "x-twilio-signature";
 /// URL with and without the port.
 ///
 /// ```
-/// use tower_idempotency::{IdempotencyLayer, MemoryStore, Preset, TwilioSignature};
+/// use tower_idempotency::{IdempotencyLayer, MemoryStore, Preset};
+/// use tower_idempotency::signature::TwilioSignature;
 ///
 /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// // Twilio posts to https://example.com/twilio/sms; the route is /twilio/sms.
