@@ -357,6 +357,16 @@ pub struct RecordKey {
 }
 
 impl RecordKey {
+    /// A key `name` under source `s` and no event type, for unit tests.
+    #[cfg(test)]
+    pub(crate) fn for_tests(name: &str) -> Self {
+        Self {
+            source: "s".into(),
+            event_type: String::new(),
+            key: name.into(),
+        }
+    }
+
     /// The source (scope) of the route.
     pub fn source(&self) -> &str {
         &self.source

@@ -89,11 +89,7 @@ mod tests {
     use http::StatusCode;
 
     fn key(name: &str) -> RecordKey {
-        RecordKey {
-            source: "s".into(),
-            event_type: String::new(),
-            key: name.into(),
-        }
+        RecordKey::for_tests(name)
     }
 
     fn completed(body_bytes: usize) -> Completed {

@@ -62,11 +62,7 @@ mod tests {
     use super::*;
 
     fn key(name: &str) -> RecordKey {
-        RecordKey {
-            source: "s".into(),
-            event_type: String::new(),
-            key: name.into(),
-        }
+        RecordKey::for_tests(name)
     }
 
     #[test]
