@@ -77,7 +77,7 @@ impl Statements {
             // casting a sentence (which names the key) to a number, a branch
             // only a live row reaches: one plain upsert, as fast as one that
             // never fails, where a data-modifying CTE with a second insert
-            // made to violate the key cost about a third of this statement's
+            // made to violate the key cost a fifth to a third of this statement's
             // throughput in pgbench.
             complete_transaction: format!(
                 "INSERT INTO {t} AS r (source, event_type, key, fingerprint, state,
