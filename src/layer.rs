@@ -279,7 +279,10 @@ impl IdempotencyLayer {
         self.with(|config| config.max_request_bytes = bytes)
     }
 
-    /// The longest key accepted, in bytes (default 255).
+    /// The longest part of a record's key accepted, in bytes (default
+    /// 255): the key itself, and likewise the event type and the source,
+    /// the other two parts of a [`RecordKey`](crate::RecordKey). A longer
+    /// one is `400` (gRPC `INVALID_ARGUMENT`) before anything runs.
     pub fn max_key_bytes(self, bytes: usize) -> Self {
         self.with(|config| config.max_key_bytes = bytes)
     }

@@ -150,8 +150,8 @@ pub use preset::Preset;
 pub use service::{IdempotencyService, RequestBody, ResponseFuture, REPLAYED_HEADER};
 pub use shutdown::{ShutdownHandle, ShutdownReport};
 pub use store::{
-    Deletion, IdempotencyTx, InvalidTableName, MemoryStore, PostgresStore, RecordView, Store, StoreError, StoreStats,
-    Tx, TxError, DEFAULT_TABLE,
+    DatabaseError, Deletion, IdempotencyTx, InvalidTableName, MemoryStore, PostgresStore, RecordView, Store,
+    StoreError, StoreStats, Tx, TxError, DEFAULT_TABLE,
 };
 
 #[cfg(doctest)]

@@ -171,7 +171,7 @@ impl Problem {
             Problem::InvalidSignature => "Request signature invalid",
             Problem::MissingKey => "Idempotency key missing",
             Problem::InvalidKey => "Idempotency key invalid",
-            Problem::InFlight => "A request with this key is in progress",
+            Problem::InFlight => "A request with this key is in flight",
             Problem::FingerprintMismatch => "Idempotency key reused with a different request",
             Problem::StoreUnavailable => "Idempotency store unavailable",
             Problem::CommitFailed => "The request could not be committed",

@@ -355,6 +355,36 @@ async fn sources_and_event_types_separate_keys(ctx: Ctx) {
 }
 both_stores!(sources_and_event_types_separate_keys);
 
+async fn max_key_bytes_bounds_every_part_of_the_record_key(ctx: Ctx) {
+    let probe = Probe::default();
+    let layer = ctx
+        .layer()
+        .max_key_bytes(8)
+        .event_type(Extractor::header("x-event"))
+        .source_fn(|parts| parts.headers.get("x-tenant")?.to_str().ok().map(str::to_owned));
+    let app = probe.app(layer);
+    let parts =
+        |key: &str, event: &str, tenant: &str| request(Some(key), "{}", &[("x-event", event), ("x-tenant", tenant)]);
+
+    let at_the_bound = send(&app, parts("12345678", "12345678", "12345678")).await;
+    let long_key = send(&app, parts("123456789", "e", "t")).await;
+    let long_event_type = send(&app, parts("k", "123456789", "t")).await;
+    let long_source = send(&app, parts("k", "e", "123456789")).await;
+
+    assert_eq!(at_the_bound.status, StatusCode::OK);
+    for (what, reply) in [
+        ("key", long_key),
+        ("event type", long_event_type),
+        ("source", long_source),
+    ] {
+        assert_eq!(reply.status, StatusCode::BAD_REQUEST, "a {what} over the bound");
+        assert_eq!(reply.headers["content-type"], "application/problem+json");
+    }
+    assert_eq!(probe.runs(), 1, "nothing over the bound reaches the handler");
+    ctx.finish().await;
+}
+both_stores!(max_key_bytes_bounds_every_part_of_the_record_key);
+
 async fn a_dropped_request_lets_the_detached_handler_finish_and_commit(ctx: Ctx) {
     let probe = Probe::default();
     let app = probe.app(ctx.layer().in_flight(InFlight::Wait(Duration::from_secs(30))));

@@ -104,9 +104,9 @@ async fn stats_count_records_by_state() {
         "expired completed records; a running lease past its retention is live"
     );
     assert_eq!(stats.expired_awaiting_purge, store.count_expired().await.unwrap());
-    assert_eq!(stats.in_progress, 2, "running leases, past their retention or not");
+    assert_eq!(stats.in_flight, 2, "running leases, past their retention or not");
     assert_eq!(stats.leases_past_expiry, 1);
-    assert!(stats.oldest_in_progress.is_some());
+    assert!(stats.oldest_in_flight.is_some());
     db.drop_schema().await;
 }
 
@@ -346,8 +346,12 @@ async fn admin_stats_counts_the_records_the_purge_would_delete() {
     assert!(stats.status.success(), "{}", stderr(&stats));
     let figures: serde_json::Value = serde_json::from_slice(&stats.stdout).unwrap();
     assert_eq!(figures["completed"], 4);
+    assert_eq!(figures["in_flight"], 4, "the open claims with a running lease");
+    assert!(figures["oldest_in_flight"].is_string());
     assert_eq!(figures["expired_awaiting_purge"], 4, "what the purge deletes");
-    assert!(stdout(&admin(&db, &["stats"])).contains("expired awaiting purge  4"));
+    let text = stdout(&admin(&db, &["stats"]));
+    assert!(text.contains("expired awaiting purge  4"), "{text}");
+    assert!(text.contains("in flight               4"), "{text}");
     db.drop_schema().await;
 }
 
@@ -415,6 +419,19 @@ async fn admin_show_prints_a_record_with_its_response() {
     assert_eq!(record["response"]["status"], 201);
     assert_eq!(record["response"]["body"], "run 1");
     assert!(stdout(&admin(&db, &["show", "stripe", "", "evt_1"])).contains("response      201"));
+    db.drop_schema().await;
+}
+
+#[cfg(feature = "admin")]
+#[tokio::test]
+async fn admin_show_names_an_open_claim_in_flight() {
+    let db = with_a_completed_record_and_an_open_claim("admin_show_in_flight").await;
+
+    let shown = admin(&db, &["show", "stripe", "", "busy", "--json"]);
+
+    assert!(shown.status.success(), "{}", stderr(&shown));
+    let record: serde_json::Value = serde_json::from_slice(&shown.stdout).unwrap();
+    assert_eq!(record["state"], "in_flight");
     db.drop_schema().await;
 }
 

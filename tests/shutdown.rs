@@ -63,7 +63,7 @@ async fn wait_for_the_ledger_write(application_name: &str) {
     .await;
 }
 
-async fn records_in_progress(db: &TestDb) -> i64 {
+async fn records_in_flight(db: &TestDb) -> i64 {
     db.count("SELECT count(*) FROM idempotency_records WHERE state = 1")
         .await
 }
@@ -109,13 +109,13 @@ async fn a_lease_release_waiting_for_a_saturated_pool_does_not_hold_the_response
         .expect("the 500 arrives although its release cannot get a connection")
         .expect("the request task");
     assert_eq!(failed.status, StatusCode::INTERNAL_SERVER_ERROR);
-    assert_eq!(records_in_progress(&db).await, 1, "not released yet: no connection");
+    assert_eq!(records_in_flight(&db).await, 1, "not released yet: no connection");
 
     // The release goes on in the background and takes the connection as
     // soon as it is free again.
     drop(held);
     wait_until("the claim is released", BOUND, || async {
-        records_in_progress(&db).await == 0
+        records_in_flight(&db).await == 0
     })
     .await;
     // The local in-flight entry went with the response: a conflict-policy
@@ -273,11 +273,7 @@ async fn past_the_grace_a_lease_claim_is_deleted_so_the_next_delivery_runs_at_on
         .expect("the shutdown ends past its grace");
 
     assert_eq!(report.cancelled, 1);
-    assert_eq!(
-        records_in_progress(&db).await,
-        0,
-        "deleted before the shutdown returned"
-    );
+    assert_eq!(records_in_flight(&db).await, 0, "deleted before the shutdown returned");
     // Conflict policy: a claim left to its lease would be 409 here.
     let successor = probe.app(
         IdempotencyLayer::new(db.store().await)

@@ -161,7 +161,7 @@ fn database_error(error: &StoreError) -> ExitCode {
     let mut text = error.to_string();
     // Why a connection failed (a refused certificate, say) is only in the
     // chain; the store's other errors already say it.
-    if let StoreError::Pool(_) = error {
+    if let StoreError::Connect(_) = error {
         let mut cause = std::error::Error::source(error);
         while let Some(current) = cause {
             let cause_text = current.to_string();
@@ -282,19 +282,19 @@ fn deletion_outcome(deletion: Deletion, key: (&str, &str, &str), force: bool, by
 }
 
 fn print_stats(stats: &StoreStats, as_json: bool) {
-    let oldest = stats.oldest_in_progress.map(timestamp);
+    let oldest = stats.oldest_in_flight.map(timestamp);
     if as_json {
         let document = json!({
-            "in_progress": stats.in_progress,
+            "in_flight": stats.in_flight,
             "completed": stats.completed,
             "expired_awaiting_purge": stats.expired_awaiting_purge,
             "leases_past_expiry": stats.leases_past_expiry,
-            "oldest_in_progress": oldest,
+            "oldest_in_flight": oldest,
         });
         println!("{document}");
         return;
     }
-    println!("in progress             {}", stats.in_progress);
+    println!("in flight               {}", stats.in_flight);
     println!("completed               {}", stats.completed);
     println!("expired awaiting purge  {}", stats.expired_awaiting_purge);
     println!("leases past expiry      {}", stats.leases_past_expiry);

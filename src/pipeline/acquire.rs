@@ -3,25 +3,39 @@
 
 use std::time::Duration;
 
-use http::Response;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::answer::{in_flight, mismatch, replay_or_mismatch, shutting_down};
 use super::store_step::store_step;
 use super::Identity;
-use crate::body::ResponseBody;
 use crate::inflight::{Entry, HolderGuard};
 use crate::metrics;
 use crate::policy::InFlight;
 use crate::service::Shared;
-use crate::store::{Claim, ClaimOutcome, ClaimRequest, Lookup, StoreError};
+use crate::store::{Claim, ClaimOutcome, ClaimRequest, Completed, Lookup, StoreError};
 
 /// How the search for a claim ended.
-pub(super) enum Acquired<B> {
+pub(super) enum Acquired {
+    /// The key is this request's: run the handler under the claim. The
+    /// holder's guard, dropped once the record is final, wakes local
+    /// duplicates.
     Claim(Claim, Option<HolderGuard>),
-    /// Answered without running the handler: a replay or a refusal.
-    Answer(Response<ResponseBody<B>>),
+    /// The handler does not run.
+    Unclaimed(Unclaimed),
+}
+
+/// Why a request's handler does not run.
+pub(super) enum Unclaimed {
+    /// The key's record is completed: a duplicate, after `waited` for the
+    /// first request or not.
+    Completed { completed: Completed, waited: bool },
+    /// The key was used with a different request.
+    OtherPayload,
+    /// Another request holds the key, past the route's wait.
+    InFlight,
+    /// The layer is draining and takes no new claims.
+    ShuttingDown,
+    /// The store failed before the handler ran.
     StoreFailed(StoreError),
 }
 
@@ -52,7 +66,7 @@ enum Step {
 /// request goes straight to the claim, whose read, taken after a try-lock
 /// that never waits, answers a duplicate of a completed key just as well;
 /// a first delivery so saves the separate read's round trip.
-pub(super) async fn acquire<B>(shared: &Shared, identity: &Identity) -> Acquired<B> {
+pub(super) async fn acquire(shared: &Shared, identity: &Identity) -> Acquired {
     let config = &shared.config;
     let deadline = match config.in_flight {
         InFlight::Wait(bound) => Some(Instant::now() + bound),
@@ -77,12 +91,13 @@ pub(super) async fn acquire<B>(shared: &Shared, identity: &Identity) -> Acquired
                 })
                 .await;
                 match found {
-                    Err(error) => return Acquired::StoreFailed(error),
+                    Err(error) => return Acquired::Unclaimed(Unclaimed::StoreFailed(error)),
                     Ok(Lookup::Completed(completed)) => {
-                        return Acquired::Answer(replay_or_mismatch(completed, identity, waiting.finish()))
+                        let waited = waiting.finish();
+                        return Acquired::Unclaimed(Unclaimed::Completed { completed, waited });
                     }
                     Ok(Lookup::InFlight { fingerprint }) if fingerprint != identity.fingerprint => {
-                        return Acquired::Answer(mismatch(identity));
+                        return Acquired::Unclaimed(Unclaimed::OtherPayload);
                     }
                     Ok(Lookup::InFlight { .. } | Lookup::Absent) if holder.is_none() => {
                         Step::EnterLocally { read: true }
@@ -105,13 +120,13 @@ pub(super) async fn acquire<B>(shared: &Shared, identity: &Identity) -> Acquired
             },
             Step::WaitLocally(mut finished) => {
                 let Some(deadline) = deadline else {
-                    return Acquired::Answer(in_flight(identity));
+                    return Acquired::Unclaimed(Unclaimed::InFlight);
                 };
                 waiting.start();
                 // The holder's guard drops when its record is final.
                 if tokio::time::timeout_at(deadline, finished.changed()).await.is_err() {
                     waiting.finish();
-                    return Acquired::Answer(in_flight(identity));
+                    return Acquired::Unclaimed(Unclaimed::InFlight);
                 }
                 tracing::debug!("a local duplicate finished; looking again");
                 // It most likely completed the key.
@@ -122,8 +137,7 @@ pub(super) async fn acquire<B>(shared: &Shared, identity: &Identity) -> Acquired
                 Step::Read
             }
             Step::Claim { .. } if shared.shutdown.is_draining() => {
-                tracing::info!("refused: shutting down, no new claims");
-                return Acquired::Answer(shutting_down(identity.protocol, "the server is shutting down"));
+                return Acquired::Unclaimed(Unclaimed::ShuttingDown);
             }
             Step::Claim { .. } => {
                 let request = request.get_or_insert_with(|| {
@@ -143,31 +157,32 @@ pub(super) async fn acquire<B>(shared: &Shared, identity: &Identity) -> Acquired
                         shared
                             .store
                             .release_unknown_claim(request, &error, config.store_timeout, &shared.shutdown);
-                        return Acquired::StoreFailed(error);
+                        return Acquired::Unclaimed(Unclaimed::StoreFailed(error));
                     }
                     Ok(ClaimOutcome::Claimed(claim)) => {
                         waiting.finish();
                         return Acquired::Claim(claim, holder);
                     }
                     Ok(ClaimOutcome::Completed(completed)) => {
-                        return Acquired::Answer(replay_or_mismatch(completed, identity, waiting.finish()))
+                        let waited = waiting.finish();
+                        return Acquired::Unclaimed(Unclaimed::Completed { completed, waited });
                     }
                     Ok(ClaimOutcome::InFlight { fingerprint })
                         if fingerprint.is_some_and(|fingerprint| fingerprint != identity.fingerprint) =>
                     {
-                        return Acquired::Answer(mismatch(identity));
+                        return Acquired::Unclaimed(Unclaimed::OtherPayload);
                     }
                     Ok(ClaimOutcome::InFlight { .. }) => Step::WaitElsewhere,
                 }
             }
             Step::WaitElsewhere => {
                 let Some(deadline) = deadline else {
-                    return Acquired::Answer(in_flight(identity));
+                    return Acquired::Unclaimed(Unclaimed::InFlight);
                 };
                 let now = Instant::now();
                 if now >= deadline {
                     waiting.finish();
-                    return Acquired::Answer(in_flight(identity));
+                    return Acquired::Unclaimed(Unclaimed::InFlight);
                 }
                 waiting.start();
                 tokio::time::sleep_until((now + backoff).min(deadline)).await;

@@ -1,10 +1,12 @@
 //! The request path, top to bottom: admit (body limit, signature, key) →
 //! acquire (fast paths, local in-flight table, claim) → run (the handler
-//! under the claim, then commit or release) → the answer.
+//! under the claim, then commit or release) → finish (the answer, with its
+//! log line and count). Each stage returns a value; only `finish` logs,
+//! counts and renders.
 
 mod acquire;
 mod admit;
-mod answer;
+mod finish;
 mod response;
 mod run;
 mod store_step;
@@ -18,15 +20,13 @@ use http_body::Body;
 use tower_service::Service;
 use tracing::Instrument;
 
-use self::acquire::{acquire, Acquired};
+use self::acquire::{acquire, Acquired, Unclaimed};
 use self::admit::{admit, Admission};
-use self::answer::{refused, replay_or_mismatch, shutting_down, store_failed};
 use self::run::run_claimed;
 use crate::body::{BoxError, ResponseBody};
 use crate::key::{KeyError, RecordKey};
 use crate::layer::Config;
-use crate::metrics::{self, Outcome};
-use crate::problem::{Problem, Protocol};
+use crate::problem::Protocol;
 use crate::record::StoredResponse;
 use crate::service::RequestBody;
 use crate::service::Shared;
@@ -62,11 +62,10 @@ where
         Admission::Protected(request, identity) => (request, identity),
         Admission::PassThrough(request) => return pass_through(inner, request).await,
         Admission::WithoutKey(request) => {
-            tracing::info!("request without a key passed through unprotected");
-            metrics::count(&shared.metrics_label, Outcome::MissingKey);
+            finish::note_without_key(&shared.metrics_label);
             return pass_through(inner, request).await;
         }
-        Admission::Refused(refusal) => return Ok(refused(refusal, protocol, &shared.metrics_label)),
+        Admission::Refused(refusal) => return Ok(finish::refused(refusal, protocol, &shared.metrics_label)),
     };
     let span = tracing::info_span!(
         "idempotency",
@@ -78,7 +77,7 @@ where
     // A duplicate answered from the record cache runs nothing that a
     // disconnect could cut off, so it needs no task of its own.
     if let Some(completed) = shared.store.cached(&identity.record) {
-        return Ok(span.in_scope(|| replay_or_mismatch(completed, &identity, false)));
+        return Ok(span.in_scope(|| finish::replay_or_mismatch(completed, &identity, false)));
     }
     // Boxed once here: the state machine is several KiB, and moving it into
     // the task by value would copy it on every request. Tracked from here,
@@ -92,10 +91,7 @@ where
     // future is dropped (a client disconnect, a timeout layer).
     match tokio::spawn(protected).await {
         Ok(answer) => answer,
-        Err(error) => {
-            tracing::error!(%error, "the idempotency task did not finish");
-            Ok(Problem::HandlerFailed.response(protocol, "the request was cancelled before it finished"))
-        }
+        Err(error) => Ok(finish::task_failed(protocol, &error)),
     }
 }
 
@@ -126,7 +122,7 @@ where
     match acquire(&shared, &identity).await {
         Acquired::Claim(claim, holder) => {
             let claim = claim.released_within(shared.config.store_timeout, &shared.shutdown);
-            let answer = run_claimed(
+            let ran = run_claimed(
                 &shared.config,
                 &shared.store,
                 &shared.shutdown,
@@ -138,21 +134,19 @@ where
             .await;
             // Local waiters wake only once the record is final.
             drop(holder);
-            answer
+            finish::ran(&identity, ran)
         }
-        Acquired::Answer(response) => Ok(response),
-        Acquired::StoreFailed(error) if shared.config.fail_open && error.is_unavailable() => {
-            tracing::warn!(%error, "store unavailable; running the handler unprotected (fail-open)");
-            metrics::count(&identity.metrics_label, Outcome::StoreError);
+        Acquired::Unclaimed(Unclaimed::StoreFailed(error)) if shared.config.fail_open && error.is_unavailable() => {
+            finish::note_fail_open(&identity, &error);
             match shared.shutdown.until_cancelled(pass_through(inner, request)).await {
                 Some(answer) => answer,
-                None => Ok(shutting_down(
+                None => Ok(finish::shutting_down(
                     identity.protocol,
                     "the request was cut off by the shutdown",
                 )),
             }
         }
-        Acquired::StoreFailed(error) => Ok(store_failed(&identity, &error)),
+        Acquired::Unclaimed(unclaimed) => Ok(finish::unclaimed(&identity, unclaimed)),
     }
 }
 
@@ -171,6 +165,6 @@ pub(crate) mod bench {
 
     /// The replay of a stored response.
     pub(crate) fn replay<B>(stored: StoredResponse) -> Response<ResponseBody<B>> {
-        answer::replay(stored)
+        finish::replay(stored)
     }
 }

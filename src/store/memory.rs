@@ -56,7 +56,7 @@ enum State {
 
 impl Record {
     /// The one definition of a live record here, as in the Postgres store:
-    /// completed and unexpired, or in progress with a running lease,
+    /// completed and unexpired, or in flight with a running lease,
     /// whatever `expires_at` says (retention never ends a lease that is
     /// still being renewed). A transaction-mode claim has no lease: it lives
     /// until its request completes or releases it.

@@ -2,17 +2,18 @@
 //! tests and single-process use. A layer takes either through [`Store`].
 
 mod cache;
+mod error;
 mod memory;
 mod postgres;
 mod recent;
 
-use std::error::Error as _;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use error::{DatabaseError, StoreError};
 pub use memory::MemoryStore;
 pub use postgres::{
     Deletion, IdempotencyTx, InvalidTableName, PostgresStore, RecordView, StoreStats, Tx, TxError, DEFAULT_TABLE,
@@ -390,147 +391,5 @@ impl Drop for Claim {
         if let Some(held) = self.held.take() {
             held.abandon(&self.request, &self.release);
         }
-    }
-}
-
-/// Why the store could not answer.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum StoreError {
-    /// No pooled connection could be had (pool timeout, connect failure).
-    #[error("could not get a database connection: {0}")]
-    Pool(#[from] deadpool_postgres::PoolError),
-    /// A statement failed.
-    #[error("database error: {}", describe(.0))]
-    Database(#[from] tokio_postgres::Error),
-    /// The store did not answer within the route's store timeout.
-    #[error("the store did not answer within {0:?}")]
-    Timeout(Duration),
-    /// The in-memory store is full of live records.
-    #[error("the in-memory store is full of live records; raise its capacity")]
-    Full,
-    /// A stored record could not be decoded.
-    #[error("a stored record is corrupt: {0}")]
-    Corrupt(String),
-    /// The records table does not exist.
-    #[error("the records table `{0}` does not exist: run PostgresStore::migrate() first")]
-    TableMissing(String),
-    /// [`PostgresStore::migrate`] found the schema, the records table or its
-    /// expiry index missing, and the role may not create it.
-    #[error(
-        "cannot create {object}: the role `{role}` lacks {privilege}; run the migration as a role that has it \
-         (the owner), or apply PostgresStore::migration_sql() with your migration tool \
-         (migrations/0001_idempotency_records.sql for the default table)"
-    )]
-    CannotCreate {
-        /// What was missing, as `table schema.name`, `index schema.name` or
-        /// `schema name`.
-        object: String,
-        /// The role that tried.
-        role: String,
-        /// What creating it takes, as `CREATE on schema public`.
-        privilege: String,
-    },
-    /// The role lacks a privilege the layer needs on the records table or
-    /// its schema.
-    #[error("the role `{role}` lacks {privileges} on {object}, which the layer needs: as the owner, run GRANT {privileges} ON {object} TO {grantee}")]
-    MissingGrant {
-        /// `table schema.name` or `schema name`.
-        object: String,
-        /// The role.
-        role: String,
-        /// The role as an SQL identifier.
-        grantee: String,
-        /// The missing privileges, as `UPDATE, DELETE`.
-        privileges: String,
-    },
-    /// The claim's connection was already gone.
-    #[error("the claim's connection is no longer available")]
-    ConnectionGone,
-    /// The handler kept its transaction past its response.
-    #[error("the handler still holds the request's transaction after answering")]
-    TransactionInUse,
-}
-
-/// tokio-postgres' own message is terse ("db error"); the server's message
-/// or the I/O cause says what happened.
-fn describe(error: &tokio_postgres::Error) -> String {
-    match (error.as_db_error(), error.source()) {
-        (Some(db), _) => format!("{}: {}", db.code().code(), db.message()),
-        (None, Some(source)) => format!("{error}: {source}"),
-        (None, None) => error.to_string(),
-    }
-}
-
-/// SQLSTATEs that say the store is set up wrong rather than down: retrying
-/// cannot help until an operator acts.
-const MISCONFIGURATION_CODES: [&str; 7] = [
-    "42P01", // undefined_table
-    "42703", // undefined_column
-    "3F000", // invalid_schema_name
-    "42501", // insufficient_privilege
-    "3D000", // invalid_catalog_name: the database does not exist
-    "28000", // invalid_authorization_specification
-    "28P01", // invalid_password
-];
-
-impl StoreError {
-    /// Whether the store could not be reached or did not answer in time, as
-    /// opposed to answering with something wrong (a full memory store, a
-    /// corrupt record, a missing table or privilege). Only the former fails
-    /// open.
-    pub(crate) fn is_unavailable(&self) -> bool {
-        let outage = matches!(
-            self,
-            StoreError::Pool(_) | StoreError::Database(_) | StoreError::Timeout(_) | StoreError::ConnectionGone
-        );
-        outage && !self.is_misconfiguration()
-    }
-
-    /// Whether the store is set up wrong (a missing table, column or
-    /// schema, a missing privilege, a wrong database or credentials): a
-    /// permanent fault until an operator fixes it.
-    pub(crate) fn is_misconfiguration(&self) -> bool {
-        let database_error = match self {
-            StoreError::TableMissing(_) => return true,
-            StoreError::Database(error) => error,
-            StoreError::Pool(deadpool_postgres::PoolError::Backend(error)) => error,
-            _ => return false,
-        };
-        database_error
-            .code()
-            .is_some_and(|code| MISCONFIGURATION_CODES.contains(&code.code()))
-    }
-
-    /// Whether a failed commit may still have committed: its request was
-    /// sent and no answer came (a timeout, a connection lost on the way).
-    /// An error the server answered with, or one raised before anything was
-    /// sent, leaves the transaction rolled back.
-    pub(crate) fn commit_outcome_unknown(&self) -> bool {
-        match self {
-            StoreError::Timeout(_) => true,
-            StoreError::Database(error) => error.as_db_error().is_none() && self.is_connection_lost(),
-            _ => false,
-        }
-    }
-
-    /// Whether the error came from a connection that died (a restarted
-    /// server, a terminated backend), so a fresh connection may succeed.
-    pub(crate) fn is_connection_lost(&self) -> bool {
-        let database_error = match self {
-            StoreError::Database(error) => error,
-            StoreError::Pool(deadpool_postgres::PoolError::Backend(error)) => error,
-            _ => return false,
-        };
-        if database_error.is_closed() {
-            return true;
-        }
-        if let Some(code) = database_error.code() {
-            // admin_shutdown, crash_shutdown, cannot_connect_now
-            return ["57P01", "57P02", "57P03"].contains(&code.code());
-        }
-        database_error
-            .source()
-            .is_some_and(|source| source.downcast_ref::<std::io::Error>().is_some())
     }
 }

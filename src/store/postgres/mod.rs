@@ -13,6 +13,7 @@ use tokio::sync::OnceCell;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Row, SimpleQueryMessage};
 
+mod error;
 mod migration;
 mod operations;
 mod sql;

@@ -19,7 +19,7 @@ use crate::record::decode_headers;
 pub struct StoreStats {
     /// Open claims with a running lease (lease mode), past their retention
     /// or not: a lease still being renewed outlives retention.
-    pub in_progress: i64,
+    pub in_flight: i64,
     /// Unexpired completed records.
     pub completed: i64,
     /// Records a purge would delete now: past `expires_at`, and not an open
@@ -29,13 +29,13 @@ pub struct StoreStats {
     /// claimant died or stalled; the next delivery takes them over).
     pub leases_past_expiry: i64,
     /// When the oldest open claim with a running lease was taken.
-    pub oldest_in_progress: Option<SystemTime>,
+    pub oldest_in_flight: Option<SystemTime>,
 }
 
 /// One record as stored.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RecordView {
-    /// `"in_progress"` or `"completed"`.
+    /// `"in_flight"` or `"completed"`.
     pub state: &'static str,
     /// Hex SHA-256 fingerprint of the first request.
     pub fingerprint: String,
@@ -80,11 +80,11 @@ impl PostgresStore {
             .query_one(&OperationsSql::stats(&self.quoted_table()), &[])
             .await?;
         Ok(StoreStats {
-            in_progress: row.try_get(0)?,
+            in_flight: row.try_get(0)?,
             completed: row.try_get(1)?,
             expired_awaiting_purge: row.try_get(2)?,
             leases_past_expiry: row.try_get(3)?,
-            oldest_in_progress: row.try_get(4)?,
+            oldest_in_flight: row.try_get(4)?,
         })
     }
 
@@ -173,7 +173,7 @@ impl PostgresStore {
         };
         let status: Option<i16> = row.try_get(6)?;
         Ok(Some(RecordView {
-            state: if state == COMPLETED { "completed" } else { "in_progress" },
+            state: if state == COMPLETED { "completed" } else { "in_flight" },
             fingerprint: crate::key::hex(row.try_get::<_, &[u8]>(1)?),
             created_at: row.try_get(2)?,
             completed_at: row.try_get(3)?,

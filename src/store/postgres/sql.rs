@@ -12,7 +12,7 @@ pub(super) const COMPLETED: i16 = 2;
 /// says, in the server's log and the error it returns.
 pub(super) const KEY_TAKEN: &str = "the idempotency key already has a live record";
 
-/// Whether a row is a live record: completed and unexpired, or in progress
+/// Whether a row is a live record: completed and unexpired, or in flight
 /// with a running lease, whatever its `expires_at` (retention never ends a
 /// lease that is still being renewed). Every statement that asks uses this
 /// one definition; `row` is the row's alias with its dot, or empty. Never
