@@ -1,6 +1,7 @@
 //! Acquiring a key: the fast-path read, the local in-flight table, the
 //! claim, and waiting under the route's in-flight policy.
 
+use std::ops::ControlFlow;
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -67,130 +68,175 @@ enum Step {
 /// that never waits, answers a duplicate of a completed key just as well;
 /// a first delivery so saves the separate read's round trip.
 pub(super) async fn acquire(shared: &Shared, identity: &Identity) -> Acquired {
-    let config = &shared.config;
-    let deadline = match config.in_flight {
-        InFlight::Wait(bound) => Some(Instant::now() + bound),
-        InFlight::Conflict => None,
-    };
-    let mut holder: Option<HolderGuard> = None;
-    let mut backoff = Duration::from_millis(5);
-    let mut waiting = Waiting::new(identity);
-    // One claim token for the request, so that a retried claim knows its
-    // own; made at the first claim, since a duplicate never needs one.
-    let mut request: Option<ClaimRequest> = None;
+    let mut search = Search::new(shared, identity);
     let mut step = if shared.store.likely_completed(&identity.record) {
         Step::Read
     } else {
         Step::EnterLocally { read: false }
     };
     loop {
-        step = match step {
-            Step::Read => {
-                let found = store_step(&shared.store, "lookup", config.store_timeout, || {
-                    shared.store.lookup(&identity.record)
-                })
-                .await;
-                match found {
-                    Err(error) => return Acquired::Unclaimed(Unclaimed::StoreFailed(error)),
-                    Ok(Lookup::Completed(completed)) => {
-                        let waited = waiting.finish();
-                        return Acquired::Unclaimed(Unclaimed::Completed { completed, waited });
-                    }
-                    Ok(Lookup::InFlight { fingerprint }) if fingerprint != identity.fingerprint => {
-                        return Acquired::Unclaimed(Unclaimed::OtherPayload);
-                    }
-                    Ok(Lookup::InFlight { .. } | Lookup::Absent) if holder.is_none() => {
-                        Step::EnterLocally { read: true }
-                    }
-                    Ok(Lookup::InFlight { .. } | Lookup::Absent) => Step::Claim { read: true },
-                }
-            }
-            Step::EnterLocally { read } => match shared.in_flight.enter(&identity.record) {
-                Entry::Holder(guard) => {
-                    holder = Some(guard);
-                    Step::Claim { read }
-                }
-                // Read the record before answering 409 or waiting: the local
-                // holder may only be checking a key that is already
-                // completed (a duplicate gets its replay, not 409), and a
-                // lease-mode claim is a visible row (another payload is
-                // refused with 422 at once).
-                Entry::Waiter(_) if !read => Step::Read,
-                Entry::Waiter(finished) => Step::WaitLocally(finished),
-            },
-            Step::WaitLocally(mut finished) => {
-                let Some(deadline) = deadline else {
-                    return Acquired::Unclaimed(Unclaimed::InFlight);
-                };
-                waiting.start();
-                // The holder's guard drops when its record is final.
-                if tokio::time::timeout_at(deadline, finished.changed()).await.is_err() {
-                    waiting.finish();
-                    return Acquired::Unclaimed(Unclaimed::InFlight);
-                }
-                tracing::debug!("a local duplicate finished; looking again");
-                // It most likely completed the key.
-                Step::Read
-            }
-            Step::Claim { read: false } if shared.shutdown.is_draining() => {
-                // A plain read still answers a duplicate of a completed key.
-                Step::Read
-            }
-            Step::Claim { .. } if shared.shutdown.is_draining() => {
-                return Acquired::Unclaimed(Unclaimed::ShuttingDown);
-            }
-            Step::Claim { .. } => {
-                let request = request.get_or_insert_with(|| {
-                    ClaimRequest::new(
-                        identity.record.clone(),
-                        identity.fingerprint,
-                        config.mode,
-                        config.retention,
-                    )
-                });
-                let claimed = store_step(&shared.store, "claim", config.store_timeout, || {
-                    shared.store.claim(request.clone())
-                })
-                .await;
-                match claimed {
-                    Err(error) => {
-                        shared
-                            .store
-                            .release_unknown_claim(request, &error, config.store_timeout, &shared.shutdown);
-                        return Acquired::Unclaimed(Unclaimed::StoreFailed(error));
-                    }
-                    Ok(ClaimOutcome::Claimed(claim)) => {
-                        waiting.finish();
-                        return Acquired::Claim(claim, holder);
-                    }
-                    Ok(ClaimOutcome::Completed(completed)) => {
-                        let waited = waiting.finish();
-                        return Acquired::Unclaimed(Unclaimed::Completed { completed, waited });
-                    }
-                    Ok(ClaimOutcome::InFlight { fingerprint })
-                        if fingerprint.is_some_and(|fingerprint| fingerprint != identity.fingerprint) =>
-                    {
-                        return Acquired::Unclaimed(Unclaimed::OtherPayload);
-                    }
-                    Ok(ClaimOutcome::InFlight { .. }) => Step::WaitElsewhere,
-                }
-            }
-            Step::WaitElsewhere => {
-                let Some(deadline) = deadline else {
-                    return Acquired::Unclaimed(Unclaimed::InFlight);
-                };
-                let now = Instant::now();
-                if now >= deadline {
-                    waiting.finish();
-                    return Acquired::Unclaimed(Unclaimed::InFlight);
-                }
-                waiting.start();
-                tokio::time::sleep_until((now + backoff).min(deadline)).await;
-                backoff = (backoff * 2).min(Duration::from_millis(200));
-                // The next claim's own read says whether the first finished.
-                Step::Claim { read: false }
-            }
+        let next = match step {
+            Step::Read => search.read().await,
+            Step::EnterLocally { read } => search.enter_locally(read),
+            Step::WaitLocally(finished) => search.wait_locally(finished).await,
+            Step::Claim { read } => search.claim(read).await,
+            Step::WaitElsewhere => search.wait_elsewhere().await,
         };
+        match next {
+            ControlFlow::Continue(next) => step = next,
+            ControlFlow::Break(acquired) => return acquired,
+        }
+    }
+}
+
+/// Either the next step, or how the search ended.
+type Next = ControlFlow<Acquired, Step>;
+
+/// What one request's search for its claim carries from step to step.
+struct Search<'a> {
+    shared: &'a Shared,
+    identity: &'a Identity,
+    /// Until when a duplicate waits for the first request (`None`: it does
+    /// not wait, and gets 409 at once).
+    deadline: Option<Instant>,
+    /// This request's place in the local in-flight table, once it has one.
+    holder: Option<HolderGuard>,
+    backoff: Duration,
+    waiting: Waiting<'a>,
+    /// One claim token for the request, so that a retried claim knows its
+    /// own; made at the first claim, since a duplicate never needs one.
+    request: Option<ClaimRequest>,
+}
+
+impl<'a> Search<'a> {
+    fn new(shared: &'a Shared, identity: &'a Identity) -> Self {
+        let deadline = match shared.config.in_flight {
+            InFlight::Wait(bound) => Some(Instant::now() + bound),
+            InFlight::Conflict => None,
+        };
+        Self {
+            shared,
+            identity,
+            deadline,
+            holder: None,
+            backoff: Duration::from_millis(5),
+            waiting: Waiting::new(identity),
+            request: None,
+        }
+    }
+
+    /// The end of a search that found the key's record completed.
+    fn completed(&mut self, completed: Completed) -> Next {
+        let waited = self.waiting.finish();
+        ControlFlow::Break(Acquired::Unclaimed(Unclaimed::Completed { completed, waited }))
+    }
+
+    /// A plain read of the key's record.
+    async fn read(&mut self) -> Next {
+        let store = &self.shared.store;
+        let timeout = self.shared.config.store_timeout;
+        let found = store_step(store, "lookup", timeout, || store.lookup(&self.identity.record)).await;
+        match found {
+            Err(error) => ControlFlow::Break(Acquired::Unclaimed(Unclaimed::StoreFailed(error))),
+            Ok(Lookup::Completed(completed)) => self.completed(completed),
+            Ok(Lookup::InFlight { fingerprint }) if fingerprint != self.identity.fingerprint => {
+                ControlFlow::Break(Acquired::Unclaimed(Unclaimed::OtherPayload))
+            }
+            Ok(Lookup::InFlight { .. } | Lookup::Absent) if self.holder.is_none() => {
+                ControlFlow::Continue(Step::EnterLocally { read: true })
+            }
+            Ok(Lookup::InFlight { .. } | Lookup::Absent) => ControlFlow::Continue(Step::Claim { read: true }),
+        }
+    }
+
+    /// Takes the key in this instance's in-flight table, or finds its
+    /// holder.
+    fn enter_locally(&mut self, read: bool) -> Next {
+        ControlFlow::Continue(match self.shared.in_flight.enter(&self.identity.record) {
+            Entry::Holder(guard) => {
+                self.holder = Some(guard);
+                Step::Claim { read }
+            }
+            // Read the record before answering 409 or waiting: the local
+            // holder may only be checking a key that is already completed
+            // (a duplicate gets its replay, not 409), and a lease-mode claim
+            // is a visible row (another payload is refused with 422 at once).
+            Entry::Waiter(_) if !read => Step::Read,
+            Entry::Waiter(finished) => Step::WaitLocally(finished),
+        })
+    }
+
+    /// Waits for the local holder of the key to finish, until the deadline.
+    async fn wait_locally(&mut self, mut finished: watch::Receiver<()>) -> Next {
+        let Some(deadline) = self.deadline else {
+            return ControlFlow::Break(Acquired::Unclaimed(Unclaimed::InFlight));
+        };
+        self.waiting.start();
+        // The holder's guard drops when its record is final.
+        if tokio::time::timeout_at(deadline, finished.changed()).await.is_err() {
+            self.waiting.finish();
+            return ControlFlow::Break(Acquired::Unclaimed(Unclaimed::InFlight));
+        }
+        tracing::debug!("a local duplicate finished; looking again");
+        // It most likely completed the key.
+        ControlFlow::Continue(Step::Read)
+    }
+
+    /// Claims the key in the store; the claim's own read answers a
+    /// duplicate. A draining layer takes no new claims, but a plain read
+    /// still answers a duplicate of a completed key.
+    async fn claim(&mut self, read: bool) -> Next {
+        if self.shared.shutdown.is_draining() {
+            if !read {
+                return ControlFlow::Continue(Step::Read);
+            }
+            return ControlFlow::Break(Acquired::Unclaimed(Unclaimed::ShuttingDown));
+        }
+        let (config, store, identity) = (&self.shared.config, &self.shared.store, self.identity);
+        let request = self.request.get_or_insert_with(|| {
+            ClaimRequest::new(
+                identity.record.clone(),
+                identity.fingerprint,
+                config.mode,
+                config.retention,
+            )
+        });
+        let claimed = store_step(store, "claim", config.store_timeout, || store.claim(request.clone())).await;
+        match claimed {
+            Err(error) => {
+                store.release_unknown_claim(request, &error, config.store_timeout, &self.shared.shutdown);
+                ControlFlow::Break(Acquired::Unclaimed(Unclaimed::StoreFailed(error)))
+            }
+            Ok(ClaimOutcome::Claimed(claim)) => {
+                self.waiting.finish();
+                ControlFlow::Break(Acquired::Claim(claim, self.holder.take()))
+            }
+            Ok(ClaimOutcome::Completed(completed)) => self.completed(completed),
+            Ok(ClaimOutcome::InFlight { fingerprint })
+                if fingerprint.is_some_and(|fingerprint| fingerprint != identity.fingerprint) =>
+            {
+                ControlFlow::Break(Acquired::Unclaimed(Unclaimed::OtherPayload))
+            }
+            Ok(ClaimOutcome::InFlight { .. }) => ControlFlow::Continue(Step::WaitElsewhere),
+        }
+    }
+
+    /// Backs off, holding no connection, while another instance holds the
+    /// key; then claims again.
+    async fn wait_elsewhere(&mut self) -> Next {
+        let Some(deadline) = self.deadline else {
+            return ControlFlow::Break(Acquired::Unclaimed(Unclaimed::InFlight));
+        };
+        let now = Instant::now();
+        if now >= deadline {
+            self.waiting.finish();
+            return ControlFlow::Break(Acquired::Unclaimed(Unclaimed::InFlight));
+        }
+        self.waiting.start();
+        tokio::time::sleep_until((now + self.backoff).min(deadline)).await;
+        self.backoff = (self.backoff * 2).min(Duration::from_millis(200));
+        // The next claim's own read says whether the first finished.
+        ControlFlow::Continue(Step::Claim { read: false })
     }
 }
 
