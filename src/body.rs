@@ -14,6 +14,12 @@ use pin_project_lite::pin_project;
 /// Errors of the bodies this crate produces or forwards.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// A body of [`Bytes`] frames whose error boxes into a [`BoxError`]: what
+/// the request path reads, of requests and of responses alike.
+pub(crate) trait BytesBody: http_body::Body<Data = Bytes, Error: Into<BoxError>> {}
+
+impl<B> BytesBody for B where B: http_body::Body<Data = Bytes, Error: Into<BoxError>> {}
+
 pin_project! {
     /// The body of every response that passes through an
     /// [`IdempotencyService`](crate::IdempotencyService).

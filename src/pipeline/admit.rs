@@ -9,11 +9,10 @@ use bytes::Bytes;
 use http::header::CONTENT_LENGTH;
 use http::request::Parts;
 use http::Request;
-use http_body::Body;
 use http_body_util::{BodyExt, Either, Full, LengthLimitError, Limited};
 
 use super::Identity;
-use crate::body::BoxError;
+use crate::body::BytesBody;
 use crate::key::{self, JsonBody, KeyError, RecordKey, Role};
 use crate::layer::Config;
 use crate::metrics::Outcome;
@@ -71,8 +70,7 @@ pub(super) async fn admit<B>(
     request: Request<B>,
 ) -> Admission<B>
 where
-    B: Body<Data = Bytes>,
-    B::Error: Into<BoxError>,
+    B: BytesBody,
 {
     let protected = config.protects_request(&request);
     if !protected && config.signature.is_none() {
@@ -111,8 +109,7 @@ where
 /// body cannot be read.
 pub(super) async fn read_body<B>(parts: &Parts, body: B, limit: usize) -> Result<Bytes, (Problem, String)>
 where
-    B: Body<Data = Bytes>,
-    B::Error: Into<BoxError>,
+    B: BytesBody,
 {
     let too_large = || {
         (

@@ -16,14 +16,13 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::request::Parts;
 use http::{Request, Response};
-use http_body::Body;
 use tower_service::Service;
 use tracing::Instrument;
 
 use self::acquire::{acquire, Acquired, Unclaimed};
 use self::admit::{admit, Admission};
 use self::run::run_claimed;
-use crate::body::{BoxError, ResponseBody};
+use crate::body::{BytesBody, ResponseBody};
 use crate::key::{KeyError, RecordKey};
 use crate::layer::Config;
 use crate::problem::Protocol;
@@ -52,10 +51,8 @@ where
     S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>> + Send + 'static,
     S::Future: Send + 'static,
     S::Error: Send + 'static,
-    ReqBody: Body<Data = Bytes> + Send + 'static,
-    ReqBody::Error: Into<BoxError>,
-    ResBody: Body<Data = Bytes> + Send + 'static,
-    ResBody::Error: Into<BoxError>,
+    ReqBody: BytesBody + Send + 'static,
+    ResBody: BytesBody + Send + 'static,
 {
     let protocol = shared.config.protocol_of(request.headers());
     let (request, identity) = match admit(&shared.config, &shared.metrics_label, protocol, request).await {
@@ -116,8 +113,7 @@ pub(crate) async fn protected<S, ReqBody, ResBody>(
 ) -> Answer<ResBody, S::Error>
 where
     S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>>,
-    ResBody: Body<Data = Bytes> + Send + 'static,
-    ResBody::Error: Into<BoxError>,
+    ResBody: BytesBody + Send + 'static,
 {
     match acquire(&shared, &identity).await {
         Acquired::Claim(claim, holder) => {

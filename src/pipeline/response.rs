@@ -7,12 +7,11 @@ use bytes::{Bytes, BytesMut};
 use futures_util::FutureExt;
 use http::header::CONTENT_TYPE;
 use http::{HeaderMap, Response};
-use http_body::Body;
 use http_body_util::BodyExt;
 use tokio::time::Instant;
 
 use super::run::Handled;
-use crate::body::{BoxError, ResponseBody};
+use crate::body::{BoxError, BytesBody, ResponseBody};
 use crate::layer::Config;
 use crate::metrics::{self};
 use crate::policy::ResponseDecision;
@@ -27,8 +26,7 @@ pub(super) async fn classify<B>(
     response: Response<B>,
 ) -> Result<Handled<B>, BoxError>
 where
-    B: Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<BoxError>,
+    B: BytesBody + Send + 'static,
 {
     let decided = response.extensions().get::<ResponseDecision>().copied();
     if protocol == Protocol::Grpc {
@@ -75,8 +73,7 @@ pub(super) async fn classify_grpc<B>(
     response: Response<B>,
 ) -> Result<Handled<B>, BoxError>
 where
-    B: Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<BoxError>,
+    B: BytesBody + Send + 'static,
 {
     if response.status() != http::StatusCode::OK || decided == Some(ResponseDecision::Release) {
         return Ok(Handled::Released(response));
@@ -134,8 +131,7 @@ pub(super) fn buffer_deadline(config: &Config) -> Instant {
 /// Reads a body up to `limit` bytes and until `deadline`.
 pub(super) async fn buffer<B>(body: B, limit: usize, deadline: Instant) -> Result<Buffered<B>, BoxError>
 where
-    B: Body<Data = Bytes>,
-    B::Error: Into<BoxError>,
+    B: BytesBody,
 {
     let mut body = Box::pin(body);
     // A body of one frame (the usual case) is kept as it came, uncopied;
@@ -191,8 +187,7 @@ pub(super) async fn next_frame<B>(
     deadline: Instant,
 ) -> Option<Option<Result<http_body::Frame<Bytes>, BoxError>>>
 where
-    B: Body<Data = Bytes>,
-    B::Error: Into<BoxError>,
+    B: BytesBody,
 {
     if let Some(next) = body.frame().now_or_never() {
         return Some(next.map(|frame| frame.map_err(Into::into)));
@@ -247,6 +242,8 @@ mod tests {
     use http::StatusCode;
     use http_body::Frame;
     use http_body_util::{Full, StreamBody};
+
+    use http_body::Body;
 
     use super::*;
 

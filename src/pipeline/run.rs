@@ -6,13 +6,12 @@ use std::panic::AssertUnwindSafe;
 use bytes::Bytes;
 use futures_util::FutureExt;
 use http::{HeaderMap, Request, Response};
-use http_body::Body;
 use tower_service::Service;
 
 use super::response::{classify, stored_response};
 use super::store_step::{store_step, store_step_once};
 use super::Identity;
-use crate::body::{BoxError, ResponseBody};
+use crate::body::{BoxError, BytesBody, ResponseBody};
 use crate::layer::Config;
 use crate::policy::Mode;
 use crate::record::StoredResponse;
@@ -99,8 +98,7 @@ pub(super) async fn run_claimed<S, ReqBody, ResBody>(
 ) -> Ran<ResBody, S::Error>
 where
     S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>>,
-    ResBody: Body<Data = Bytes> + Send + 'static,
-    ResBody::Error: Into<BoxError>,
+    ResBody: BytesBody + Send + 'static,
 {
     let protocol = identity.protocol;
     if let Some(transaction) = claim.transaction() {
