@@ -106,7 +106,7 @@ impl Fingerprint {
 
 /// Serialises with sorted object keys whatever map type serde_json was built
 /// with (another crate may enable its `preserve_order` feature).
-fn write_canonical(value: &Value, out: &mut Vec<u8>) {
+pub(crate) fn write_canonical(value: &Value, out: &mut Vec<u8>) {
     match value {
         Value::Object(map) => {
             let mut entries: Vec<_> = map.iter().collect();

@@ -138,7 +138,7 @@ mod store;
 
 pub use body::{BoxError, ResponseBody};
 pub use fingerprint::Fingerprint;
-pub use key::{Extractor, InvalidJsonPath, KeyError, RecordKey};
+pub use key::{Extractor, InvalidJsonPath, KeyError, KeyField, RecordKey};
 pub use layer::{
     IdempotencyLayer, InvalidConfig, DEFAULT_MAX_KEY_BYTES, DEFAULT_MAX_REQUEST_BYTES,
     DEFAULT_MAX_STORED_RESPONSE_BYTES, DEFAULT_RESPONSE_BUFFER_TIMEOUT, DEFAULT_RETENTION, DEFAULT_STORE_TIMEOUT,

@@ -10,7 +10,7 @@ use futures_util::future::join_all;
 use http::StatusCode;
 use support::{request, send, Ctx, Probe};
 use tokio::sync::{mpsc, Barrier};
-use tower_idempotency::{Extractor, Fingerprint, InFlight, MissingKey, Mode};
+use tower_idempotency::{Extractor, Fingerprint, InFlight, KeyField, MissingKey, Mode};
 
 async fn duplicate_is_replayed_without_running_the_handler(ctx: Ctx) {
     let probe = Probe::default();
@@ -384,6 +384,48 @@ async fn max_key_bytes_bounds_every_part_of_the_record_key(ctx: Ctx) {
     ctx.finish().await;
 }
 both_stores!(max_key_bytes_bounds_every_part_of_the_record_key);
+
+async fn a_key_over_selected_fields_replays_a_resend_with_other_noise(ctx: Ctx) {
+    let probe = Probe::default();
+    let fields = Extractor::fields_sha256([
+        KeyField::json("/order/id").unwrap(),
+        KeyField::json("/order/amount").unwrap(),
+        KeyField::header("x-shop"),
+    ]);
+    let app = probe.app(
+        ctx.layer()
+            .key(fields)
+            .fingerprint(Fingerprint::json_fields(["/order"]).unwrap()),
+    );
+    let shop = [("x-shop", "acme")];
+
+    let first = send(
+        &app,
+        request(None, r#"{"order": {"id": "o1", "amount": 5}, "sent_at": 1}"#, &shop),
+    )
+    .await;
+    let resent = send(
+        &app,
+        request(None, r#"{"sent_at": 2, "order": {"amount": 5, "id": "o1"}}"#, &shop),
+    )
+    .await;
+    let other_amount = send(&app, request(None, r#"{"order": {"id": "o1", "amount": 6}}"#, &shop)).await;
+    let other_shop = send(&app, request(None, r#"{"order": {"id": "o1", "amount": 5}}"#, &[])).await;
+    let not_json = send(&app, request(None, "{not json", &shop)).await;
+
+    assert!(!first.replayed());
+    assert!(resent.replayed(), "the same fields are the same event");
+    assert_eq!(resent.body, first.body);
+    assert!(!other_amount.replayed());
+    assert!(
+        !other_shop.replayed(),
+        "an absent header counts as null, not as the shop"
+    );
+    assert_eq!(not_json.status, StatusCode::BAD_REQUEST);
+    assert_eq!(probe.runs(), 3);
+    ctx.finish().await;
+}
+both_stores!(a_key_over_selected_fields_replays_a_resend_with_other_noise);
 
 async fn a_dropped_request_lets_the_detached_handler_finish_and_commit(ctx: Ctx) {
     let probe = Probe::default();

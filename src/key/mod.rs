@@ -28,6 +28,8 @@ use http::request::Parts;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
+use crate::fingerprint::write_canonical;
+
 pub use json::InvalidJsonPath;
 pub(crate) use json::{JsonBody, JsonPointer};
 
@@ -48,6 +50,54 @@ enum ExtractorPart {
     /// is not JSON, yields nothing instead of an error.
     JsonIfId(JsonPointer),
     BodySha256,
+    FieldsSha256(Vec<KeyField>),
+}
+
+/// A part of a request that [`Extractor::fields_sha256`] covers: a JSON
+/// Pointer into the body, or a header.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyField(FieldSource);
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum FieldSource {
+    Json(JsonPointer),
+    Header(HeaderName),
+}
+
+impl KeyField {
+    /// The value at an RFC 6901 JSON Pointer (or the dotted JSONPath subset,
+    /// as [`Extractor::json`] accepts) in the JSON body.
+    pub fn json(path: &str) -> Result<Self, InvalidJsonPath> {
+        Ok(Self(FieldSource::Json(JsonPointer::parse(path)?)))
+    }
+
+    /// The value of a request header (case-insensitive name).
+    ///
+    /// # Panics
+    ///
+    /// Panics if `name` is not a valid header name, as
+    /// [`Extractor::header`] does.
+    pub fn header(name: &str) -> Self {
+        let name =
+            HeaderName::from_bytes(name.as_bytes()).unwrap_or_else(|_| panic!("`{name}` is not a valid header name"));
+        Self(FieldSource::Header(name))
+    }
+
+    /// Appends this field's value, as canonical JSON (`null` when absent),
+    /// to `out`.
+    fn write(&self, parts: &Parts, json: &mut JsonBody<'_>, out: &mut Vec<u8>) -> Result<(), KeyError> {
+        match &self.0 {
+            FieldSource::Json(pointer) => {
+                let value = json.value()?.and_then(|document| pointer.find(document));
+                write_canonical(value.unwrap_or(&Value::Null), out);
+            }
+            FieldSource::Header(name) => {
+                let value = header_value(Role::Key, parts, name)?.map_or(Value::Null, Value::String);
+                write_canonical(&value, out);
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The fields [`Extractor::common_event_id`] tries, in order: names that
@@ -96,6 +146,36 @@ impl Extractor {
         Self::single(ExtractorPart::BodySha256)
     }
 
+    /// For senders that send no id at all (as webhook gateways offer): the
+    /// lowercase hex SHA-256 of the listed fields' values, in their order.
+    /// Two deliveries with the same values are the same event, whatever
+    /// else their bodies hold. It always yields a key.
+    ///
+    /// The hash covers the canonical JSON array of the values: a JSON field
+    /// as its value with object keys sorted, a header as a JSON string, and
+    /// an absent field or header as `null`; so `["ord_1",4200,null]` for
+    /// the example below when the header is absent. A body that is not JSON
+    /// is `400` when a JSON field is listed.
+    ///
+    /// ```
+    /// use tower_idempotency::{Extractor, IdempotencyLayer, KeyField, MemoryStore};
+    ///
+    /// // One event per order, amount and shop, however often it is sent.
+    /// let key = Extractor::fields_sha256([
+    ///     KeyField::json("/order/id").unwrap(),
+    ///     KeyField::json("/order/amount").unwrap(),
+    ///     KeyField::header("X-Shop-Domain"),
+    /// ]);
+    /// let layer = IdempotencyLayer::new(MemoryStore::new(1_000)).source("gateway").key(key);
+    /// # let _ = layer;
+    /// ```
+    pub fn fields_sha256<I>(fields: I) -> Self
+    where
+        I: IntoIterator<Item = KeyField>,
+    {
+        Self::single(ExtractorPart::FieldsSha256(fields.into_iter().collect()))
+    }
+
     /// For senders that document no event id: the first of the id fields
     /// common in real payloads that holds a string or an integer, else the
     /// body's SHA-256, so it always yields a key. A field of another JSON
@@ -141,7 +221,11 @@ impl Extractor {
 
     /// Whether any part reads the body as JSON.
     pub(crate) fn reads_json(&self) -> bool {
-        self.parts.iter().any(|part| matches!(part, ExtractorPart::Json(_)))
+        self.parts.iter().any(|part| match part {
+            ExtractorPart::Json(_) => true,
+            ExtractorPart::FieldsSha256(fields) => fields.iter().any(|field| matches!(field.0, FieldSource::Json(_))),
+            _ => false,
+        })
     }
 
     /// The first value a part yields; `None` when no part does.
@@ -158,6 +242,7 @@ impl Extractor {
                 ExtractorPart::Json(pointer) => json_value(role, json, pointer)?,
                 ExtractorPart::JsonIfId(pointer) => json_value(role, json, pointer).ok().flatten(),
                 ExtractorPart::BodySha256 => Some(body_sha256_hex(body)),
+                ExtractorPart::FieldsSha256(fields) => Some(fields_sha256_hex(fields, parts, json)?),
             };
             if value.is_some() {
                 return Ok(value);
@@ -243,6 +328,19 @@ fn json_type_name(value: &Value) -> &'static str {
         Value::Array(_) => "an array",
         Value::Object(_) => "an object",
     }
+}
+
+/// The SHA-256 of the canonical JSON array of the fields' values.
+fn fields_sha256_hex(fields: &[KeyField], parts: &Parts, json: &mut JsonBody<'_>) -> Result<String, KeyError> {
+    let mut array = vec![b'['];
+    for (index, field) in fields.iter().enumerate() {
+        if index > 0 {
+            array.push(b',');
+        }
+        field.write(parts, json, &mut array)?;
+    }
+    array.push(b']');
+    Ok(body_sha256_hex(&array))
 }
 
 pub(crate) fn body_sha256_hex(body: &[u8]) -> String {
@@ -448,6 +546,63 @@ mod tests {
         let body = Bytes::from_static(body.as_bytes());
         let mut json = JsonBody::new(&body);
         extractor.extract(role, &parts(headers), &body, &mut json)
+    }
+
+    fn order_fields() -> Extractor {
+        Extractor::fields_sha256([
+            KeyField::json("/order/id").unwrap(),
+            KeyField::json("$.order.amount").unwrap(),
+            KeyField::header("x-shop"),
+        ])
+    }
+
+    fn order_key(headers: &[(&str, &[u8])], body: &'static str) -> String {
+        extract(&order_fields(), Role::Key, headers, body).unwrap().unwrap()
+    }
+
+    #[test]
+    fn a_fields_key_is_the_sha256_of_their_canonical_json_array() {
+        let key = order_key(&[("x-shop", b"acme")], r#"{"order": {"id": "ord_1", "amount": 4200}}"#);
+        assert_eq!(key, body_sha256_hex(br#"["ord_1",4200,"acme"]"#));
+    }
+
+    #[test]
+    fn a_fields_key_counts_an_absent_field_or_header_as_null() {
+        let key = order_key(&[], r#"{"order": {"id": "ord_1"}}"#);
+        assert_eq!(key, body_sha256_hex(br#"["ord_1",null,null]"#));
+    }
+
+    #[test]
+    fn a_fields_key_ignores_other_fields_key_order_and_whitespace() {
+        let first = order_key(&[], r#"{"order": {"id": "ord_1", "amount": 4200}, "sent_at": 1}"#);
+        let again = order_key(&[], r#"{ "sent_at": 2, "order": {"amount": 4200, "id": "ord_1"} }"#);
+        assert_eq!(first, again);
+    }
+
+    #[test]
+    fn a_fields_key_changes_with_any_listed_value() {
+        let body = r#"{"order": {"id": "ord_1", "amount": 4200}}"#;
+        let base = order_key(&[("x-shop", b"acme")], body);
+        assert_ne!(base, order_key(&[("x-shop", b"other")], body));
+        assert_ne!(
+            base,
+            order_key(&[("x-shop", b"acme")], r#"{"order": {"id": "ord_1", "amount": 4201}}"#)
+        );
+        assert_ne!(
+            order_key(&[("x-shop", b"null")], body),
+            order_key(&[], body),
+            "a header holding `null` is not an absent header"
+        );
+    }
+
+    #[test]
+    fn a_fields_key_refuses_a_body_that_is_not_json_and_a_repeated_header() {
+        let malformed = extract(&order_fields(), Role::Key, &[], "{not json");
+        assert!(matches!(malformed, Err(KeyError::MalformedJson(_))), "{malformed:?}");
+        let repeated = extract(&order_fields(), Role::Key, &[("x-shop", b"a"), ("x-shop", b"b")], "{}");
+        assert!(matches!(repeated, Err(KeyError::RepeatedHeader { .. })), "{repeated:?}");
+        assert!(order_fields().reads_json());
+        assert!(!Extractor::fields_sha256([KeyField::header("x-shop")]).reads_json());
     }
 
     #[test]
