@@ -153,6 +153,8 @@ pub use store::{
     DatabaseError, Deletion, IdempotencyTx, InvalidTableName, MemoryStore, PostgresStore, RecordView, Store,
     StoreError, StoreStats, Tx, TxError, DEFAULT_TABLE,
 };
+#[cfg(feature = "sqlx")]
+pub use store::{SqlxIdempotencyTx, SqlxStore, SqlxTx};
 
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]

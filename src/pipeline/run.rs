@@ -101,9 +101,7 @@ where
     ResBody: BytesBody + Send + 'static,
 {
     let protocol = identity.protocol;
-    if let Some(transaction) = claim.transaction() {
-        request.extensions_mut().insert(transaction);
-    }
+    claim.lend_transaction(request.extensions_mut());
     request.extensions_mut().insert(claim.key().clone());
     // The lease is renewed until the response is judged and read, not only
     // while the handler computes its head: a slow body must not outlive it.

@@ -6,6 +6,8 @@ mod error;
 mod memory;
 mod postgres;
 mod recent;
+#[cfg(feature = "sqlx")]
+mod sqlx;
 
 use std::fmt;
 use std::future::Future;
@@ -18,6 +20,8 @@ pub use memory::MemoryStore;
 pub use postgres::{
     Deletion, IdempotencyTx, InvalidTableName, PostgresStore, RecordView, StoreStats, Tx, TxError, DEFAULT_TABLE,
 };
+#[cfg(feature = "sqlx")]
+pub use self::sqlx::{SqlxIdempotencyTx, SqlxStore, SqlxTx};
 
 use crate::key::RecordKey;
 use crate::layer::DEFAULT_STORE_TIMEOUT;
@@ -25,8 +29,9 @@ use crate::policy::Mode;
 use crate::record::StoredResponse;
 use crate::shutdown::{self, Tracker};
 
-/// The store a layer keeps its records in: a [`PostgresStore`] or a
-/// [`MemoryStore`], converted with `into()`.
+/// The store a layer keeps its records in: a [`PostgresStore`], an
+/// `SqlxStore` (feature `sqlx`) or a [`MemoryStore`], converted with
+/// `into()`.
 ///
 /// ```
 /// use tower_idempotency::{MemoryStore, Store};
@@ -41,6 +46,15 @@ pub struct Store {
 
 impl From<PostgresStore> for Store {
     fn from(store: PostgresStore) -> Self {
+        Self {
+            backend: Arc::new(store),
+        }
+    }
+}
+
+#[cfg(feature = "sqlx")]
+impl From<SqlxStore> for Store {
+    fn from(store: SqlxStore) -> Self {
         Self {
             backend: Arc::new(store),
         }
@@ -104,10 +118,10 @@ pub(crate) trait Backend: fmt::Debug + Send + Sync + 'static {
 /// A backend's side of a held claim. Completing, ending and releasing
 /// consume it; a claim dropped without any of them is abandoned.
 pub(crate) trait HeldClaim: fmt::Debug + Send + Sync {
-    /// The transaction to hand to the handler, where the claim is one.
-    fn transaction(&self) -> Option<IdempotencyTx> {
-        None
-    }
+    /// Hands the claim's transaction, where the claim is one, to the
+    /// handler: puts the backend's handle for it (such as [`IdempotencyTx`])
+    /// into the request's extensions.
+    fn lend_transaction(&self, _extensions: &mut http::Extensions) {}
 
     /// Extends the lease; `Ok(false)` when the claim was taken over. A claim
     /// without a lease has nothing to renew.
@@ -337,10 +351,12 @@ impl Claim {
         &self.request.key
     }
 
-    /// The transaction to hand to the handler, in transaction mode on
-    /// Postgres.
-    pub(crate) fn transaction(&self) -> Option<IdempotencyTx> {
-        self.held.as_ref()?.transaction()
+    /// Hands the claim's transaction to the handler through the request's
+    /// extensions, in transaction mode on Postgres.
+    pub(crate) fn lend_transaction(&self, extensions: &mut http::Extensions) {
+        if let Some(held) = &self.held {
+            held.lend_transaction(extensions);
+        }
     }
 
     /// Extends the lease; `Ok(false)` when the claim was taken over.

@@ -12,7 +12,7 @@ use crate::key::RecordKey;
 
 /// The privileges the layer uses on the records table: reads, claims,
 /// completions, releases and purges.
-const TABLE_PRIVILEGES: [&str; 4] = ["SELECT", "INSERT", "UPDATE", "DELETE"];
+pub(in crate::store) const TABLE_PRIVILEGES: [&str; 4] = ["SELECT", "INSERT", "UPDATE", "DELETE"];
 
 /// Postgres' `insufficient_privilege`.
 const INSUFFICIENT_PRIVILEGE: &str = "42501";
@@ -73,17 +73,12 @@ impl PostgresStore {
         let name = self.table_name();
         let mut client = self.connection().await?;
         let transaction = client.transaction().await?;
-        let lock_id = RecordKey {
-            source: String::new(),
-            event_type: String::new(),
-            key: String::new(),
-        }
-        .lock_id(&format!("migrate {}", name.display));
+        let lock_id = migration_lock_id(name);
         transaction.execute(sql::TAKE_MIGRATION_LOCK, &[&lock_id]).await?;
         let found = Found::inspect(&transaction, name).await?;
         for step in found.missing_steps(name) {
             if let Err(error) = transaction.batch_execute(&step.sql).await {
-                return Err(step.refused(error, &found.role));
+                return Err(step.refused(error.into(), &found.role));
             }
         }
         if found.table_exists {
@@ -94,20 +89,31 @@ impl PostgresStore {
     }
 }
 
+/// The advisory lock that makes concurrent migrations of one table take
+/// turns.
+pub(in crate::store) fn migration_lock_id(name: &TableName) -> i64 {
+    RecordKey {
+        source: String::new(),
+        event_type: String::new(),
+        key: String::new(),
+    }
+    .lock_id(&format!("migrate {}", name.display))
+}
+
 /// What [`sql::INSPECT_MIGRATION`] found.
-struct Found {
-    role: String,
+pub(in crate::store) struct Found {
+    pub(in crate::store) role: String,
     /// The role as an SQL identifier, for a `GRANT` to suggest.
-    grantee: String,
-    database: String,
+    pub(in crate::store) grantee: String,
+    pub(in crate::store) database: String,
     /// The table's schema, or where it would be created (none when no
     /// schema of the `search_path` exists).
-    schema: Option<String>,
-    schema_exists: bool,
-    schema_usage: bool,
-    table_exists: bool,
-    index_exists: bool,
-    missing_privileges: Vec<String>,
+    pub(in crate::store) schema: Option<String>,
+    pub(in crate::store) schema_exists: bool,
+    pub(in crate::store) schema_usage: bool,
+    pub(in crate::store) table_exists: bool,
+    pub(in crate::store) index_exists: bool,
+    pub(in crate::store) missing_privileges: Vec<String>,
 }
 
 impl Found {
@@ -140,7 +146,7 @@ impl Found {
     }
 
     /// The statements still to run, in order.
-    fn missing_steps(&self, name: &TableName) -> Vec<Step> {
+    pub(in crate::store) fn missing_steps(&self, name: &TableName) -> Vec<Step> {
         let table = format!("table {}", self.qualified(&name.table));
         let mut steps = Vec::new();
         if let (Some(schema), false) = (&name.schema, self.schema_exists) {
@@ -172,7 +178,7 @@ impl Found {
     }
 
     /// The grants the layer needs on an existing table.
-    fn check_grants(&self, name: &TableName) -> Result<(), StoreError> {
+    pub(in crate::store) fn check_grants(&self, name: &TableName) -> Result<(), StoreError> {
         if let (Some(schema), false) = (&self.schema, self.schema_usage) {
             return Err(StoreError::MissingGrant {
                 object: format!("schema {schema}"),
@@ -194,17 +200,21 @@ impl Found {
 }
 
 /// One creation, and what it needs.
-struct Step {
-    sql: String,
+pub(in crate::store) struct Step {
+    pub(in crate::store) sql: String,
     object: String,
     privilege: String,
 }
 
 impl Step {
-    /// The error to report when the step failed.
-    fn refused(self, error: tokio_postgres::Error, role: &str) -> StoreError {
-        if error.code().map(|code| code.code()) != Some(INSUFFICIENT_PRIVILEGE) {
-            return error.into();
+    /// The error to report when the step failed with `error`.
+    pub(in crate::store) fn refused(self, error: StoreError, role: &str) -> StoreError {
+        let sqlstate = match &error {
+            StoreError::Database(database) => database.sqlstate(),
+            _ => None,
+        };
+        if sqlstate != Some(INSUFFICIENT_PRIVILEGE) {
+            return error;
         }
         StoreError::CannotCreate {
             object: self.object,

@@ -16,12 +16,13 @@ use tokio_postgres::{Row, SimpleQueryMessage};
 mod error;
 mod migration;
 mod operations;
-mod sql;
+pub(super) mod sql;
 mod tx;
 
 pub use operations::{Deletion, RecordView, StoreStats};
 pub(crate) use tx::TxConnection;
 pub use tx::{IdempotencyTx, Tx, TxError};
+pub(super) use migration::{migration_lock_id, Found, TABLE_PRIVILEGES};
 
 use self::sql::{Statements, COMPLETED, KEY_TAKEN};
 use super::cache::RecordCache;
@@ -604,8 +605,8 @@ impl TxClaim {
 }
 
 impl HeldClaim for TxClaim {
-    fn transaction(&self) -> Option<IdempotencyTx> {
-        Some(self.tx.clone())
+    fn lend_transaction(&self, extensions: &mut http::Extensions) {
+        extensions.insert(self.tx.clone());
     }
 
     fn complete<'a>(
@@ -718,7 +719,9 @@ impl Drop for ClosedIfAbandoned {
     }
 }
 
-fn response_columns(response: &StoredResponse) -> (i16, Vec<u8>, Option<&[u8]>) {
+/// A response as the record's columns: status, encoded headers (and
+/// trailers), body.
+pub(in crate::store) fn response_columns(response: &StoredResponse) -> (i16, Vec<u8>, Option<&[u8]>) {
     let status = response.status.as_u16() as i16;
     let headers = encode_headers(&response.headers, response.trailers.as_deref());
     (status, headers, response.body.as_deref())
@@ -726,18 +729,37 @@ fn response_columns(response: &StoredResponse) -> (i16, Vec<u8>, Option<&[u8]>) 
 
 fn lookup_from_row(row: &Row) -> Result<Lookup, StoreError> {
     let state: i16 = row.try_get("state")?;
-    let fingerprint = fingerprint_from(row.try_get::<_, &[u8]>("fingerprint")?)?;
+    let fingerprint: &[u8] = row.try_get("fingerprint")?;
+    if state != COMPLETED {
+        return lookup_from_columns(state, fingerprint, None, None, None);
+    }
+    let status: i16 = row.try_get("response_status")?;
+    let headers: &[u8] = row.try_get("response_headers")?;
+    let body: Option<&[u8]> = row.try_get("response_body")?;
+    lookup_from_columns(state, fingerprint, Some(status), Some(headers), body)
+}
+
+/// A live record from its columns, whichever driver read them; the response
+/// columns are read only for a completed one.
+pub(in crate::store) fn lookup_from_columns(
+    state: i16,
+    fingerprint: &[u8],
+    status: Option<i16>,
+    headers: Option<&[u8]>,
+    body: Option<&[u8]>,
+) -> Result<Lookup, StoreError> {
+    let fingerprint = fingerprint_from(fingerprint)?;
     if state != COMPLETED {
         return Ok(Lookup::InFlight { fingerprint });
     }
-    let status: i16 = row.try_get("response_status")?;
+    let (Some(status), Some(headers)) = (status, headers) else {
+        return Err(StoreError::Corrupt("a completed record without its response".to_owned()));
+    };
     let status = u16::try_from(status)
         .ok()
         .and_then(|code| StatusCode::from_u16(code).ok())
         .ok_or_else(|| StoreError::Corrupt(format!("status {status} is not an HTTP status")))?;
-    let headers: &[u8] = row.try_get("response_headers")?;
     let (headers, trailers) = decode_headers(headers).map_err(|error| StoreError::Corrupt(error.to_string()))?;
-    let body: Option<&[u8]> = row.try_get("response_body")?;
     Ok(Lookup::Completed(Completed {
         fingerprint,
         response: StoredResponse {
@@ -757,15 +779,15 @@ fn fingerprint_from(bytes: &[u8]) -> Result<[u8; 32], StoreError> {
 
 /// A validated, quoted table name.
 #[derive(Clone, Debug)]
-pub(super) struct TableName {
-    pub(super) schema: Option<String>,
-    pub(super) table: String,
+pub(in crate::store) struct TableName {
+    pub(in crate::store) schema: Option<String>,
+    pub(in crate::store) table: String,
     /// As the user wrote it; also the advisory lock namespace.
-    pub(super) display: String,
+    pub(in crate::store) display: String,
 }
 
 impl TableName {
-    fn unqualified(table: &str) -> Self {
+    pub(in crate::store) fn unqualified(table: &str) -> Self {
         Self {
             schema: None,
             table: table.to_owned(),
@@ -773,7 +795,7 @@ impl TableName {
         }
     }
 
-    pub(super) fn parse(name: &str) -> Result<Self, InvalidTableName> {
+    pub(in crate::store) fn parse(name: &str) -> Result<Self, InvalidTableName> {
         let invalid = || InvalidTableName(name.to_owned());
         let (schema, table) = match name.split_once('.') {
             Some((schema, table)) => (Some(schema), table),
@@ -794,7 +816,7 @@ impl TableName {
         })
     }
 
-    pub(super) fn quoted(&self) -> String {
+    pub(in crate::store) fn quoted(&self) -> String {
         match &self.schema {
             Some(schema) => format!("\"{schema}\".\"{}\"", self.table),
             None => format!("\"{}\"", self.table),

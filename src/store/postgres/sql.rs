@@ -5,19 +5,19 @@
 use super::TableName;
 
 /// Record states in the `state` column.
-pub(super) const IN_PROGRESS: i16 = 1;
-pub(super) const COMPLETED: i16 = 2;
+pub(in crate::store) const IN_PROGRESS: i16 = 1;
+pub(in crate::store) const COMPLETED: i16 = 2;
 
 /// What the completion's refusal of a key that already has a live record
 /// says, in the server's log and the error it returns.
-pub(super) const KEY_TAKEN: &str = "the idempotency key already has a live record";
+pub(in crate::store) const KEY_TAKEN: &str = "the idempotency key already has a live record";
 
 /// Whether a row is a live record: completed and unexpired, or in flight
 /// with a running lease, whatever its `expires_at` (retention never ends a
 /// lease that is still being renewed). Every statement that asks uses this
 /// one definition; `row` is the row's alias with its dot, or empty. Never
 /// NULL, so that `NOT` of it is a plain negation.
-pub(super) fn live(row: &str) -> String {
+pub(in crate::store) fn live(row: &str) -> String {
     format!(
         "(({row}state = {COMPLETED} AND {row}expires_at > now())
           OR ({row}state = {IN_PROGRESS} AND ({row}locked_until > now()) IS TRUE))"
@@ -25,21 +25,21 @@ pub(super) fn live(row: &str) -> String {
 }
 
 /// Every statement, formatted once with the table name.
-pub(super) struct Statements {
-    pub(super) resolve_table: String,
-    pub(super) lookup: String,
-    pub(super) complete_transaction: String,
-    pub(super) claim_lease: String,
-    pub(super) renew_lease: String,
-    pub(super) complete_lease: String,
-    pub(super) release_lease: String,
+pub(in crate::store) struct Statements {
+    pub(in crate::store) resolve_table: String,
+    pub(in crate::store) lookup: String,
+    pub(in crate::store) complete_transaction: String,
+    pub(in crate::store) claim_lease: String,
+    pub(in crate::store) renew_lease: String,
+    pub(in crate::store) complete_lease: String,
+    pub(in crate::store) release_lease: String,
     advisory_locks: bool,
 }
 
 impl Statements {
     /// Begins a transaction and tries the key's advisory lock; the answer's
     /// one row says `t` when the lock is had.
-    pub(super) fn begin_and_try_lock(&self, lock_id: i64) -> String {
+    pub(in crate::store) fn begin_and_try_lock(&self, lock_id: i64) -> String {
         if self.advisory_locks {
             format!("BEGIN ISOLATION LEVEL READ COMMITTED; SELECT pg_try_advisory_xact_lock({lock_id})")
         } else {
@@ -47,7 +47,7 @@ impl Statements {
         }
     }
 
-    pub(super) fn new(name: &TableName, advisory_locks: bool) -> Self {
+    pub(in crate::store) fn new(name: &TableName, advisory_locks: bool) -> Self {
         let t = name.quoted();
         let key = "source = $1 AND event_type = $2 AND key = $3";
         let live_row = live("");
@@ -152,7 +152,7 @@ impl Statements {
 }
 
 /// The migration's lock: concurrent migrations of one table take turns.
-pub(super) const TAKE_MIGRATION_LOCK: &str = "SELECT pg_advisory_xact_lock($1)";
+pub(in crate::store) const TAKE_MIGRATION_LOCK: &str = "SELECT pg_advisory_xact_lock($1)";
 
 /// Where the table is (or would be created) and what of it exists, as the
 /// server sees it for the current role.
@@ -163,7 +163,7 @@ pub(super) const TAKE_MIGRATION_LOCK: &str = "SELECT pg_advisory_xact_lock($1)";
 /// `current_schema()`, as `CREATE TABLE` would put it. Catalogs are read
 /// directly rather than through `to_regclass`, which raises for a schema the
 /// role may not use.
-pub(super) const INSPECT_MIGRATION: &str = "
+pub(in crate::store) const INSPECT_MIGRATION: &str = "
 WITH candidate AS (
     SELECT n.oid AS namespace, n.nspname, path.position
     FROM unnest(CASE WHEN $1::text IS NULL THEN current_schemas(true) ELSE ARRAY[$1::text]::name[] END)
@@ -194,11 +194,11 @@ SELECT current_user::text AS role,
              ORDER BY wanted.position) AS missing_privileges
 FROM target LEFT JOIN pg_namespace n ON n.nspname = target.schema";
 
-pub(super) fn create_schema(schema: &str) -> String {
+pub(in crate::store) fn create_schema(schema: &str) -> String {
     format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\";\n")
 }
 
-pub(super) fn create_table(name: &TableName) -> String {
+pub(in crate::store) fn create_table(name: &TableName) -> String {
     format!(
         "CREATE TABLE IF NOT EXISTS {} (
     source           text        NOT NULL,
@@ -220,11 +220,11 @@ pub(super) fn create_table(name: &TableName) -> String {
     )
 }
 
-pub(super) fn index_name(name: &TableName) -> String {
+pub(in crate::store) fn index_name(name: &TableName) -> String {
     format!("{}_expires_at", name.table)
 }
 
-pub(super) fn create_index(name: &TableName) -> String {
+pub(in crate::store) fn create_index(name: &TableName) -> String {
     format!(
         "CREATE INDEX IF NOT EXISTS \"{}\" ON {} (expires_at);\n",
         index_name(name),
@@ -291,6 +291,6 @@ impl OperationsSql {
 }
 
 /// Ends the request's transaction, keeping its writes.
-pub(super) const COMMIT: &str = "COMMIT";
+pub(in crate::store) const COMMIT: &str = "COMMIT";
 /// Ends the request's transaction, undoing its writes.
-pub(super) const ROLLBACK: &str = "ROLLBACK";
+pub(in crate::store) const ROLLBACK: &str = "ROLLBACK";
