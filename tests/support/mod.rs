@@ -28,6 +28,8 @@ use http_body_util::BodyExt;
 use tokio::sync::{mpsc, Mutex, Semaphore};
 use tokio_postgres::NoTls;
 use tower::ServiceExt;
+#[cfg(feature = "sqlx")]
+use tower_idempotency::{SqlxStore, SqlxTx};
 use tower_idempotency::{IdempotencyLayer, MemoryStore, PostgresStore, ResponseDecision, Store, Tx, TxError};
 
 /// The Postgres the tests use when `DATABASE_URL` is unset or empty.
@@ -148,6 +150,21 @@ impl TestDb {
         store
     }
 
+    /// An sqlx pool of `size` connections on this test's schema, whose
+    /// sessions carry the schema's name as `application_name` too.
+    #[cfg(feature = "sqlx")]
+    pub fn sqlx_pool(&self, size: u32) -> sqlx::PgPool {
+        sqlx_pool(&self.schema, size)
+    }
+
+    /// An [`SqlxStore`] on a pool of its own on this test's schema.
+    #[cfg(feature = "sqlx")]
+    pub async fn sqlx_store(&self) -> SqlxStore {
+        let store = SqlxStore::new(self.sqlx_pool(16));
+        store.migrate().await.expect("migrate through sqlx");
+        store
+    }
+
     /// A second, independent pool on the same schema (another "instance").
     pub fn another_pool(&self) -> Pool {
         pool_for(&self.schema, 16)
@@ -228,6 +245,30 @@ where
     }
 }
 
+/// An sqlx pool on `schema` (its search_path and `application_name`),
+/// connecting lazily; fails naming DATABASE_URL. It does not ping a
+/// connection before handing it out: the layer's pool need not.
+#[cfg(feature = "sqlx")]
+pub fn sqlx_pool(schema: &str, size: u32) -> sqlx::PgPool {
+    sqlx_pool_at(&database_url(), schema, size)
+}
+
+/// As [`sqlx_pool`], to the Postgres (or proxy) at `url`.
+#[cfg(feature = "sqlx")]
+pub fn sqlx_pool_at(url: &str, schema: &str, size: u32) -> sqlx::PgPool {
+    let options: sqlx::postgres::PgConnectOptions = url
+        .parse()
+        .unwrap_or_else(|error| panic!("DATABASE_URL={url} is not a valid Postgres URL: {error}"));
+    let options = options
+        .options([("search_path", schema)])
+        .application_name(schema);
+    sqlx::postgres::PgPoolOptions::new()
+        .max_connections(size)
+        .acquire_timeout(Duration::from_secs(10))
+        .test_before_acquire(false)
+        .connect_lazy_with(options)
+}
+
 fn pool_for(schema: &str, size: usize) -> Pool {
     pool(
         on_schema(database_config(), schema, schema),
@@ -246,6 +287,14 @@ impl Ctx {
     pub async fn postgres(name: &str) -> Self {
         let db = TestDb::new(name).await;
         let store = db.store().await.into();
+        Self { store, db: Some(db) }
+    }
+
+    /// The Postgres store on an sqlx pool, on a schema of its own.
+    #[cfg(feature = "sqlx")]
+    pub async fn sqlx(name: &str) -> Self {
+        let db = TestDb::new(name).await;
+        let store = db.sqlx_store().await.into();
         Self { store, db: Some(db) }
     }
 
@@ -278,7 +327,9 @@ impl Ctx {
     }
 }
 
-/// Runs one test body against the Postgres store and the memory store.
+/// Runs one test body against every store: Postgres through
+/// tokio-postgres, Postgres through sqlx (with the `sqlx` feature) and the
+/// memory store.
 #[macro_export]
 macro_rules! both_stores {
     ($name:ident) => {
@@ -286,6 +337,13 @@ macro_rules! both_stores {
             #[tokio::test]
             async fn postgres() {
                 let ctx = $crate::support::Ctx::postgres(concat!(stringify!($name), "_pg")).await;
+                super::$name(ctx).await;
+            }
+
+            #[cfg(feature = "sqlx")]
+            #[tokio::test]
+            async fn sqlx() {
+                let ctx = $crate::support::Ctx::sqlx(concat!(stringify!($name), "_sqlx")).await;
                 super::$name(ctx).await;
             }
 
@@ -354,6 +412,7 @@ impl Probe {
 async fn probe_handler(
     State(probe): State<Probe>,
     tx: Result<Tx, TxError>,
+    #[cfg(feature = "sqlx")] sqlx_tx: Result<SqlxTx, TxError>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
@@ -364,6 +423,18 @@ async fn probe_handler(
             .await
             .expect("ledger insert");
     }
+    #[cfg(feature = "sqlx")]
+    let sqlx_tx = match sqlx_tx {
+        Ok(mut sqlx_tx) => {
+            sqlx::query("INSERT INTO ledger (body) VALUES ($1)")
+                .bind(body.as_ref())
+                .execute(&mut *sqlx_tx)
+                .await
+                .expect("ledger insert through sqlx");
+            Some(sqlx_tx)
+        }
+        Err(_) => None,
+    };
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
     if header("x-test-block").is_some() {
         probe.gate.acquire().await.expect("gate").forget();
@@ -377,6 +448,8 @@ async fn probe_handler(
         None => format!("run {run}"),
     };
     drop(tx);
+    #[cfg(feature = "sqlx")]
+    drop(sqlx_tx);
     let mut response = (status, body).into_response();
     let response_headers = response.headers_mut();
     response_headers.append("x-replayable", HeaderValue::from_static("a"));
