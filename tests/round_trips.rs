@@ -8,6 +8,11 @@
 //! pipelined without waiting for an answer are one round trip.
 //!
 //! The handler here touches no database, so every count is the layer's own.
+//! Each path is counted for both drivers, from the same test bodies: the
+//! tokio-postgres store and (with the `sqlx` feature) the sqlx store, whose
+//! counts are the same. sqlx's pool adds one thing of its own: when a
+//! connection goes back to the pool, it sends a lone Sync and waits for the
+//! answer (a "ping", off the response path); those are counted apart.
 //! Run with `--nocapture` to see the table that BENCHMARKS.md quotes.
 
 mod support;
@@ -24,7 +29,7 @@ use support::wire::{pool_through, upstream, FrontendParser};
 use support::{request, send, TestDb};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tower_idempotency::{IdempotencyLayer, Mode, PostgresStore};
+use tower_idempotency::{IdempotencyLayer, Mode, PostgresStore, Store};
 
 /// What crossed the proxy since the last reset.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -35,6 +40,9 @@ struct Counts {
     /// Statements inside simple Query messages (one may carry several).
     query_statements: u32,
     round_trips: u32,
+    /// Bursts of a lone Sync: sqlx's pool pinging a connection it takes
+    /// back (or, with `test_before_acquire`, hands out).
+    pings: u32,
 }
 
 impl Counts {
@@ -79,9 +87,14 @@ impl Meter {
 
     fn client_burst(&self, connection: u64, messages: &[(u8, u32)]) {
         let mut wire = self.0.lock().unwrap();
+        let lone_sync = messages == [(b'S', 0)];
         let spoke = wire.server_spoke.entry(connection).or_insert(true);
         if std::mem::replace(spoke, false) {
-            wire.counts.round_trips += 1;
+            if lone_sync {
+                wire.counts.pings += 1;
+            } else {
+                wire.counts.round_trips += 1;
+            }
         }
         for (kind, statements) in messages {
             *wire.counts.messages.entry(*kind as char).or_default() += 1;
@@ -152,15 +165,78 @@ async fn relay(id: u64, client: TcpStream, server: TcpStream, meter: Meter) {
 }
 
 /// A layer whose handler answers 200 without touching the database.
-fn app(store: PostgresStore, mode: Mode) -> Router {
+fn app(store: impl Into<Store>, mode: Mode) -> Router {
     Router::new()
         .route("/r", post(|| async { "done" }))
         .route_layer(IdempotencyLayer::new(store).source("rt").mode(mode))
 }
 
+/// The driver under test: its pool through the proxy, and stores on it.
+#[derive(Clone)]
+enum Driver {
+    TokioPostgres(Pool),
+    #[cfg(feature = "sqlx")]
+    Sqlx(sqlx::PgPool),
+}
+
+impl Driver {
+    fn tokio_postgres(port: u16, schema: &str) -> Self {
+        Driver::TokioPostgres(pool_through(port, schema, 1))
+    }
+
+    #[cfg(feature = "sqlx")]
+    fn sqlx(port: u16, schema: &str) -> Self {
+        Driver::Sqlx(support::wire::sqlx_pool_through(port, schema, 1))
+    }
+
+    /// A store of another instance on the same pool, with the record cache
+    /// when `cache` says so.
+    fn store(&self, cache: bool) -> Store {
+        let ttl = Duration::from_secs(60);
+        match self {
+            Driver::TokioPostgres(pool) => {
+                let store = PostgresStore::new(pool.clone());
+                if cache { store.with_cache(1 << 20, ttl) } else { store }.into()
+            }
+            #[cfg(feature = "sqlx")]
+            Driver::Sqlx(pool) => {
+                let store = tower_idempotency::SqlxStore::new(pool.clone());
+                if cache { store.with_cache(1 << 20, ttl) } else { store }.into()
+            }
+        }
+    }
+
+    async fn migrate(&self) {
+        match self {
+            Driver::TokioPostgres(pool) => PostgresStore::new(pool.clone()).migrate().await.unwrap(),
+            #[cfg(feature = "sqlx")]
+            Driver::Sqlx(pool) => tower_idempotency::SqlxStore::new(pool.clone()).migrate().await.unwrap(),
+        }
+    }
+
+    fn idle(&self) -> bool {
+        match self {
+            Driver::TokioPostgres(pool) => {
+                let status = pool.status();
+                status.available == status.size
+            }
+            #[cfg(feature = "sqlx")]
+            Driver::Sqlx(pool) => pool.num_idle() == pool.size() as usize,
+        }
+    }
+
+    async fn close(&self) {
+        match self {
+            Driver::TokioPostgres(pool) => pool.close(),
+            #[cfg(feature = "sqlx")]
+            Driver::Sqlx(pool) => pool.close().await,
+        }
+    }
+}
+
 /// Sends one request and returns what it cost on the wire, once the
 /// connection is back in the pool (background rollbacks included).
-async fn measure(meter: &Meter, pool: &Pool, app: &Router, key: &str) -> (Counts, bool) {
+async fn measure(meter: &Meter, pool: &Driver, app: &Router, key: &str) -> (Counts, bool) {
     wait_idle(pool).await;
     meter.reset();
     let reply = send(app, request(Some(key), "{}", &[])).await;
@@ -169,10 +245,9 @@ async fn measure(meter: &Meter, pool: &Pool, app: &Router, key: &str) -> (Counts
     (meter.counts(), reply.replayed())
 }
 
-async fn wait_idle(pool: &Pool) {
+async fn wait_idle(pool: &Driver) {
     for _ in 0..200 {
-        let status = pool.status();
-        if status.available == status.size {
+        if pool.idle() {
             // Let the proxy relay the last reply.
             tokio::time::sleep(Duration::from_millis(20)).await;
             return;
@@ -187,19 +262,20 @@ struct Path {
     counts: Counts,
 }
 
-fn print_table(mode: &str, paths: &[Path]) {
-    println!("{mode} mode (the handler runs no statement)");
+fn print_table(mode: &str, driver: &str, paths: &[Path]) {
+    println!("{mode} mode, {driver} (the handler runs no statement)");
     println!(
-        "  {:<42} {:>11} {:>10}   messages (Parse Bind Execute Query Sync)",
-        "path", "round trips", "statements"
+        "  {:<42} {:>11} {:>10} {:>6}   messages (Parse Bind Execute Query Sync)",
+        "path", "round trips", "statements", "pings"
     );
     for path in paths {
         let c = &path.counts;
         println!(
-            "  {:<42} {:>11} {:>10}   P {} B {} E {} Q {} S {}",
+            "  {:<42} {:>11} {:>10} {:>6}   P {} B {} E {} Q {} S {}",
             path.name,
             c.round_trips,
             c.statements(),
+            c.pings,
             c.get('P'),
             c.get('B'),
             c.get('E'),
@@ -212,14 +288,13 @@ fn print_table(mode: &str, paths: &[Path]) {
 /// First deliveries, then duplicates with and without the record cache, on
 /// one instance ("warm": it completed the key itself) and on another
 /// ("cold": it never saw the key).
-async fn count_paths(mode: Mode, name: &str) -> Vec<Path> {
+async fn count_paths(mode: Mode, name: &str, driver: fn(u16, &str) -> Driver) -> Vec<Path> {
     let db = TestDb::new(name).await;
     let meter = Meter::default();
     let port = start_proxy(upstream(), meter.clone()).await;
-    let pool = pool_through(port, &db.schema, 1);
-    let store = PostgresStore::new(pool.clone());
-    store.migrate().await.unwrap();
-    let layer_app = app(store.clone(), mode);
+    let pool = driver(port, &db.schema);
+    pool.migrate().await;
+    let layer_app = app(pool.store(false), mode);
     // Warm up: the connection exists and has prepared its statements.
     measure(&meter, &pool, &layer_app, "warm-up").await;
     measure(&meter, &pool, &layer_app, "warm-up").await;
@@ -239,7 +314,7 @@ async fn count_paths(mode: Mode, name: &str) -> Vec<Path> {
     });
 
     // Another instance on the same pool: it has never seen `event-1`.
-    let other = app(PostgresStore::new(pool.clone()), mode);
+    let other = app(pool.store(false), mode);
     measure(&meter, &pool, &other, "warm-up-2").await;
     let (cold, replayed) = measure(&meter, &pool, &other, "event-1").await;
     assert!(replayed);
@@ -248,10 +323,7 @@ async fn count_paths(mode: Mode, name: &str) -> Vec<Path> {
         counts: cold,
     });
 
-    let cached = app(
-        PostgresStore::new(pool.clone()).with_cache(1 << 20, Duration::from_secs(60)),
-        mode,
-    );
+    let cached = app(pool.store(true), mode);
     measure(&meter, &pool, &cached, "warm-up-3").await;
     measure(&meter, &pool, &cached, "event-1").await;
     let (hit, replayed) = measure(&meter, &pool, &cached, "event-1").await;
@@ -260,15 +332,18 @@ async fn count_paths(mode: Mode, name: &str) -> Vec<Path> {
         name: "duplicate, record cache on",
         counts: hit,
     });
-    pool.close();
+    pool.close().await;
     db.drop_schema().await;
     paths
 }
 
-#[tokio::test]
-async fn transaction_mode_round_trips() {
-    let paths = count_paths(Mode::Transaction, "round_trips_tx").await;
-    print_table("transaction", &paths);
+/// The pings each path costs on sqlx's pool: one per connection it takes
+/// back (none on the tokio-postgres store's).
+struct Pings([u32; 4]);
+
+async fn transaction_mode_round_trips(driver: fn(u16, &str) -> Driver, name: &str, label: &str, pings: Pings) {
+    let paths = count_paths(Mode::Transaction, name, driver).await;
+    print_table("transaction", label, &paths);
     let [first, duplicate, cold, cached] = &paths[..] else {
         unreachable!()
     };
@@ -286,13 +361,17 @@ async fn transaction_mode_round_trips() {
     // The claim's own read answers; its ROLLBACK goes after the response.
     assert_eq!(cold.counts.round_trips, 2, "{:?}", cold.counts);
     assert_eq!(cold.counts.statements(), 4);
-    assert_eq!(cached.counts, Counts::default(), "a cached duplicate costs nothing");
+    assert_eq!(
+        Counts { pings: 0, ..cached.counts.clone() },
+        Counts::default(),
+        "a cached duplicate costs nothing"
+    );
+    assert_pings(&paths, pings);
 }
 
-#[tokio::test]
-async fn lease_mode_round_trips() {
-    let paths = count_paths(Mode::lease(Duration::from_secs(60)), "round_trips_lease").await;
-    print_table("lease", &paths);
+async fn lease_mode_round_trips(driver: fn(u16, &str) -> Driver, name: &str, label: &str, pings: Pings) {
+    let paths = count_paths(Mode::lease(Duration::from_secs(60)), name, driver).await;
+    print_table("lease", label, &paths);
     let [first, duplicate, cold, cached] = &paths[..] else {
         unreachable!()
     };
@@ -305,5 +384,42 @@ async fn lease_mode_round_trips() {
     assert_eq!(duplicate.counts.statements(), 1);
     assert_eq!(cold.counts.round_trips, 1, "{:?}", cold.counts);
     assert_eq!(cold.counts.statements(), 1);
-    assert_eq!(cached.counts, Counts::default());
+    assert_eq!(Counts { pings: 0, ..cached.counts.clone() }, Counts::default());
+    assert_pings(&paths, pings);
+}
+
+fn assert_pings(paths: &[Path], Pings(expected): Pings) {
+    let pings: Vec<u32> = paths.iter().map(|path| path.counts.pings).collect();
+    assert_eq!(pings, expected, "pings per path");
+}
+
+#[tokio::test]
+async fn transaction_mode_round_trips_tokio_postgres() {
+    let driver = Driver::tokio_postgres;
+    transaction_mode_round_trips(driver, "round_trips_tx", "tokio-postgres", Pings([0; 4])).await;
+}
+
+#[tokio::test]
+async fn lease_mode_round_trips_tokio_postgres() {
+    let driver = Driver::tokio_postgres;
+    lease_mode_round_trips(driver, "round_trips_lease", "tokio-postgres", Pings([0; 4])).await;
+}
+
+/// The same counts on sqlx. Each time the layer gives a connection back,
+/// sqlx's pool pings it, after the answer: in transaction mode once per
+/// request (its one connection); in lease mode once per statement (a first
+/// delivery's claim and completion each take a connection); never for a
+/// cached duplicate.
+#[cfg(feature = "sqlx")]
+#[tokio::test]
+async fn transaction_mode_round_trips_sqlx() {
+    let driver = Driver::sqlx;
+    transaction_mode_round_trips(driver, "round_trips_tx_sqlx", "sqlx", Pings([1, 1, 1, 0])).await;
+}
+
+#[cfg(feature = "sqlx")]
+#[tokio::test]
+async fn lease_mode_round_trips_sqlx() {
+    let driver = Driver::sqlx;
+    lease_mode_round_trips(driver, "round_trips_lease_sqlx", "sqlx", Pings([2, 1, 1, 0])).await;
 }

@@ -259,6 +259,12 @@ pub fn sqlx_pool_at(url: &str, schema: &str, size: u32) -> sqlx::PgPool {
     let options: sqlx::postgres::PgConnectOptions = url
         .parse()
         .unwrap_or_else(|error| panic!("DATABASE_URL={url} is not a valid Postgres URL: {error}"));
+    sqlx_pool_with(options, schema, size)
+}
+
+/// As [`sqlx_pool`], with `options` for the server and credentials.
+#[cfg(feature = "sqlx")]
+pub fn sqlx_pool_with(options: sqlx::postgres::PgConnectOptions, schema: &str, size: u32) -> sqlx::PgPool {
     let options = options
         .options([("search_path", schema)])
         .application_name(schema);

@@ -175,6 +175,22 @@ pub fn pool_through(port: u16, schema: &str, size: usize) -> Pool {
     super::pool(super::on_schema(proxied_config(port), schema, schema), size, None)
 }
 
+/// An sqlx pool of `size` connections through a proxy on `port`, on the
+/// test's schema.
+#[cfg(feature = "sqlx")]
+pub fn sqlx_pool_through(port: u16, schema: &str, size: u32) -> sqlx::PgPool {
+    let url = super::database_config();
+    let mut options = sqlx::postgres::PgConnectOptions::new_without_pgpass()
+        .host("127.0.0.1")
+        .port(port)
+        .username(url.get_user().unwrap_or("postgres"))
+        .database(url.get_dbname().unwrap_or("postgres"));
+    if let Some(password) = url.get_password() {
+        options = options.password(&String::from_utf8_lossy(password));
+    }
+    super::sqlx_pool_with(options, schema, size)
+}
+
 /// What happens to the answer of the statement a [`FaultyProxy`] watches,
 /// once the server has sent all of it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
