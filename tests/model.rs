@@ -36,6 +36,8 @@ use proptest::test_runner::{Config, FileFailurePersistence, TestCaseError, TestE
 use tokio::sync::{oneshot, Barrier};
 use tower::util::BoxCloneService;
 use tower::{service_fn, BoxError, Layer, ServiceExt};
+#[cfg(feature = "sqlx")]
+use tower_idempotency::SqlxIdempotencyTx;
 use tower_idempotency::{
     IdempotencyLayer, IdempotencyTx, InFlight, MemoryStore, Mode, PostgresStore, RecordKey, RequestBody, Store, Tx,
 };
@@ -217,8 +219,8 @@ struct Handler {
     /// gate.
     blocks: Mutex<HashMap<u64, Block>>,
     /// Transactions kept past their handler's response (`HoldTx`), let go
-    /// once the step's answers are in.
-    held: Mutex<Vec<Tx>>,
+    /// once the step's answers are in: a `Tx` or an `SqlxTx`.
+    held: Mutex<Vec<Box<dyn std::any::Any + Send>>>,
 }
 
 impl Handler {
@@ -262,6 +264,17 @@ impl Handler {
             .await
             .map_err(|error| format!("the ledger insert: {error}"))?;
         }
+        #[cfg(feature = "sqlx")]
+        if let Some(tx) = request.extensions().get::<SqlxIdempotencyTx>() {
+            let mut tx = tx.lock().await.map_err(|error| format!("the transaction: {error}"))?;
+            sqlx::query("INSERT INTO model_ledger (source, key, tag) VALUES ($1, $2, $3)")
+                .bind(key.source())
+                .bind(key.key())
+                .bind(tag as i64)
+                .execute(&mut *tx)
+                .await
+                .map_err(|error| format!("the ledger insert through sqlx: {error}"))?;
+        }
         if header("x-slow").is_some() {
             tokio::time::sleep(Duration::from_millis(3)).await;
         }
@@ -278,8 +291,13 @@ impl Handler {
         let status = status.parse::<u16>().ok().and_then(|s| StatusCode::from_u16(s).ok());
         if kind == "hold" {
             if let Some(tx) = request.extensions().get::<IdempotencyTx>() {
+                let tx: Tx = tx.lock().await.map_err(|error| format!("the transaction: {error}"))?;
+                self.held.lock().expect("held").push(Box::new(tx));
+            }
+            #[cfg(feature = "sqlx")]
+            if let Some(tx) = request.extensions().get::<SqlxIdempotencyTx>() {
                 let tx = tx.lock().await.map_err(|error| format!("the transaction: {error}"))?;
-                self.held.lock().expect("held").push(tx);
+                self.held.lock().expect("held").push(Box::new(tx));
             }
             return Ok(Response::new(Full::new(Bytes::from(format!("commit {tag}")))));
         }
@@ -1003,6 +1021,9 @@ enum Backend {
     Postgres,
     /// Postgres, each instance with its own cache of completed records.
     PostgresCached,
+    /// Postgres through sqlx.
+    #[cfg(feature = "sqlx")]
+    Sqlx,
     Memory,
 }
 
@@ -1037,7 +1058,8 @@ fn run_model(backend: Backend, lease: bool) {
         .expect("a runtime");
     let name = format!("model_{backend:?}_{}", if lease { "lease" } else { "tx" }).to_lowercase();
     let db = match backend {
-        Backend::Postgres | Backend::PostgresCached => Some(Arc::new(runtime.block_on(async {
+        Backend::Memory => None,
+        _ => Some(Arc::new(runtime.block_on(async {
             let db = support::TestDb::new(&name).await;
             db.client()
                 .await
@@ -1048,9 +1070,12 @@ fn run_model(backend: Backend, lease: bool) {
                 .expect("model_ledger");
             db
         }))),
-        Backend::Memory => None,
     };
-    let store: Option<Store> = db.as_ref().map(|db| runtime.block_on(db.store()).into());
+    let store: Option<Store> = db.as_ref().map(|db| match backend {
+        #[cfg(feature = "sqlx")]
+        Backend::Sqlx => runtime.block_on(db.sqlx_store()).into(),
+        _ => runtime.block_on(db.store()).into(),
+    });
     let pool = db.as_ref().map(|db| db.pool.clone());
     let config = Config {
         cases: cases(),
@@ -1131,6 +1156,18 @@ fn model_lease_mode_postgres() {
 #[test]
 fn model_transaction_mode_postgres_with_record_caches() {
     run_model(Backend::PostgresCached, false);
+}
+
+#[cfg(feature = "sqlx")]
+#[test]
+fn model_transaction_mode_sqlx() {
+    run_model(Backend::Sqlx, false);
+}
+
+#[cfg(feature = "sqlx")]
+#[test]
+fn model_lease_mode_sqlx() {
+    run_model(Backend::Sqlx, true);
 }
 
 #[test]
