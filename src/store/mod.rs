@@ -174,8 +174,9 @@ pub(crate) enum ClaimOutcome {
 pub(crate) struct ClaimRequest {
     pub(crate) key: RecordKey,
     /// The body's record (the body-hash guard), claimed, completed and
-    /// released with `key`, in the same transaction.
-    pub(crate) body_record: Option<RecordKey>,
+    /// released with `key`, in the same transaction. Boxed: most routes
+    /// have none, and the request travels inside every claim.
+    pub(crate) body_record: Option<Box<RecordKey>>,
     pub(crate) fingerprint: [u8; 32],
     pub(crate) mode: Mode,
     pub(crate) retention: Duration,
@@ -204,13 +205,13 @@ impl ClaimRequest {
 
     /// Claims the body's record too (the body-hash guard).
     pub(crate) fn with_body_record(mut self, body_record: Option<RecordKey>) -> Self {
-        self.body_record = body_record;
+        self.body_record = body_record.map(Box::new);
         self
     }
 
     /// The records the claim takes: the key's, then the body's if guarded.
     pub(crate) fn records(&self) -> impl Iterator<Item = &RecordKey> {
-        std::iter::once(&self.key).chain(self.body_record.as_ref())
+        std::iter::once(&self.key).chain(self.body_record.as_deref())
     }
 }
 
