@@ -84,6 +84,7 @@ pub(crate) struct Config {
     pub(crate) fail_open: bool,
     pub(crate) fingerprint: Fingerprint,
     pub(crate) json_body: bool,
+    pub(crate) body_hash_guard: bool,
     pub(crate) methods: Option<Vec<Method>>,
     pub(crate) store_timeout: Duration,
     pub(crate) grpc_methods: Vec<String>,
@@ -113,6 +114,7 @@ impl Default for Config {
             fail_open: false,
             fingerprint: Fingerprint::default(),
             json_body: false,
+            body_hash_guard: false,
             methods: None,
             store_timeout: DEFAULT_STORE_TIMEOUT,
             grpc_methods: Vec::new(),
@@ -344,6 +346,38 @@ impl IdempotencyLayer {
         self.with(|config| config.json_body = required)
     }
 
+    /// Whether the body's SHA-256 is claimed as a second record together
+    /// with the key (default `false`; transaction mode only): a body already
+    /// handled is answered as a duplicate, whatever key it comes with.
+    ///
+    /// For senders whose delivery id is a header their signature does not
+    /// cover (GitHub's `X-GitHub-Delivery`, Shopify's
+    /// `X-Shopify-Webhook-Id`, Twilio's idempotency token): whoever captures
+    /// one signed delivery can resend its body under a fresh id, which the
+    /// signature still accepts. With the guard, that resend finds the body's
+    /// record and gets the stored response; the handler does not run. Both
+    /// records commit with the handler's writes, or neither does.
+    ///
+    /// Turn it on only where the sender's bodies are unique per event (they
+    /// carry the event's own id or timestamp): two distinct events with
+    /// byte-identical bodies would count as one. The body's record is kept
+    /// as long as the key's (the route's retention).
+    ///
+    /// ```
+    /// use tower_idempotency::signature::GitHubSignature;
+    /// use tower_idempotency::{IdempotencyLayer, MemoryStore, Preset};
+    ///
+    /// let github = Preset::github().verify_signature(GitHubSignature::new("secret")?);
+    /// let layer = IdempotencyLayer::new(MemoryStore::new(1_000))
+    ///     .preset(github)
+    ///     .body_hash_guard(true);
+    /// # let _ = layer;
+    /// # Ok::<(), tower_idempotency::signature::InvalidSignatureConfig>(())
+    /// ```
+    pub fn body_hash_guard(self, enabled: bool) -> Self {
+        self.with(|config| config.body_hash_guard = enabled)
+    }
+
     /// Protects only requests with these methods (default: all but GET,
     /// HEAD, OPTIONS and TRACE); others pass through untouched.
     pub fn methods<I: IntoIterator<Item = Method>>(self, methods: I) -> Self {
@@ -464,6 +498,9 @@ impl Config {
             durations.push(("in_flight wait", bound));
         }
         if let Mode::Lease { lease, renew_every } = self.mode {
+            if self.body_hash_guard {
+                return Err(InvalidConfig::BodyHashGuardNeedsTransactionMode);
+            }
             durations.push(("lease", lease));
             durations.push(("lease renewal interval", renew_every));
             if !renew_every.is_zero() && renew_every >= lease {
@@ -516,6 +553,10 @@ pub enum InvalidConfig {
         /// The renewal interval.
         renew_every: Duration,
     },
+    /// A body-hash guard on a lease-mode route: its two records are one
+    /// claim only inside one transaction.
+    #[error("the body-hash guard needs transaction mode: its two records commit together, or neither does")]
+    BodyHashGuardNeedsTransactionMode,
 }
 
 impl<S> Layer<S> for IdempotencyLayer {

@@ -628,3 +628,93 @@ async fn a_lease_running_past_retention_is_neither_taken_over_nor_purged(ctx: Ct
     ctx.finish().await;
 }
 both_stores!(a_lease_running_past_retention_is_neither_taken_over_nor_purged);
+
+async fn with_the_body_hash_guard_a_body_resent_under_a_fresh_key_is_a_duplicate(ctx: Ctx) {
+    let probe = Probe::default();
+    let app = probe.app(ctx.layer().body_hash_guard(true));
+
+    let first = send(&app, request(Some("delivery-1"), r#"{"event":1}"#, &[])).await;
+    let resent = send(&app, request(Some("delivery-2"), r#"{"event":1}"#, &[])).await;
+    let other_body = send(&app, request(Some("delivery-3"), r#"{"event":2}"#, &[])).await;
+
+    assert_eq!(first.status, StatusCode::OK);
+    assert!(!first.replayed());
+    assert!(resent.replayed(), "the body's record answers: {resent:?}");
+    assert_eq!(resent.body, first.body);
+    assert!(!other_body.replayed());
+    assert_eq!(probe.runs(), 2);
+    assert_eq!(ctx.ledger_rows().await.unwrap_or(2), 2);
+    ctx.finish().await;
+}
+both_stores!(with_the_body_hash_guard_a_body_resent_under_a_fresh_key_is_a_duplicate);
+
+async fn without_the_body_hash_guard_a_body_resent_under_a_fresh_key_runs_again(ctx: Ctx) {
+    let probe = Probe::default();
+    let app = probe.app(ctx.layer());
+
+    send(&app, request(Some("delivery-1"), r#"{"event":1}"#, &[])).await;
+    let resent = send(&app, request(Some("delivery-2"), r#"{"event":1}"#, &[])).await;
+
+    assert!(!resent.replayed());
+    assert_eq!(probe.runs(), 2);
+    ctx.finish().await;
+}
+both_stores!(without_the_body_hash_guard_a_body_resent_under_a_fresh_key_runs_again);
+
+async fn a_released_claim_releases_the_body_record_with_the_key(ctx: Ctx) {
+    let probe = Probe::default();
+    let app = probe.app(ctx.layer().body_hash_guard(true));
+
+    let failed = send(
+        &app,
+        request(Some("delivery-1"), r#"{"event":1}"#, &[("x-test-status", "500")]),
+    )
+    .await;
+    let resent = send(&app, request(Some("delivery-2"), r#"{"event":1}"#, &[])).await;
+    let again = send(&app, request(Some("delivery-1"), r#"{"event":1}"#, &[])).await;
+
+    assert_eq!(failed.status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(resent.status, StatusCode::OK);
+    assert!(!resent.replayed(), "the failed run kept neither record: {resent:?}");
+    assert!(
+        again.replayed(),
+        "the first key released too, and the resend's body record answers it"
+    );
+    assert_eq!(probe.runs(), 2);
+    // The failed run's ledger row rolled back with its claim.
+    assert_eq!(ctx.ledger_rows().await.unwrap_or(1), 1);
+    ctx.finish().await;
+}
+both_stores!(a_released_claim_releases_the_body_record_with_the_key);
+
+async fn concurrent_resends_of_one_body_under_fresh_keys_run_the_handler_once(ctx: Ctx) {
+    const REQUESTS: usize = 10;
+    let probe = Probe::default();
+    let app = probe.app(
+        ctx.layer()
+            .body_hash_guard(true)
+            .in_flight(InFlight::Wait(Duration::from_secs(30))),
+    );
+    let barrier = std::sync::Arc::new(Barrier::new(REQUESTS));
+    let tasks: Vec<_> = (0..REQUESTS)
+        .map(|n| {
+            let (app, barrier) = (app.clone(), barrier.clone());
+            tokio::spawn(async move {
+                barrier.wait().await;
+                let key = format!("delivery-{n}");
+                send(&app, request(Some(&key), r#"{"event":1}"#, &[("x-test-block", "1")])).await
+            })
+        })
+        .collect();
+    probe.started().await;
+    probe.open_gate();
+    let replies: Vec<_> = join_all(tasks).await.into_iter().map(Result::unwrap).collect();
+
+    assert!(replies.iter().all(|r| r.status == StatusCode::OK), "{replies:?}");
+    assert_eq!(replies.iter().filter(|r| !r.replayed()).count(), 1);
+    assert!(replies.iter().all(|r| r.body == replies[0].body));
+    assert_eq!(probe.runs(), 1);
+    assert_eq!(ctx.ledger_rows().await.unwrap_or(1), 1);
+    ctx.finish().await;
+}
+both_stores!(concurrent_resends_of_one_body_under_fresh_keys_run_the_handler_once);

@@ -130,3 +130,17 @@ async fn a_cache_ttl_past_any_clock_is_bounded_by_the_records_retention() {
     assert_eq!(probe.runs(), 1);
     db.drop_schema().await;
 }
+
+#[test]
+fn a_body_hash_guard_on_a_lease_mode_route_is_refused() {
+    let error = layer()
+        .mode(Mode::lease(Duration::from_secs(30)))
+        .body_hash_guard(true)
+        .validate()
+        .unwrap_err();
+    assert!(
+        matches!(error, InvalidConfig::BodyHashGuardNeedsTransactionMode),
+        "{error}"
+    );
+    assert!(layer().body_hash_guard(true).validate().is_ok());
+}

@@ -84,6 +84,58 @@ async fn a_failed_commit_persists_neither_the_handlers_write_nor_the_record() {
 }
 
 #[tokio::test]
+async fn with_the_body_hash_guard_a_failed_commit_keeps_neither_record() {
+    let db = TestDb::new("guard_failed_commit").await;
+    db.client()
+        .await
+        .batch_execute(
+            "ALTER TABLE ledger ADD CONSTRAINT one_row_per_body UNIQUE (body) DEFERRABLE INITIALLY DEFERRED;
+             INSERT INTO ledger (body) VALUES ('{}');",
+        )
+        .await
+        .unwrap();
+    let probe = Probe::default();
+    let app = probe.app(
+        IdempotencyLayer::new(db.store().await)
+            .source("test")
+            .body_hash_guard(true),
+    );
+
+    let failed = send(&app, request(Some("k1"), "{}", &[])).await;
+
+    assert_eq!(failed.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(db.records().await, 0, "neither the key's record nor the body's");
+    assert_eq!(db.ledger_rows().await, 1, "only the row that was there before");
+    db.client().await.batch_execute("DELETE FROM ledger").await.unwrap();
+    let resent = send(&app, request(Some("k2"), "{}", &[])).await;
+    assert!(!resent.replayed(), "the body ran afresh under another key: {resent:?}");
+    assert_eq!(
+        db.records().await,
+        2,
+        "the key's record and the body's, committed together"
+    );
+    let body_record: (String, String) = {
+        let row = db
+            .client()
+            .await
+            .query_one("SELECT event_type, key FROM idempotency_records WHERE key <> 'k2'", &[])
+            .await
+            .unwrap();
+        (row.get(0), row.get(1))
+    };
+    assert_eq!(
+        body_record,
+        (
+            "\u{1}body-sha256".to_owned(),
+            "44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a".to_owned()
+        ),
+        "the body's record: its SHA-256, under an event type no request can name"
+    );
+    db.assert_no_idle_transactions().await;
+    db.drop_schema().await;
+}
+
+#[tokio::test]
 async fn two_instances_with_separate_pools_never_both_run_a_key() {
     const PER_INSTANCE: usize = 25;
     let db = TestDb::new("two_instances").await;

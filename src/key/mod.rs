@@ -454,6 +454,11 @@ pub struct RecordKey {
     pub(crate) key: String,
 }
 
+/// The event type of the body-hash guard's records: it starts with a
+/// control character, which [`validate`] refuses in any event type read
+/// from a request, so no request can name such a record.
+pub(crate) const BODY_RECORD_EVENT_TYPE: &str = "\u{1}body-sha256";
+
 impl RecordKey {
     /// A key `name` under source `s` and no event type, for unit tests.
     #[cfg(test)]
@@ -462,6 +467,18 @@ impl RecordKey {
             source: "s".into(),
             event_type: String::new(),
             key: name.into(),
+        }
+    }
+
+    /// The record of a body under `source`, which the body-hash guard
+    /// claims beside the key's: its event type is [`BODY_RECORD_EVENT_TYPE`],
+    /// which no request's event type can be, and its key the body's
+    /// lowercase hex SHA-256.
+    pub(crate) fn of_body(source: &str, body: &[u8]) -> Self {
+        Self {
+            source: source.to_owned(),
+            event_type: BODY_RECORD_EVENT_TYPE.to_owned(),
+            key: body_sha256_hex(body),
         }
     }
 

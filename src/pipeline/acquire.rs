@@ -200,6 +200,7 @@ impl<'a> Search<'a> {
                 config.mode,
                 config.retention,
             )
+            .with_body_record(identity.body_record.clone())
         });
         let claimed = store_step(store, "claim", config.store_timeout, || store.claim(request.clone())).await;
         match claimed {

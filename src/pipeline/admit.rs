@@ -167,12 +167,14 @@ pub(super) fn identify(
     };
     key::validate("key", &key, config.max_key_bytes, false)?;
     let fingerprint = config.fingerprint.digest(parts, body, &mut json)?;
+    let body_record = config.body_hash_guard.then(|| RecordKey::of_body(&source, body));
     Ok(Some(Identity {
         record: RecordKey {
             source,
             event_type,
             key,
         },
+        body_record,
         fingerprint,
         protocol,
         metrics_label: metrics_label.clone(),

@@ -316,6 +316,7 @@ mod tests {
                 event_type: String::new(),
                 key: "k".to_owned(),
             },
+            body_record: None,
             fingerprint: [0; 32],
             protocol: Protocol::Http,
             metrics_label: Arc::from("s"),

@@ -35,6 +35,9 @@ pub(crate) type Answer<B, E> = Result<Response<ResponseBody<B>>, E>;
 /// The identity of a protected request.
 pub(crate) struct Identity {
     record: RecordKey,
+    /// The body's record, claimed with `record` on a route with the
+    /// body-hash guard.
+    body_record: Option<RecordKey>,
     fingerprint: [u8; 32],
     protocol: Protocol,
     /// The route's metrics label (never the per-request source).

@@ -7,7 +7,10 @@ use std::time::SystemTime;
 
 use http::request::Parts;
 
-use super::{any_matches, header, Algorithm, InvalidSignatureConfig, Secrets, SignatureError, VerifySignature};
+use super::{
+    decode_signature, header, verify_mac, Algorithm, Encoding, InvalidSignatureConfig, Secrets, SignatureError,
+    VerifySignature,
+};
 
 const SIGNATURE: &str = "x-hub-signature-256";
 
@@ -47,30 +50,19 @@ impl GitHubSignature {
 impl VerifySignature for GitHubSignature {
     fn verify(&self, parts: &Parts, body: &[u8], _now: SystemTime) -> Result<(), SignatureError> {
         let value = header(parts, SIGNATURE)?;
-        let digest = value
-            .strip_prefix("sha256=")
-            .ok_or_else(|| SignatureError::Malformed("X-Hub-Signature-256 does not start with `sha256=`".into()))?;
-        let digest = hex::decode(digest)
-            .map_err(|_| SignatureError::Malformed("X-Hub-Signature-256 is not hexadecimal".into()))?;
-        if any_matches(Algorithm::Sha256, &self.secrets, &[body], &[digest]) {
-            Ok(())
-        } else {
-            Err(SignatureError::Mismatch)
-        }
+        let digest = decode_signature(value, "sha256=", Encoding::Hex, "X-Hub-Signature-256")?;
+        verify_mac(Algorithm::Sha256, &self.secrets, &[body], &[digest])
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::signature::testing::{at, parts};
+    use crate::signature::testing::verdict;
 
     fn verify(secret: &str, signature: &str, body: &str) -> Result<(), SignatureError> {
-        GitHubSignature::new(secret).unwrap().verify(
-            &parts("/", &[("X-Hub-Signature-256", signature)]),
-            body.as_bytes(),
-            at(0),
-        )
+        let github = GitHubSignature::new(secret).unwrap();
+        verdict(&github, &[("X-Hub-Signature-256", signature)], body, 0)
     }
 
     // GitHub docs, "Validating webhook deliveries", section "Testing the
@@ -97,8 +89,8 @@ mod tests {
     #[test]
     fn accepts_any_configured_secret() {
         let rotated = GitHubSignature::new("new").unwrap().secret(DOCS_SECRET).unwrap();
-        let request = parts("/", &[("X-Hub-Signature-256", DOCS_SIGNATURE)]);
-        assert_eq!(rotated.verify(&request, DOCS_PAYLOAD.as_bytes(), at(0)), Ok(()));
+        let header = [("X-Hub-Signature-256", DOCS_SIGNATURE)];
+        assert_eq!(verdict(&rotated, &header, DOCS_PAYLOAD, 0), Ok(()));
     }
 
     #[test]
@@ -115,11 +107,11 @@ mod tests {
 
     #[test]
     fn refuses_missing_and_malformed_headers() {
-        let missing =
-            GitHubSignature::new(DOCS_SECRET)
-                .unwrap()
-                .verify(&parts("/", &[]), DOCS_PAYLOAD.as_bytes(), at(0));
-        assert_eq!(missing, Err(SignatureError::Missing("x-hub-signature-256")));
+        let github = GitHubSignature::new(DOCS_SECRET).unwrap();
+        assert_eq!(
+            verdict(&github, &[], DOCS_PAYLOAD, 0),
+            Err(SignatureError::Missing("x-hub-signature-256"))
+        );
         for signature in [
             "",
             "foo",

@@ -121,6 +121,15 @@ impl fmt::Debug for Secrets {
     }
 }
 
+/// `Ok` when a comparison matched, [`SignatureError::Mismatch`] otherwise.
+pub(crate) fn mismatch_unless(matched: bool) -> Result<(), SignatureError> {
+    if matched {
+        Ok(())
+    } else {
+        Err(SignatureError::Mismatch)
+    }
+}
+
 /// The HMAC hash functions the providers use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Algorithm {
@@ -148,9 +157,15 @@ pub(crate) fn hmac(algorithm: Algorithm, key: &[u8], message: &[&[u8]]) -> Vec<u
     }
 }
 
-/// Whether any secret's HMAC of `message` equals any of the `candidates`,
-/// each compared in constant time. An empty MAC never matches.
-pub(crate) fn any_matches(algorithm: Algorithm, secrets: &Secrets, message: &[&[u8]], candidates: &[Vec<u8>]) -> bool {
+/// `Ok` when any secret's HMAC of `message` equals any of the `candidates`,
+/// each compared in constant time, else [`SignatureError::Mismatch`]. An
+/// empty MAC never matches.
+pub(crate) fn verify_mac(
+    algorithm: Algorithm,
+    secrets: &Secrets,
+    message: &[&[u8]],
+    candidates: &[Vec<u8>],
+) -> Result<(), SignatureError> {
     let mut matched = false;
     for secret in secrets.iter() {
         let expected = hmac(algorithm, secret, message);
@@ -160,7 +175,34 @@ pub(crate) fn any_matches(algorithm: Algorithm, secrets: &Secrets, message: &[&[
             matched |= !expected.is_empty() && bool::from(expected.as_slice().ct_eq(candidate.as_slice()));
         }
     }
-    matched
+    mismatch_unless(matched)
+}
+
+/// How a header writes a signature's bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Encoding {
+    Hex,
+    Base64,
+}
+
+/// The MAC in `value`, a signature header's value: `prefix`, then the MAC
+/// in `encoding`. `label` names the header in the error.
+pub(crate) fn decode_signature(
+    value: &str,
+    prefix: &str,
+    encoding: Encoding,
+    label: &str,
+) -> Result<Vec<u8>, SignatureError> {
+    let digest = value
+        .strip_prefix(prefix)
+        .ok_or_else(|| SignatureError::Malformed(format!("{label} does not start with `{prefix}`")))?;
+    // Empty hex decodes to no bytes, which match no MAC; empty base64 is
+    // unreadable.
+    let (decoded, encoding) = match encoding {
+        Encoding::Hex => (hex::decode(digest).ok(), "hexadecimal"),
+        Encoding::Base64 => (decode_base64(digest), "base64"),
+    };
+    decoded.ok_or_else(|| SignatureError::Malformed(format!("{label} is not {encoding}")))
 }
 
 /// The value of a header the scheme needs: exactly once, visible ASCII.
@@ -176,6 +218,19 @@ pub(crate) fn header<'p>(parts: &'p Parts, name: &'static str) -> Result<&'p str
         .to_str()
         .map(str::trim)
         .map_err(|_| SignatureError::Malformed(format!("the `{name}` header is not visible ASCII")))
+}
+
+/// The value of `alternative`, a header accepted in place of `name`; its
+/// absence is reported as `name`'s, the header a sender should send.
+pub(crate) fn alternative_header<'p>(
+    parts: &'p Parts,
+    alternative: &'static str,
+    name: &'static str,
+) -> Result<&'p str, SignatureError> {
+    header(parts, alternative).map_err(|error| match error {
+        SignatureError::Missing(_) => SignatureError::Missing(name),
+        other => other,
+    })
 }
 
 /// A signed Unix timestamp in seconds.
@@ -214,12 +269,14 @@ pub(crate) fn decode_base64(text: &str) -> Option<Vec<u8>> {
 
 #[cfg(test)]
 pub(crate) mod testing {
-    //! Request heads and clocks for the schemes' unit tests.
+    //! Request heads, clocks and verdicts for the schemes' unit tests.
 
     use std::time::{Duration, SystemTime};
 
     use http::request::Parts;
     use http::Request;
+
+    use super::{SignatureError, VerifySignature};
 
     /// A POST to `uri` with these headers.
     pub(crate) fn parts(uri: &str, headers: &[(&str, &str)]) -> Parts {
@@ -233,6 +290,17 @@ pub(crate) mod testing {
     /// The clock at `seconds` after the Unix epoch.
     pub(crate) fn at(seconds: u64) -> SystemTime {
         SystemTime::UNIX_EPOCH + Duration::from_secs(seconds)
+    }
+
+    /// What `verifier` says of a POST to `/` with these headers and `body`,
+    /// received at `now` seconds after the Unix epoch.
+    pub(crate) fn verdict(
+        verifier: &impl VerifySignature,
+        headers: &[(&str, &str)],
+        body: &str,
+        now: u64,
+    ) -> Result<(), SignatureError> {
+        verifier.verify(&parts("/", headers), body.as_bytes(), at(now))
     }
 }
 
@@ -286,6 +354,33 @@ mod tests {
         let parts = testing::parts("/", &[("x-sig", "a"), ("x-sig", "b")]);
         assert!(matches!(header(&parts, "x-sig"), Err(SignatureError::Malformed(_))));
         assert_eq!(header(&parts, "x-other"), Err(SignatureError::Missing("x-other")));
+    }
+
+    #[test]
+    fn signatures_decode_after_their_prefix_and_errors_name_the_header() {
+        assert_eq!(
+            decode_signature("v0=0aff", "v0=", Encoding::Hex, "X-Sig"),
+            Ok(vec![0x0a, 0xff])
+        );
+        assert_eq!(decode_signature("AAE=", "", Encoding::Base64, "X-Sig"), Ok(vec![0, 1]));
+        assert_eq!(
+            decode_signature("0aff", "v0=", Encoding::Hex, "X-Sig"),
+            Err(SignatureError::Malformed("X-Sig does not start with `v0=`".into()))
+        );
+        assert_eq!(
+            decode_signature("zz", "", Encoding::Hex, "X-Sig"),
+            Err(SignatureError::Malformed("X-Sig is not hexadecimal".into()))
+        );
+        assert_eq!(
+            decode_signature("not base64!", "", Encoding::Base64, "X-Sig"),
+            Err(SignatureError::Malformed("X-Sig is not base64".into()))
+        );
+        // Empty hex is no bytes (a mismatch later); empty base64 is unreadable.
+        assert_eq!(decode_signature("", "", Encoding::Hex, "X-Sig"), Ok(Vec::new()));
+        assert!(matches!(
+            decode_signature("", "", Encoding::Base64, "X-Sig"),
+            Err(SignatureError::Malformed(_))
+        ));
     }
 
     #[test]

@@ -14,7 +14,8 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use super::{
-    any_matches, decode_base64, header, Algorithm, InvalidSignatureConfig, Secrets, SignatureError, VerifySignature,
+    decode_signature, header, mismatch_unless, verify_mac, Algorithm, Encoding, InvalidSignatureConfig, Secrets,
+    SignatureError, VerifySignature,
 };
 
 const SIGNATURE: &str = "x-twilio-signature";
@@ -99,8 +100,7 @@ fn port_variants(base_url: &str) -> Result<[String; 2], InvalidSignatureConfig> 
 
 impl VerifySignature for TwilioSignature {
     fn verify(&self, parts: &Parts, body: &[u8], _now: SystemTime) -> Result<(), SignatureError> {
-        let signature = decode_base64(header(parts, SIGNATURE)?)
-            .ok_or_else(|| SignatureError::Malformed("X-Twilio-Signature is not base64".into()))?;
+        let signature = decode_signature(header(parts, SIGNATURE)?, "", Encoding::Base64, "X-Twilio-Signature")?;
         let path = parts.uri.path_and_query().map_or("/", |path| path.as_str());
         let body_hash = parts.uri.query().and_then(|query| {
             form_urlencoded::parse(query.as_bytes())
@@ -121,13 +121,9 @@ impl VerifySignature for TwilioSignature {
         let candidates = [signature];
         let matched = self.bases.iter().any(|base| {
             let message: [&[u8]; 3] = [base.as_bytes(), path.as_bytes(), params.as_bytes()];
-            any_matches(Algorithm::Sha1, &self.secrets, &message, &candidates)
+            verify_mac(Algorithm::Sha1, &self.secrets, &message, &candidates).is_ok()
         });
-        if matched {
-            Ok(())
-        } else {
-            Err(SignatureError::Mismatch)
-        }
+        mismatch_unless(matched)
     }
 }
 

@@ -128,22 +128,34 @@ impl MemoryStore {
         }
     }
 
+    /// Claims the request's records (the key's, and the body's on a guarded
+    /// route) at once, or none of them: a live one answers instead.
     pub(super) fn claim(&self, request: ClaimRequest) -> Result<ClaimOutcome, StoreError> {
         let now = Instant::now();
         let mut records = self.records();
-        if let Some(record) = records.by_key.get(&request.key) {
-            if record.is_live(now) {
-                return Ok(match found(record) {
-                    Lookup::Completed(completed) => ClaimOutcome::Completed(completed),
-                    Lookup::InFlight { fingerprint } => ClaimOutcome::InFlight {
-                        fingerprint: Some(fingerprint),
-                    },
-                    Lookup::Absent => ClaimOutcome::InFlight { fingerprint: None },
-                });
-            }
-        } else if records.by_key.len() >= records.capacity {
+        let live = request
+            .records()
+            .find_map(|key| records.by_key.get(key).filter(|record| record.is_live(now)));
+        if let Some(record) = live {
+            return Ok(match found(record) {
+                Lookup::Completed(completed) => ClaimOutcome::Completed(completed),
+                Lookup::InFlight { fingerprint } => ClaimOutcome::InFlight {
+                    fingerprint: Some(fingerprint),
+                },
+                Lookup::Absent => ClaimOutcome::InFlight { fingerprint: None },
+            });
+        }
+        let new_records = request
+            .records()
+            .filter(|key| !records.by_key.contains_key(*key))
+            .count();
+        if records.by_key.len() + new_records > records.capacity {
             records.sweep(now);
-            if records.by_key.len() >= records.capacity {
+            let new_records = request
+                .records()
+                .filter(|key| !records.by_key.contains_key(*key))
+                .count();
+            if records.by_key.len() + new_records > records.capacity {
                 return Err(StoreError::Full);
             }
         }
@@ -153,13 +165,15 @@ impl MemoryStore {
             Mode::Transaction => None,
             Mode::Lease { lease, .. } => Some(now + lease),
         };
-        let record = Record {
-            fingerprint: request.fingerprint,
-            state: State::InFlight { token, locked_until },
-            expires_at: now + request.retention,
-        };
-        records.note_death(record.dies_at());
-        records.by_key.insert(request.key.clone(), record);
+        for key in request.records() {
+            let record = Record {
+                fingerprint: request.fingerprint,
+                state: State::InFlight { token, locked_until },
+                expires_at: now + request.retention,
+            };
+            records.note_death(record.dies_at());
+            records.by_key.insert(key.clone(), record);
+        }
         drop(records);
         let held = MemoryClaim {
             store: self.clone(),
@@ -188,21 +202,29 @@ impl MemoryStore {
         let now = Instant::now();
         let mut records = self.records();
         let expires_at = now + request.retention;
-        match records.by_key.get_mut(&request.key) {
-            Some(record) if record.is_owned_by(token) => {
+        let owned = request
+            .records()
+            .all(|key| records.by_key.get(key).is_some_and(|record| record.is_owned_by(token)));
+        if !owned {
+            return Completion::FencedOut;
+        }
+        for key in request.records() {
+            if let Some(record) = records.by_key.get_mut(key) {
                 record.state = State::Completed(response.clone());
                 record.expires_at = expires_at;
             }
-            _ => return Completion::FencedOut,
         }
         records.note_death(Some(expires_at));
         Completion::Recorded
     }
 
-    pub(super) fn release(&self, key: &RecordKey, token: u64) {
+    /// Removes the request's records that this claim still holds.
+    pub(super) fn release(&self, request: &ClaimRequest, token: u64) {
         let mut records = self.records();
-        if records.by_key.get(key).is_some_and(|record| record.is_owned_by(token)) {
-            records.by_key.remove(key);
+        for key in request.records() {
+            if records.by_key.get(key).is_some_and(|record| record.is_owned_by(token)) {
+                records.by_key.remove(key);
+            }
         }
     }
 }
@@ -277,16 +299,16 @@ impl HeldClaim for MemoryClaim {
     }
 
     fn end_unrecorded<'a>(self: Box<Self>, request: &'a ClaimRequest) -> StoreFuture<'a, ()> {
-        self.store.release(&request.key, self.token);
+        self.store.release(request, self.token);
         Box::pin(std::future::ready(Ok(())))
     }
 
     fn release<'a>(self: Box<Self>, request: &'a ClaimRequest, _bound: &'a ReleaseBound) -> StoreFuture<'a, ()> {
-        self.store.release(&request.key, self.token);
+        self.store.release(request, self.token);
         Box::pin(std::future::ready(Ok(())))
     }
 
     fn abandon(self: Box<Self>, request: &ClaimRequest, _bound: &ReleaseBound) {
-        self.store.release(&request.key, self.token);
+        self.store.release(request, self.token);
     }
 }

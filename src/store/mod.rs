@@ -187,6 +187,10 @@ pub(crate) enum ClaimOutcome {
 #[derive(Clone, Debug)]
 pub(crate) struct ClaimRequest {
     pub(crate) key: RecordKey,
+    /// The body's record (the body-hash guard), claimed, completed and
+    /// released with `key`, in the same transaction. Boxed: most routes
+    /// have none, and the request travels inside every claim.
+    pub(crate) body_record: Option<Box<RecordKey>>,
     pub(crate) fingerprint: [u8; 32],
     pub(crate) mode: Mode,
     pub(crate) retention: Duration,
@@ -200,6 +204,7 @@ impl ClaimRequest {
     pub(crate) fn new(key: RecordKey, fingerprint: [u8; 32], mode: Mode, retention: Duration) -> Self {
         Self {
             key,
+            body_record: None,
             fingerprint,
             mode,
             retention,
@@ -210,6 +215,17 @@ impl ClaimRequest {
                 Mode::Transaction => uuid::Uuid::nil(),
             },
         }
+    }
+
+    /// Claims the body's record too (the body-hash guard).
+    pub(crate) fn with_body_record(mut self, body_record: Option<RecordKey>) -> Self {
+        self.body_record = body_record.map(Box::new);
+        self
+    }
+
+    /// The records the claim takes: the key's, then the body's if guarded.
+    pub(crate) fn records(&self) -> impl Iterator<Item = &RecordKey> {
+        std::iter::once(&self.key).chain(self.body_record.as_deref())
     }
 }
 

@@ -286,22 +286,42 @@ impl PostgresStore {
     /// `BEGIN` and the try-lock travel as one simple query (its only value is
     /// the lock id, a number computed here), so the server answers them with
     /// one flush instead of two.
+    ///
+    /// On a route with the body-hash guard the body's record is locked and
+    /// read in the same round trip; the claim is had only when both locks
+    /// are and neither record is live, and a live body record answers as a
+    /// live key record would.
     async fn claim_transaction(&self, request: ClaimRequest) -> Result<ClaimOutcome, StoreError> {
         let client = self.connection().await?;
         let lookup = client.prepare_cached(&self.inner.sql.lookup).await?;
         let key = &request.key;
         let lock_id = self.lock_id(&client, key).await?;
+        let body_record = request.body_record.as_deref();
+        let body_lock_id = match body_record {
+            Some(body_record) => Some(self.lock_id(&client, body_record).await?),
+            None => None,
+        };
         let connection = TxConnection::new(client);
         let Some(client) = connection.object() else {
             return Err(StoreError::ConnectionGone);
         };
-        let begin_and_try_lock = self.inner.sql.begin_and_try_lock(lock_id);
+        let begin_and_try_lock = self.inner.sql.begin_and_try_lock(lock_id, body_lock_id);
         let key_params: [&(dyn ToSql + Sync); 3] = [&key.source, &key.event_type, &key.key];
+        let body_lookup = async {
+            match body_record {
+                Some(body) => client
+                    .query_opt(&lookup, &[&body.source, &body.event_type, &body.key])
+                    .await
+                    .map(|row| row.map(|row| (body, row))),
+                None => Ok(None),
+            }
+        };
         let pipelined = tokio::try_join!(
             client.simple_query(&begin_and_try_lock),
             client.query_opt(&lookup, &key_params),
+            body_lookup,
         );
-        let (locked, row) = match pipelined {
+        let (locked, row, body_row) = match pipelined {
             Ok(results) => results,
             Err(error) => {
                 connection.discard();
@@ -313,8 +333,18 @@ impl PostgresStore {
             SimpleQueryMessage::Row(row) => row.get(0) == Some("t"),
             _ => false,
         });
-        let found = match &row {
-            Some(row) => lookup_from_row(row)?,
+        // The key's record answers first; the body's when the key has none.
+        let found = match (&row, &body_row) {
+            (Some(row), _) => Some((key, row)),
+            (None, Some((body, row))) => Some((*body, row)),
+            (None, None) => None,
+        };
+        let found = match found {
+            Some((record, row)) => {
+                let lookup = lookup_from_row(row)?;
+                self.remember_found(record, row, &lookup)?;
+                lookup
+            }
             None => Lookup::Absent,
         };
         if locked && matches!(found, Lookup::Absent) {
@@ -328,9 +358,6 @@ impl PostgresStore {
         // background, off the response path; the connection goes back to
         // the pool only once it is done.
         drop(connection);
-        if let Some(row) = &row {
-            self.remember_found(key, row, &found)?;
-        }
         Ok(match found {
             Lookup::Completed(completed) => ClaimOutcome::Completed(completed),
             Lookup::InFlight { fingerprint } => ClaimOutcome::InFlight {
@@ -501,10 +528,25 @@ impl PostgresStore {
             &body,
             &retention,
         ];
-        // Both run to the end: after a failed write, the server still runs
+        // The body's record (the body-hash guard) is written beside the key's,
+        // with the same response, in the same transaction.
+        let body_written = async {
+            let Some(body) = &request.body_record else {
+                return Ok(0);
+            };
+            let mut body_params = params;
+            body_params[..3].copy_from_slice(&[&body.source, &body.event_type, &body.key]);
+            client.execute(&statement, &body_params).await
+        };
+        // All run to the end: after a failed write, the server still runs
         // the pipelined `COMMIT`, which then rolls back (and says so only in
         // its command tag, not as an error).
-        let (written, committed) = tokio::join!(client.execute(&statement, &params), client.batch_execute(sql::COMMIT));
+        let (written, body_written, committed) = tokio::join!(
+            client.execute(&statement, &params),
+            body_written,
+            client.batch_execute(sql::COMMIT)
+        );
+        let written = written.and(body_written);
         match (written, committed) {
             (Ok(_), Ok(())) => {
                 connection.closed_cleanly();

@@ -39,11 +39,19 @@ pub(in crate::store) struct Statements {
 impl Statements {
     /// Begins a transaction and tries the key's advisory lock; the answer's
     /// one row says `t` when the lock is had.
-    pub(in crate::store) fn begin_and_try_lock(&self, lock_id: i64) -> String {
-        if self.advisory_locks {
-            format!("BEGIN ISOLATION LEVEL READ COMMITTED; SELECT pg_try_advisory_xact_lock({lock_id})")
-        } else {
-            "BEGIN ISOLATION LEVEL READ COMMITTED; SELECT true".to_owned()
+    ///
+    /// With the body-hash guard the body's lock is tried too, in the same
+    /// statement: the row says `t` only when both are had.
+    pub(in crate::store) fn begin_and_try_lock(&self, lock_id: i64, body_lock_id: Option<i64>) -> String {
+        if !self.advisory_locks {
+            return "BEGIN ISOLATION LEVEL READ COMMITTED; SELECT true".to_owned();
+        }
+        match body_lock_id {
+            None => format!("BEGIN ISOLATION LEVEL READ COMMITTED; SELECT pg_try_advisory_xact_lock({lock_id})"),
+            Some(body_lock_id) => format!(
+                "BEGIN ISOLATION LEVEL READ COMMITTED; \
+                 SELECT pg_try_advisory_xact_lock({lock_id}) AND pg_try_advisory_xact_lock({body_lock_id})"
+            ),
         }
     }
 

@@ -294,16 +294,27 @@ impl SqlxStore {
     /// One round trip, as in the tokio-postgres store: `BEGIN`, try the
     /// key's advisory lock, read the record, sent as one simple query. The
     /// read is a statement of its own, so its snapshot is taken after the
-    /// try-lock; see `PostgresStore::claim_transaction`.
+    /// try-lock; see `PostgresStore::claim_transaction`. On a route with the
+    /// body-hash guard the body's lock is tried in the same statement and
+    /// its record read by one more, still in the one round trip.
     async fn claim_transaction(&self, request: ClaimRequest) -> Result<ClaimOutcome, StoreError> {
         let mut pooled = self.connection().await?;
         let key = &request.key;
         let lock_id = self.lock_id(&mut pooled, key).await?;
-        let claim = format!(
+        let body_record = request.body_record.as_deref();
+        let body_lock_id = match body_record {
+            Some(body_record) => Some(self.lock_id(&mut pooled, body_record).await?),
+            None => None,
+        };
+        let mut claim = format!(
             "{}; {}",
-            self.inner.sql.begin_and_try_lock(lock_id),
+            self.inner.sql.begin_and_try_lock(lock_id, body_lock_id),
             inline(&self.inner.sql.lookup, &key_values(key))
         );
+        if let Some(body_record) = body_record {
+            claim.push_str("; ");
+            claim.push_str(&inline(&self.inner.sql.lookup, &key_values(body_record)));
+        }
         let mut connection = SqlxTxConnection::new(pooled);
         let Some(conn) = connection.connection() else {
             return Err(StoreError::ConnectionGone);
@@ -316,19 +327,29 @@ impl SqlxStore {
             }
         };
         // An early return below drops `connection`, which rolls back.
-        let [_begin, locked, found] = &results[..] else {
+        let expected = 3 + usize::from(body_record.is_some());
+        if results.len() != expected {
             return Err(StoreError::Corrupt(format!(
-                "the claim answered {} statements, expected 3",
+                "the claim answered {} statements, expected {expected}",
                 results.len()
             )));
-        };
-        let locked = match locked.first() {
+        }
+        let locked = match results[1].first() {
             Some(row) => row.try_get::<bool, _>(0)?,
             None => false,
         };
-        let row = found.first();
-        let found = match row {
-            Some(row) => lookup_from_row(row)?,
+        // The key's record answers first; the body's when the key has none.
+        let found = match (results[2].first(), body_record.zip(results.get(3).and_then(|rows| rows.first()))) {
+            (Some(row), _) => Some((key, row)),
+            (None, Some((body, row))) => Some((body, row)),
+            (None, None) => None,
+        };
+        let found = match found {
+            Some((record, row)) => {
+                let lookup = lookup_from_row(row)?;
+                self.remember_found(record, row, &lookup)?;
+                lookup
+            }
             None => Lookup::Absent,
         };
         if locked && matches!(found, Lookup::Absent) {
@@ -341,9 +362,6 @@ impl SqlxStore {
         // Not claimed: the rollback runs in the background, off the
         // response path.
         drop(connection);
-        if let Some(row) = row {
-            self.remember_found(key, row, &found)?;
-        }
         Ok(match found {
             Lookup::Completed(completed) => ClaimOutcome::Completed(completed),
             Lookup::InFlight { fingerprint } => ClaimOutcome::InFlight {
@@ -468,8 +486,8 @@ impl SqlxStore {
         Ok(())
     }
 
-    /// Writes the record and commits in one round trip: the upsert and
-    /// `COMMIT` as one simple query. [`Completion::CompletedElsewhere`] when
+    /// Writes the record (and the body's, on a guarded route) and commits in
+    /// one round trip: the upserts and `COMMIT` as one simple query. [`Completion::CompletedElsewhere`] when
     /// another claimant's live record holds the key: the upsert failed, the
     /// `COMMIT` did not run, and a `ROLLBACK` ends the transaction (a
     /// second round trip, on this rare path only). On any other error the
@@ -495,11 +513,17 @@ impl SqlxStore {
             Value::OptionalBytes(body),
             Value::Float(request.retention.as_secs_f64()),
         ];
-        let complete = format!(
-            "{}; {}",
-            inline(&self.inner.sql.complete_transaction, &values),
-            sql::COMMIT
-        );
+        let mut complete = inline(&self.inner.sql.complete_transaction, &values);
+        // The body's record (the body-hash guard) is written beside the
+        // key's, with the same response, in the same transaction.
+        if let Some(body) = &request.body_record {
+            let mut body_values = values;
+            body_values[..3].copy_from_slice(&key_values(body));
+            complete.push_str("; ");
+            complete.push_str(&inline(&self.inner.sql.complete_transaction, &body_values));
+        }
+        complete.push_str("; ");
+        complete.push_str(sql::COMMIT);
         match simple_query(conn, complete).await {
             Ok(_) => {
                 connection.closed_cleanly();
