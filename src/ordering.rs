@@ -134,6 +134,10 @@ pub enum OrderingError {
     /// transaction, answer with a non-2xx status so that it rolls back.
     #[error("the ordering guard's statement failed: {0}")]
     Database(#[from] tokio_postgres::Error),
+    /// As [`OrderingError::Database`], through sqlx.
+    #[cfg(feature = "sqlx")]
+    #[error("the ordering guard's statement failed: {0}")]
+    Sqlx(#[from] sqlx::Error),
 }
 
 /// Every statement, formatted once with the table and key column.
@@ -327,6 +331,141 @@ impl OrderingGuard {
             .try_get(0)?;
         if !exists {
             transaction.batch_execute(&self.statements.create).await?;
+        }
+        transaction.commit().await?;
+        Ok(())
+    }
+}
+
+/// The guard on an sqlx connection: pass the handler's
+/// [`SqlxTx`](crate::SqlxTx) (`&mut *tx`) so that the change commits with
+/// the idempotency record.
+#[cfg(feature = "sqlx")]
+impl OrderingGuard {
+    /// [`OrderingGuard::advance`] through sqlx.
+    ///
+    /// ```no_run
+    /// use tower_idempotency::{OrderingGuard, SqlxTx};
+    ///
+    /// async fn handler(guard: &OrderingGuard, mut tx: SqlxTx) -> Result<(), tower_idempotency::OrderingError> {
+    ///     guard.advance_sqlx(&mut tx, "pi_1", "succeeded").await?;
+    ///     Ok(())
+    /// }
+    /// # let _ = handler;
+    /// ```
+    pub async fn advance_sqlx(
+        &self,
+        connection: &mut sqlx::PgConnection,
+        key: &str,
+        status: &str,
+    ) -> Result<Transition, OrderingError> {
+        use sqlx::{AssertSqlSafe, Row};
+
+        let rank = self
+            .rank_of(status)
+            .ok_or_else(|| OrderingError::UnknownState(status.to_owned()))?;
+        let names: Vec<&str> = self.states.iter().map(|state| state.name.as_str()).collect();
+        let ranks: Vec<i32> = self.states.iter().map(|state| state.rank).collect();
+        let terminal: Vec<&str> = self
+            .states
+            .iter()
+            .filter(|state| state.terminal)
+            .map(|state| state.name.as_str())
+            .collect();
+        for _ in 0..3 {
+            let applied = sqlx::query(AssertSqlSafe(self.statements.advance.as_str()))
+                .bind(key)
+                .bind(status)
+                .bind(rank)
+                .bind(&names)
+                .bind(&ranks)
+                .bind(&terminal)
+                .fetch_optional(&mut *connection)
+                .await?;
+            if let Some(row) = applied {
+                let transition = if row.try_get::<bool, _>(0)? {
+                    Transition::Inserted
+                } else {
+                    Transition::Advanced
+                };
+                tracing::debug!(table = %self.table, key, status, ?transition, "ordering guard applied a state");
+                return Ok(transition);
+            }
+            // Not applied: the conflicting row is now locked by this
+            // transaction, so this read sees the state that prevailed.
+            let current = sqlx::query(AssertSqlSafe(self.statements.current.as_str()))
+                .bind(key)
+                .fetch_optional(&mut *connection)
+                .await?;
+            if let Some(row) = current {
+                let current: String = row.try_get(0)?;
+                let transition = if current == status {
+                    Transition::Unchanged
+                } else {
+                    Transition::Ignored { current }
+                };
+                tracing::debug!(table = %self.table, key, status, ?transition, "ordering guard kept the state");
+                return Ok(transition);
+            }
+        }
+        Err(OrderingError::RowDeleted(key.to_owned()))
+    }
+
+    /// [`OrderingGuard::force`] through sqlx.
+    pub async fn force_sqlx(
+        &self,
+        connection: &mut sqlx::PgConnection,
+        key: &str,
+        status: &str,
+        reason: &str,
+    ) -> Result<Transition, OrderingError> {
+        use sqlx::{AssertSqlSafe, Row};
+
+        if self.rank_of(status).is_none() {
+            return Err(OrderingError::UnknownState(status.to_owned()));
+        }
+        let previous: Option<String> = match sqlx::query(AssertSqlSafe(self.statements.lock_current.as_str()))
+            .bind(key)
+            .fetch_optional(&mut *connection)
+            .await?
+        {
+            Some(row) => Some(row.try_get(0)?),
+            None => None,
+        };
+        sqlx::query(AssertSqlSafe(self.statements.force.as_str()))
+            .bind(key)
+            .bind(status)
+            .execute(&mut *connection)
+            .await?;
+        tracing::warn!(
+            table = %self.table,
+            key,
+            previous = previous.as_deref().unwrap_or(""),
+            status,
+            reason,
+            "ordering guard override: state set regardless of the order"
+        );
+        Ok(Transition::Overridden { previous })
+    }
+
+    /// [`OrderingGuard::create_table`] through sqlx.
+    pub async fn create_table_sqlx(&self, connection: &mut sqlx::PgConnection) -> Result<(), OrderingError> {
+        use sqlx::{AssertSqlSafe, Connection, Row};
+
+        let mut transaction = connection.begin().await?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(self.statements.create_lock)
+            .execute(&mut *transaction)
+            .await?;
+        let exists: bool = sqlx::query("SELECT to_regclass($1) IS NOT NULL")
+            .bind(self.statements.table.as_str())
+            .fetch_one(&mut *transaction)
+            .await?
+            .try_get(0)?;
+        if !exists {
+            sqlx::raw_sql(AssertSqlSafe(self.statements.create.as_str()))
+                .execute(&mut *transaction)
+                .await?;
         }
         transaction.commit().await?;
         Ok(())
