@@ -37,6 +37,11 @@
 //! handlers finish for up to `SHUTDOWN_GRACE_MS`, then cuts off what is
 //! left, releases its claims (so their redeliveries run at once) and exits 0.
 //!
+//! `DATABASE_DRIVER=sqlx` (in a build with `--features sqlx`) runs the same
+//! routes on [`SqlxStore`](tower_idempotency::SqlxStore): the ledger row is
+//! written with `sqlx::query` through the request's transaction
+//! ([`SqlxTx`](tower_idempotency::SqlxTx)), and the answers are the same.
+//!
 //! `RECORD_MODE=lease` (with `LEASE_SECS`) records in lease mode instead:
 //! the ledger row autocommits outside the record's transaction while the
 //! handler holds a renewed lease, so a run cut off by a crash is taken over
@@ -69,13 +74,18 @@ use common::{
     connection_pool, create_ledger, describe_database, error_chain, positive, setting, Demo, CONNECT_TIMEOUT,
     DEFAULT_DATABASE_URL, DEFAULT_POOL_SIZE, DEFAULT_SHUTDOWN_GRACE_MS, POOL_WAIT_TIMEOUT, STATEMENT_TIMEOUT,
 };
-use deadpool_postgres::{ClientWrapper, Pool};
+use deadpool_postgres::Pool;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use serde_json::Value;
 use tokio::net::TcpListener;
 use tower_idempotency::signature::{GitHubSignature, StandardWebhooksSignature, StripeSignature, VerifySignature};
-use tower_idempotency::{IdempotencyLayer, Mode, OrderingGuard, PostgresStore, Preset, RecordKey, ShutdownHandle, Tx};
+#[cfg(feature = "sqlx")]
+use tower_idempotency::{SqlxStore, SqlxTx};
+use tower_idempotency::{
+    IdempotencyLayer, Mode, OrderingError, OrderingGuard, PostgresStore, Preset, RecordKey, ShutdownHandle, Store,
+    Transition, Tx,
+};
 
 const DEFAULT_BIND: &str = "127.0.0.1:3000";
 const DEFAULT_MAX_BODY_BYTES: &str = "1048576";
@@ -106,6 +116,10 @@ Routes:
 Environment (all optional; an empty value counts as unset):
   DATABASE_URL           Postgres for the idempotency records and the ledger
                          [default: {DEFAULT_DATABASE_URL}]
+  DATABASE_DRIVER        the Postgres driver: `tokio-postgres`, or `sqlx` (a build
+                         with --features sqlx), whose store hands handlers the
+                         request's transaction as sqlx's PgConnection
+                         [default: tokio-postgres]
   BIND                   listen address, IP:port (port 0 picks a free one)
                          [default: {DEFAULT_BIND}]
   MAX_BODY_BYTES         request body limit; larger bodies get 413
@@ -203,6 +217,10 @@ async fn main() -> ExitCode {
 /// Everything read from the environment, checked before anything starts.
 struct Settings {
     database: tokio_postgres::Config,
+    /// `DATABASE_URL` as given, for sqlx's own parser.
+    #[cfg_attr(not(feature = "sqlx"), allow(dead_code))]
+    database_url: String,
+    driver: Driver,
     bind: SocketAddr,
     max_body_bytes: usize,
     pool_size: usize,
@@ -221,6 +239,14 @@ impl Settings {
         let database_url = setting("DATABASE_URL", DEFAULT_DATABASE_URL, |text| Ok(text.to_owned()))?;
         let database = tokio_postgres::Config::from_str(&database_url)
             .map_err(|error| format!("invalid DATABASE_URL: {error}"))?;
+        let driver = setting("DATABASE_DRIVER", "tokio-postgres", |text| match text {
+            "tokio-postgres" => Ok(Driver::TokioPostgres),
+            #[cfg(feature = "sqlx")]
+            "sqlx" => Ok(Driver::Sqlx),
+            #[cfg(not(feature = "sqlx"))]
+            "sqlx" => Err("this build has no sqlx driver: build the example with --features sqlx".to_owned()),
+            _ => Err("expected `tokio-postgres` or `sqlx`".to_owned()),
+        })?;
         let bind = setting("BIND", DEFAULT_BIND, |text| {
             text.parse()
                 .map_err(|_| "expected an IP address and port, such as 127.0.0.1:3000".to_owned())
@@ -241,6 +267,8 @@ impl Settings {
         })?;
         Ok(Self {
             database,
+            database_url,
+            driver,
             bind,
             max_body_bytes,
             pool_size,
@@ -294,10 +322,26 @@ fn verified(preset: Preset, verifier: Option<impl VerifySignature>) -> Preset {
     }
 }
 
+/// `DATABASE_DRIVER`: which Postgres driver the store and the handlers use.
+#[derive(Clone, Copy, Debug)]
+enum Driver {
+    TokioPostgres,
+    #[cfg(feature = "sqlx")]
+    Sqlx,
+}
+
+/// The pool of the chosen driver.
+#[derive(Clone)]
+enum Database {
+    TokioPostgres(Pool),
+    #[cfg(feature = "sqlx")]
+    Sqlx(sqlx::PgPool),
+}
+
 /// What the handlers share.
 #[derive(Clone)]
 struct App {
-    pool: Pool,
+    database: Database,
     demo: Demo,
     max_body_bytes: usize,
     record_mode: RecordMode,
@@ -316,19 +360,60 @@ enum RecordMode {
 
 /// Where a protected handler writes its ledger row: the request's
 /// transaction in transaction mode; in lease mode an autocommitting pooled
-/// connection, outside the record's transaction.
+/// connection, outside the record's transaction. Each through the chosen
+/// driver.
 enum Db {
     Tx(Tx),
     Pooled(Box<deadpool_postgres::Object>),
+    #[cfg(feature = "sqlx")]
+    SqlxTx(SqlxTx),
+    #[cfg(feature = "sqlx")]
+    SqlxPooled(sqlx::pool::PoolConnection<sqlx::Postgres>),
 }
 
-impl std::ops::Deref for Db {
-    type Target = ClientWrapper;
+impl Db {
+    /// An autocommitting pooled connection.
+    async fn pooled(database: &Database) -> Result<Self, Response> {
+        match database {
+            Database::TokioPostgres(pool) => pool
+                .get()
+                .await
+                .map(|client| Db::Pooled(Box::new(client)))
+                .map_err(|error| database_unavailable(&error)),
+            #[cfg(feature = "sqlx")]
+            Database::Sqlx(pool) => pool
+                .acquire()
+                .await
+                .map(Db::SqlxPooled)
+                .map_err(|error| database_unavailable(&error)),
+        }
+    }
 
-    fn deref(&self) -> &ClientWrapper {
+    /// Writes a ledger row; its id.
+    async fn insert_ledger_entry(&mut self, entry: &LedgerEntry<'_>) -> Result<i64, Box<dyn std::error::Error>> {
+        let (source, event_id, event_type, amount) =
+            (entry.source, entry.event_id.as_str(), entry.event_type.as_str(), entry.amount_cents);
+        Ok(match self {
+            Db::Tx(tx) => common::insert_ledger_entry(tx, source, event_id, event_type, amount).await?,
+            Db::Pooled(client) => common::insert_ledger_entry(client, source, event_id, event_type, amount).await?,
+            #[cfg(feature = "sqlx")]
+            Db::SqlxTx(tx) => common::insert_ledger_entry_sqlx(tx, source, event_id, event_type, amount).await?,
+            #[cfg(feature = "sqlx")]
+            Db::SqlxPooled(connection) => {
+                common::insert_ledger_entry_sqlx(connection, source, event_id, event_type, amount).await?
+            }
+        })
+    }
+
+    /// Moves a payment's state forward through `guard`.
+    async fn advance(&mut self, guard: &OrderingGuard, payment: &str, status: &str) -> Result<Transition, OrderingError> {
         match self {
-            Db::Tx(tx) => tx,
-            Db::Pooled(client) => client,
+            Db::Tx(tx) => guard.advance(tx, payment, status).await,
+            Db::Pooled(client) => guard.advance(client, payment, status).await,
+            #[cfg(feature = "sqlx")]
+            Db::SqlxTx(tx) => guard.advance_sqlx(tx, payment, status).await,
+            #[cfg(feature = "sqlx")]
+            Db::SqlxPooled(connection) => guard.advance_sqlx(connection, payment, status).await,
         }
     }
 }
@@ -337,51 +422,86 @@ impl axum::extract::FromRequestParts<App> for Db {
     type Rejection = Response;
 
     async fn from_request_parts(parts: &mut axum::http::request::Parts, app: &App) -> Result<Self, Response> {
-        match app.record_mode {
-            RecordMode::Transaction => Tx::from_request_parts(parts, app)
+        match (app.record_mode, &app.database) {
+            (RecordMode::Transaction, Database::TokioPostgres(_)) => Tx::from_request_parts(parts, app)
                 .await
                 .map(Db::Tx)
                 .map_err(IntoResponse::into_response),
-            RecordMode::Lease(_) => app
-                .pool
-                .get()
+            #[cfg(feature = "sqlx")]
+            (RecordMode::Transaction, Database::Sqlx(_)) => SqlxTx::from_request_parts(parts, app)
                 .await
-                .map(|client| Db::Pooled(Box::new(client)))
-                .map_err(|error| database_unavailable(&error)),
+                .map(Db::SqlxTx)
+                .map_err(IntoResponse::into_response),
+            (RecordMode::Lease(_), database) => Db::pooled(database).await,
+        }
+    }
+}
+
+/// The chosen driver's pool and the store on it (with the record cache when
+/// asked), migrated, with the example's own tables created.
+async fn open_database(settings: &Settings, guard: &OrderingGuard) -> Result<(Database, Store), String> {
+    let target = describe_database(&settings.database);
+    let cannot = |what: &str, error: &dyn std::error::Error| {
+        format!(
+            "cannot {what} in the database {target} named by DATABASE_URL: {}",
+            error_chain(error)
+        )
+    };
+    let cache = (!settings.record_cache_ttl.is_zero()).then_some(settings.record_cache_ttl);
+    match settings.driver {
+        Driver::TokioPostgres => {
+            let pool = connection_pool(settings.database.clone(), settings.pool_size)?;
+            let mut store = PostgresStore::new(pool.clone());
+            if let Some(ttl) = cache {
+                store = store.with_cache(RECORD_CACHE_BYTES, ttl);
+            }
+            store.migrate().await.map_err(|error| {
+                format!(
+                    "cannot use the database {target} named by DATABASE_URL: {}",
+                    error_chain(&error)
+                )
+            })?;
+            create_ledger(&pool)
+                .await
+                .map_err(|error| cannot("create ledger_entries", &*error))?;
+            create_payment_states(&pool, guard)
+                .await
+                .map_err(|error| cannot("create payment_states", &*error))?;
+            Ok((Database::TokioPostgres(pool), store.into()))
+        }
+        #[cfg(feature = "sqlx")]
+        Driver::Sqlx => {
+            let pool = common::sqlx_pool(&settings.database_url, settings.pool_size)?;
+            let mut store = SqlxStore::new(pool.clone());
+            if let Some(ttl) = cache {
+                store = store.with_cache(RECORD_CACHE_BYTES, ttl);
+            }
+            store.migrate().await.map_err(|error| {
+                format!(
+                    "cannot use the database {target} named by DATABASE_URL: {}",
+                    error_chain(&error)
+                )
+            })?;
+            common::create_ledger_sqlx(&pool)
+                .await
+                .map_err(|error| cannot("create ledger_entries", &*error))?;
+            let created = async {
+                let mut connection = pool.acquire().await?;
+                guard.create_table_sqlx(&mut connection).await?;
+                Ok::<_, Box<dyn std::error::Error>>(())
+            };
+            created.await.map_err(|error| cannot("create payment_states", &*error))?;
+            Ok((Database::Sqlx(pool), store.into()))
         }
     }
 }
 
 async fn run(settings: Settings) -> Result<(), String> {
-    let target = describe_database(&settings.database);
-    let pool = connection_pool(settings.database, settings.pool_size)?;
-
-    let mut store = PostgresStore::new(pool.clone());
-    if !settings.record_cache_ttl.is_zero() {
-        store = store.with_cache(RECORD_CACHE_BYTES, settings.record_cache_ttl);
-    }
-    store.migrate().await.map_err(|error| {
-        format!(
-            "cannot use the database {target} named by DATABASE_URL: {}",
-            error_chain(&error)
-        )
-    })?;
-    create_ledger(&pool).await.map_err(|error| {
-        format!(
-            "cannot create ledger_entries in the database {target} named by DATABASE_URL: {}",
-            error_chain(&*error)
-        )
-    })?;
     let payment_states = payment_states().map_err(|error| format!("invalid payment_states guard: {error}"))?;
-    create_payment_states(&pool, &payment_states).await.map_err(|error| {
-        format!(
-            "cannot create payment_states in the database {target} named by DATABASE_URL: {}",
-            error_chain(&*error)
-        )
-    })?;
+    let (database, store) = open_database(&settings, &payment_states).await?;
 
     let app = App {
-        pool,
+        database,
         demo: settings.demo,
         max_body_bytes: settings.max_body_bytes,
         record_mode: settings.record_mode,
@@ -435,7 +555,7 @@ async fn create_payment_states(pool: &Pool, guard: &OrderingGuard) -> Result<(),
 /// Each protected route gets a layer of its own: its source, where its key
 /// and event type come from, and what a concurrent duplicate gets. They are
 /// all made from one base layer, so one handle shuts them all down.
-fn router(app: App, store: &PostgresStore, signatures: Signatures) -> (Router, ShutdownHandle) {
+fn router(app: App, store: &Store, signatures: Signatures) -> (Router, ShutdownHandle) {
     let mode = match app.record_mode {
         RecordMode::Transaction => Mode::Transaction,
         RecordMode::Lease(lease) => Mode::lease(lease),
@@ -485,7 +605,7 @@ fn router(app: App, store: &PostgresStore, signatures: Signatures) -> (Router, S
 
 async fn stripe_webhook(
     State(app): State<App>,
-    tx: Db,
+    mut tx: Db,
     Extension(record): Extension<RecordKey>,
     body: Bytes,
 ) -> Response {
@@ -494,11 +614,11 @@ async fn stripe_webhook(
     // in the same transaction as the ledger row: a late or out-of-order
     // event still answers 200 and writes its row, but leaves the state.
     if let Some((payment, status)) = payment_state_change(&body) {
-        if let Err(error) = app.payment_states.advance(&tx, &payment, status).await {
+        if let Err(error) = tx.advance(&app.payment_states, &payment, status).await {
             return database_unavailable(&error);
         }
     }
-    process(&app.demo, &tx, LedgerEntry::for_record(&record, amount), StatusCode::OK).await
+    process(&app.demo, &mut tx, LedgerEntry::for_record(&record, amount), StatusCode::OK).await
 }
 
 /// The payment id (JSON `/data/object/id`) and the state a
@@ -517,24 +637,24 @@ fn payment_state_change(body: &[u8]) -> Option<(String, &'static str)> {
     Some((payment, status))
 }
 
-async fn github_webhook(State(app): State<App>, tx: Db, Extension(record): Extension<RecordKey>) -> Response {
-    process(&app.demo, &tx, LedgerEntry::for_record(&record, 0), StatusCode::OK).await
+async fn github_webhook(State(app): State<App>, mut tx: Db, Extension(record): Extension<RecordKey>) -> Response {
+    process(&app.demo, &mut tx, LedgerEntry::for_record(&record, 0), StatusCode::OK).await
 }
 
-async fn standard_webhook(State(app): State<App>, tx: Db, Extension(record): Extension<RecordKey>) -> Response {
-    process(&app.demo, &tx, LedgerEntry::for_record(&record, 0), StatusCode::OK).await
+async fn standard_webhook(State(app): State<App>, mut tx: Db, Extension(record): Extension<RecordKey>) -> Response {
+    process(&app.demo, &mut tx, LedgerEntry::for_record(&record, 0), StatusCode::OK).await
 }
 
 async fn create_payment(
     State(app): State<App>,
-    tx: Db,
+    mut tx: Db,
     Extension(record): Extension<RecordKey>,
     body: Bytes,
 ) -> Response {
     let amount = amount_at(&body, "/amount");
     process(
         &app.demo,
-        &tx,
+        &mut tx,
         LedgerEntry::for_record(&record, amount),
         StatusCode::CREATED,
     )
@@ -573,11 +693,11 @@ async fn baseline(State(app): State<App>, headers: HeaderMap, body: Body) -> Res
             .and_then(Value::as_i64)
             .unwrap_or(0),
     };
-    let client = match app.pool.get().await {
-        Ok(client) => client,
-        Err(error) => return database_unavailable(&error),
+    let mut db = match Db::pooled(&app.database).await {
+        Ok(db) => db,
+        Err(response) => return response,
     };
-    process(&app.demo, &client, entry, StatusCode::OK).await
+    process(&app.demo, &mut db, entry, StatusCode::OK).await
 }
 
 /// 200 when a `SELECT 1` comes back in time.
@@ -595,8 +715,20 @@ async fn metrics_text() -> Response {
 
 async fn healthz(State(app): State<App>) -> Response {
     let check = async {
-        let client = app.pool.get().await.map_err(|error| error.to_string())?;
-        client.simple_query("SELECT 1").await.map_err(|error| error.to_string())
+        match &app.database {
+            Database::TokioPostgres(pool) => {
+                let client = pool.get().await.map_err(|error| error.to_string())?;
+                client.simple_query("SELECT 1").await.map_err(|error| error.to_string())?;
+            }
+            #[cfg(feature = "sqlx")]
+            Database::Sqlx(pool) => {
+                sqlx::raw_sql("SELECT 1")
+                    .execute(pool)
+                    .await
+                    .map_err(|error| error.to_string())?;
+            }
+        }
+        Ok::<(), String>(())
     };
     match tokio::time::timeout(HEALTH_TIMEOUT, check).await {
         Ok(Ok(_)) => json_response(StatusCode::OK, r#"{"status":"ok"}"#.to_owned()),
@@ -630,18 +762,11 @@ impl<'a> LedgerEntry<'a> {
     }
 }
 
-/// Writes the ledger row through `client` (the request's transaction, or an
+/// Writes the ledger row through `db` (the request's transaction, or an
 /// autocommitting connection for /baseline), then applies the demo knobs
 /// and answers.
-async fn process(demo: &Demo, client: &ClientWrapper, entry: LedgerEntry<'_>, success: StatusCode) -> Response {
-    let inserted = common::insert_ledger_entry(
-        client,
-        entry.source,
-        &entry.event_id,
-        &entry.event_type,
-        entry.amount_cents,
-    );
-    let id = match inserted.await {
+async fn process(demo: &Demo, db: &mut Db, entry: LedgerEntry<'_>, success: StatusCode) -> Response {
+    let id = match db.insert_ledger_entry(&entry).await {
         Ok(id) => id,
         Err(error) => return database_unavailable(&error),
     };

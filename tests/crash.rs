@@ -9,6 +9,9 @@
 //!   the redelivery takes the lease over and runs again: the documented
 //!   at-least-once outcome, two rows, one completed record.
 //!
+//! Each runs on both drivers (`DATABASE_DRIVER=sqlx` with the `sqlx`
+//! feature) from the same body.
+//!
 //! Synchronisation is by observation only: the test waits until Postgres
 //! shows the handler's session idle in its transaction right after the
 //! ledger `INSERT` (transaction mode), or the committed row and the claim
@@ -20,7 +23,7 @@ mod support;
 use std::time::{Duration, SystemTime};
 
 use http::StatusCode;
-use process::{Receiver, Schema};
+use process::{with_driver, Driver, Receiver, Schema};
 use support::wait_until;
 
 /// The handler sleeps this long after its ledger write: far longer than the
@@ -30,8 +33,18 @@ const OBSERVE: Duration = Duration::from_secs(20);
 
 #[tokio::test]
 async fn a_receiver_killed_mid_handler_runs_the_event_exactly_once_after_restart() {
-    let schema = Schema::new("crash_tx").await;
-    let receiver = Receiver::start(&schema, &[("DEMO_HANDLER_DELAY_MS", HANDLER_DELAY_MS)]).await;
+    killed_mid_handler_runs_once(Driver::TokioPostgres).await;
+}
+
+#[cfg(feature = "sqlx")]
+#[tokio::test]
+async fn a_receiver_on_sqlx_killed_mid_handler_runs_the_event_exactly_once_after_restart() {
+    killed_mid_handler_runs_once(Driver::Sqlx).await;
+}
+
+async fn killed_mid_handler_runs_once(driver: Driver) {
+    let schema = Schema::new(&format!("crash_tx{}", driver.suffix())).await;
+    let receiver = Receiver::start(&schema, &with_driver(driver, &[("DEMO_HANDLER_DELAY_MS", HANDLER_DELAY_MS)])).await;
     let http = receiver.http();
     let cut_off = tokio::spawn(async move { http.deliver("evt_crash").await });
 
@@ -54,7 +67,7 @@ async fn a_receiver_killed_mid_handler_runs_the_event_exactly_once_after_restart
         0
     );
 
-    let receiver = Receiver::start(&schema, &[]).await;
+    let receiver = Receiver::start(&schema, &with_driver(driver, &[])).await;
     let redelivered = receiver.deliver("evt_crash").await;
     let again = receiver.deliver("evt_crash").await;
 
@@ -80,9 +93,19 @@ async fn a_receiver_killed_mid_handler_runs_the_event_exactly_once_after_restart
 
 #[tokio::test]
 async fn in_lease_mode_a_killed_receivers_lease_runs_out_and_the_redelivery_takes_over() {
-    let schema = Schema::new("crash_lease").await;
-    let lease = [("RECORD_MODE", "lease"), ("LEASE_SECS", "2")];
-    let mut settings = lease.to_vec();
+    killed_lease_runs_out_and_is_taken_over(Driver::TokioPostgres).await;
+}
+
+#[cfg(feature = "sqlx")]
+#[tokio::test]
+async fn in_lease_mode_on_sqlx_a_killed_receivers_lease_runs_out_and_the_redelivery_takes_over() {
+    killed_lease_runs_out_and_is_taken_over(Driver::Sqlx).await;
+}
+
+async fn killed_lease_runs_out_and_is_taken_over(driver: Driver) {
+    let schema = Schema::new(&format!("crash_lease{}", driver.suffix())).await;
+    let lease = with_driver(driver, &[("RECORD_MODE", "lease"), ("LEASE_SECS", "2")]);
+    let mut settings = lease.clone();
     settings.push(("DEMO_HANDLER_DELAY_MS", HANDLER_DELAY_MS));
     let receiver = Receiver::start(&schema, &settings).await;
     let http = receiver.http();

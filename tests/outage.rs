@@ -5,6 +5,9 @@
 //! connection), the receiver recovers by itself without a restart, and every
 //! event runs exactly once.
 //!
+//! It runs on both drivers (`DATABASE_DRIVER=sqlx` with the `sqlx`
+//! feature) from the same body.
+//!
 //! The restart of the Postgres server itself is in `postgres_restart.rs`,
 //! which runs alone (see the README's "Testing and CI").
 
@@ -15,7 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::StatusCode;
-use process::{assert_fresh_events_run_at_the_first_try, event_ids, spawn_load, Receiver, Schema};
+use process::{assert_fresh_events_run_at_the_first_try, event_ids, spawn_load, with_driver, Driver, Receiver, Schema};
 
 const EVENTS: usize = 600;
 const CONCURRENCY: usize = 8;
@@ -23,10 +26,20 @@ const TERMINATIONS: usize = 5;
 
 #[tokio::test]
 async fn terminated_database_sessions_under_load_give_only_503s_and_every_event_runs_once() {
-    let schema = Schema::new("outage_terminate").await;
+    terminated_sessions_under_load(Driver::TokioPostgres).await;
+}
+
+#[cfg(feature = "sqlx")]
+#[tokio::test]
+async fn on_sqlx_terminated_database_sessions_under_load_give_only_503s_and_every_event_runs_once() {
+    terminated_sessions_under_load(Driver::Sqlx).await;
+}
+
+async fn terminated_sessions_under_load(driver: Driver) {
+    let schema = Schema::new(&format!("outage_terminate{}", driver.suffix())).await;
     // A short delay keeps transactions open, so that terminations land in
     // the middle of handlers and commits as well as on idle connections.
-    let mut receiver = Receiver::start(&schema, &[("DEMO_HANDLER_DELAY_MS", "10")]).await;
+    let mut receiver = Receiver::start(&schema, &with_driver(driver, &[("DEMO_HANDLER_DELAY_MS", "10")])).await;
     let events = Arc::new(event_ids("evt_outage", EVENTS));
     let (progress, load) = spawn_load(receiver.http(), events.clone(), CONCURRENCY, Duration::from_secs(60));
 

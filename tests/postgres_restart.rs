@@ -3,6 +3,9 @@
 //! `Retry-After` (503s are seen while the server is down), the receiver
 //! recovers by itself without a restart, and every event runs exactly once.
 //!
+//! It runs on both drivers (`DATABASE_DRIVER=sqlx` with the `sqlx`
+//! feature) from the same body, one after the other.
+//!
 //! Ignored by default: stopping the server breaks every other test that
 //! shares it, so CI runs this alone, after `cargo test --all-features`:
 //!
@@ -21,7 +24,7 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-use process::{assert_fresh_events_run_at_the_first_try, event_ids, spawn_load, Receiver, Schema};
+use process::{assert_fresh_events_run_at_the_first_try, event_ids, spawn_load, with_driver, Driver, Receiver, Schema};
 use support::wait_until;
 
 const EVENTS: usize = 600;
@@ -31,8 +34,20 @@ const CONCURRENCY: usize = 8;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "stops the shared Postgres server: run alone with --ignored --test-threads=1"]
 async fn a_postgres_restart_under_load_gives_only_503s_and_every_event_runs_once() {
-    let mut schema = Schema::new("pg_restart").await;
-    let mut receiver = Receiver::start(&schema, &[("DEMO_HANDLER_DELAY_MS", "10")]).await;
+    restart_under_load(Driver::TokioPostgres).await;
+}
+
+// Ignored: it stops the shared Postgres server; run alone (see above).
+#[cfg(feature = "sqlx")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "stops the shared Postgres server: run alone with --ignored --test-threads=1"]
+async fn on_sqlx_a_postgres_restart_under_load_gives_only_503s_and_every_event_runs_once() {
+    restart_under_load(Driver::Sqlx).await;
+}
+
+async fn restart_under_load(driver: Driver) {
+    let mut schema = Schema::new(&format!("pg_restart{}", driver.suffix())).await;
+    let mut receiver = Receiver::start(&schema, &with_driver(driver, &[("DEMO_HANDLER_DELAY_MS", "10")])).await;
     let events = Arc::new(event_ids("evt_restart", EVENTS));
     let (progress, load) = spawn_load(receiver.http(), events.clone(), CONCURRENCY, Duration::from_secs(120));
 

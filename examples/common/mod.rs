@@ -216,6 +216,65 @@ pub async fn insert_ledger_entry(
     row.try_get(0)
 }
 
+/// The sqlx pool every request draws from (`DATABASE_DRIVER=sqlx`), with
+/// the same timeouts as [`connection_pool`]. It does not ping a connection
+/// before handing it out: a dead one fails its statement, and the layer
+/// then forgets the pool's idle connections.
+#[cfg(feature = "sqlx")]
+pub fn sqlx_pool(database_url: &str, size: usize) -> Result<sqlx::PgPool, String> {
+    let options: sqlx::postgres::PgConnectOptions = database_url
+        .parse()
+        .map_err(|_| "invalid DATABASE_URL: not a Postgres URL sqlx can read".to_owned())?;
+    // Keep options the URL may carry (a search_path, say) and add ours.
+    let options = options.options([("statement_timeout", STATEMENT_TIMEOUT.as_millis().to_string())]);
+    Ok(sqlx::postgres::PgPoolOptions::new()
+        .max_connections(size as u32)
+        .acquire_timeout(POOL_WAIT_TIMEOUT)
+        .test_before_acquire(false)
+        .connect_lazy_with(options))
+}
+
+/// [`create_ledger`] through sqlx.
+#[cfg(feature = "sqlx")]
+pub async fn create_ledger_sqlx(pool: &sqlx::PgPool) -> Result<(), Box<dyn std::error::Error>> {
+    use sqlx::{Connection, Row};
+
+    let mut connection = pool.acquire().await?;
+    let mut transaction = connection.begin().await?;
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(LEDGER_MIGRATION_LOCK)
+        .execute(&mut *transaction)
+        .await?;
+    let exists: bool = sqlx::query("SELECT to_regclass('ledger_entries') IS NOT NULL")
+        .fetch_one(&mut *transaction)
+        .await?
+        .try_get(0)?;
+    if !exists {
+        sqlx::raw_sql(CREATE_LEDGER).execute(&mut *transaction).await?;
+    }
+    transaction.commit().await?;
+    Ok(())
+}
+
+/// [`insert_ledger_entry`] through sqlx: the request's transaction
+/// ([`tower_idempotency::SqlxTx`]) or a pooled connection.
+#[cfg(feature = "sqlx")]
+pub async fn insert_ledger_entry_sqlx(
+    connection: &mut sqlx::PgConnection,
+    source: &str,
+    event_id: &str,
+    event_type: &str,
+    amount_cents: i64,
+) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(INSERT_LEDGER_ENTRY)
+        .bind(source)
+        .bind(event_id)
+        .bind(event_type)
+        .bind(amount_cents)
+        .fetch_one(connection)
+        .await
+}
+
 /// Resolves on ctrl-c or SIGTERM.
 pub async fn shutdown_signal() {
     let ctrl_c = async {

@@ -43,8 +43,9 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// `examples/webhook_receiver.rs`, `examples/grpc_payments.rs`): each run
 /// starts without them, since inherited values would skew the tests, which
 /// set what they need.
-pub const EXAMPLE_SETTINGS: [&str; 13] = [
+pub const EXAMPLE_SETTINGS: [&str; 14] = [
     "DATABASE_URL",
+    "DATABASE_DRIVER",
     "BIND",
     "MAX_BODY_BYTES",
     "POOL_SIZE",
@@ -58,6 +59,43 @@ pub const EXAMPLE_SETTINGS: [&str; 13] = [
     "GITHUB_WEBHOOK_SECRET",
     "STANDARD_WEBHOOK_SECRET",
 ];
+/// The example's Postgres driver (`DATABASE_DRIVER`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Driver {
+    TokioPostgres,
+    /// Needs a build with the `sqlx` feature.
+    Sqlx,
+}
+
+impl Driver {
+    /// What tells this driver's schemas apart from the other's.
+    pub fn suffix(self) -> &'static str {
+        match self {
+            Driver::TokioPostgres => "",
+            Driver::Sqlx => "_sqlx",
+        }
+    }
+
+    /// The driver `TEST_DATABASE_DRIVER` names (`tokio-postgres` when unset
+    /// or empty): how CI runs a whole black-box test file again on sqlx.
+    pub fn from_env() -> Self {
+        match std::env::var("TEST_DATABASE_DRIVER").as_deref() {
+            Ok("sqlx") => Driver::Sqlx,
+            Ok("tokio-postgres" | "") | Err(_) => Driver::TokioPostgres,
+            Ok(other) => panic!("TEST_DATABASE_DRIVER={other}: expected `tokio-postgres` or `sqlx`"),
+        }
+    }
+}
+
+/// `settings` with `DATABASE_DRIVER` set for `driver`.
+pub fn with_driver<'a>(driver: Driver, settings: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
+    let mut all = settings.to_vec();
+    if driver == Driver::Sqlx {
+        all.push(("DATABASE_DRIVER", "sqlx"));
+    }
+    all
+}
+
 /// The pool of a started example: several examples share one Postgres.
 const TEST_POOL_SIZE: &str = "8";
 
@@ -282,6 +320,11 @@ impl Receiver {
             .env("DATABASE_URL", schema.database_url())
             .env("BIND", "127.0.0.1:0")
             .env("POOL_SIZE", TEST_POOL_SIZE);
+        // The webhook receiver runs on the driver CI asks for; a test's own
+        // DATABASE_DRIVER comes after, and wins.
+        if name == "webhook_receiver" {
+            command.envs(with_driver(Driver::from_env(), &[]));
+        }
         for (name, value) in settings {
             command.env(name, value);
         }
