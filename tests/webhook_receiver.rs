@@ -561,6 +561,7 @@ async fn invalid_settings_exit_with_code_2() {
         ("POOL_SIZE", "-1"),
         ("BIND", "nowhere"),
         ("DATABASE_URL", "postgres://[broken"),
+        ("DATABASE_DRIVER", "mysql"),
     ] {
         let stderr = assert_setting_refused("webhook_receiver", name, value).await;
         assert!(!stderr.contains("panicked at"), "{stderr}");
@@ -573,7 +574,13 @@ async fn help_lists_every_setting_with_its_default() {
     for setting in EXAMPLE_SETTINGS {
         assert!(help.contains(setting), "--help lists {setting}: {help}");
     }
-    for default in [DEFAULT_DATABASE_URL, "127.0.0.1:3000", "1048576", "[default: 32]"] {
+    for default in [
+        DEFAULT_DATABASE_URL,
+        "127.0.0.1:3000",
+        "1048576",
+        "[default: 32]",
+        "[default: tokio-postgres]",
+    ] {
         assert!(help.contains(default), "--help shows the default {default}: {help}");
     }
 }
