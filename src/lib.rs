@@ -156,6 +156,9 @@ pub use store::{
 #[cfg(feature = "sqlx")]
 pub use store::{SqlxIdempotencyTx, SqlxStore, SqlxTx};
 
-#[cfg(doctest)]
+/// The README's code blocks, compiled as doctests; its "With sqlx" blocks
+/// need the `sqlx` feature, so they run with it (`cargo test
+/// --all-features`, as CI does).
+#[cfg(all(doctest, feature = "sqlx"))]
 #[doc = include_str!("../README.md")]
 struct ReadmeDoctests;
