@@ -80,12 +80,12 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use serde_json::Value;
 use tokio::net::TcpListener;
 use tower_idempotency::signature::{GitHubSignature, StandardWebhooksSignature, StripeSignature, VerifySignature};
-#[cfg(feature = "sqlx")]
-use tower_idempotency::{SqlxStore, SqlxTx};
 use tower_idempotency::{
     IdempotencyLayer, Mode, OrderingError, OrderingGuard, PostgresStore, Preset, RecordKey, ShutdownHandle, Store,
     Transition, Tx,
 };
+#[cfg(feature = "sqlx")]
+use tower_idempotency::{SqlxStore, SqlxTx};
 
 const DEFAULT_BIND: &str = "127.0.0.1:3000";
 const DEFAULT_MAX_BODY_BYTES: &str = "1048576";
@@ -391,8 +391,12 @@ impl Db {
 
     /// Writes a ledger row; its id.
     async fn insert_ledger_entry(&mut self, entry: &LedgerEntry<'_>) -> Result<i64, Box<dyn std::error::Error>> {
-        let (source, event_id, event_type, amount) =
-            (entry.source, entry.event_id.as_str(), entry.event_type.as_str(), entry.amount_cents);
+        let (source, event_id, event_type, amount) = (
+            entry.source,
+            entry.event_id.as_str(),
+            entry.event_type.as_str(),
+            entry.amount_cents,
+        );
         Ok(match self {
             Db::Tx(tx) => common::insert_ledger_entry(tx, source, event_id, event_type, amount).await?,
             Db::Pooled(client) => common::insert_ledger_entry(client, source, event_id, event_type, amount).await?,
@@ -406,7 +410,12 @@ impl Db {
     }
 
     /// Moves a payment's state forward through `guard`.
-    async fn advance(&mut self, guard: &OrderingGuard, payment: &str, status: &str) -> Result<Transition, OrderingError> {
+    async fn advance(
+        &mut self,
+        guard: &OrderingGuard,
+        payment: &str,
+        status: &str,
+    ) -> Result<Transition, OrderingError> {
         match self {
             Db::Tx(tx) => guard.advance(tx, payment, status).await,
             Db::Pooled(client) => guard.advance(client, payment, status).await,
@@ -490,7 +499,9 @@ async fn open_database(settings: &Settings, guard: &OrderingGuard) -> Result<(Da
                 guard.create_table_sqlx(&mut connection).await?;
                 Ok::<_, Box<dyn std::error::Error>>(())
             };
-            created.await.map_err(|error| cannot("create payment_states", &*error))?;
+            created
+                .await
+                .map_err(|error| cannot("create payment_states", &*error))?;
             Ok((Database::Sqlx(pool), store.into()))
         }
     }
@@ -618,7 +629,13 @@ async fn stripe_webhook(
             return database_unavailable(&error);
         }
     }
-    process(&app.demo, &mut tx, LedgerEntry::for_record(&record, amount), StatusCode::OK).await
+    process(
+        &app.demo,
+        &mut tx,
+        LedgerEntry::for_record(&record, amount),
+        StatusCode::OK,
+    )
+    .await
 }
 
 /// The payment id (JSON `/data/object/id`) and the state a
@@ -718,7 +735,10 @@ async fn healthz(State(app): State<App>) -> Response {
         match &app.database {
             Database::TokioPostgres(pool) => {
                 let client = pool.get().await.map_err(|error| error.to_string())?;
-                client.simple_query("SELECT 1").await.map_err(|error| error.to_string())?;
+                client
+                    .simple_query("SELECT 1")
+                    .await
+                    .map_err(|error| error.to_string())?;
             }
             #[cfg(feature = "sqlx")]
             Database::Sqlx(pool) => {

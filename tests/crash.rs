@@ -44,7 +44,11 @@ async fn a_receiver_on_sqlx_killed_mid_handler_runs_the_event_exactly_once_after
 
 async fn killed_mid_handler_runs_once(driver: Driver) {
     let schema = Schema::new(&format!("crash_tx{}", driver.suffix())).await;
-    let receiver = Receiver::start(&schema, &with_driver(driver, &[("DEMO_HANDLER_DELAY_MS", HANDLER_DELAY_MS)])).await;
+    let receiver = Receiver::start(
+        &schema,
+        &with_driver(driver, &[("DEMO_HANDLER_DELAY_MS", HANDLER_DELAY_MS)]),
+    )
+    .await;
     let http = receiver.http();
     let cut_off = tokio::spawn(async move { http.deliver("evt_crash").await });
 

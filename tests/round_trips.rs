@@ -362,7 +362,10 @@ async fn transaction_mode_round_trips(driver: fn(u16, &str) -> Driver, name: &st
     assert_eq!(cold.counts.round_trips, 2, "{:?}", cold.counts);
     assert_eq!(cold.counts.statements(), 4);
     assert_eq!(
-        Counts { pings: 0, ..cached.counts.clone() },
+        Counts {
+            pings: 0,
+            ..cached.counts.clone()
+        },
         Counts::default(),
         "a cached duplicate costs nothing"
     );
@@ -384,7 +387,13 @@ async fn lease_mode_round_trips(driver: fn(u16, &str) -> Driver, name: &str, lab
     assert_eq!(duplicate.counts.statements(), 1);
     assert_eq!(cold.counts.round_trips, 1, "{:?}", cold.counts);
     assert_eq!(cold.counts.statements(), 1);
-    assert_eq!(Counts { pings: 0, ..cached.counts.clone() }, Counts::default());
+    assert_eq!(
+        Counts {
+            pings: 0,
+            ..cached.counts.clone()
+        },
+        Counts::default()
+    );
     assert_pings(&paths, pings);
 }
 

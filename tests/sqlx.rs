@@ -40,7 +40,10 @@ async fn both_drivers_on_one_table_share_records_and_locks() {
     probe.started().await;
     probe.open_gate();
     let replies: Vec<_> = join_all(sent).await.into_iter().map(Result::unwrap).collect();
-    assert!(replies.iter().all(|reply| reply.status == StatusCode::OK), "{replies:?}");
+    assert!(
+        replies.iter().all(|reply| reply.status == StatusCode::OK),
+        "{replies:?}"
+    );
     assert_eq!(probe.runs(), 3, "a, b and c each ran once");
     assert_eq!((db.records().await, db.ledger_rows().await), (3, 3));
     db.assert_no_idle_transactions().await;
@@ -75,7 +78,10 @@ async fn past_the_lock_concurrent_first_deliveries_on_sqlx_commit_one_record_and
     );
     assert!(replies.iter().all(|r| r.status == StatusCode::OK), "{replies:?}");
     assert_eq!(replies.iter().filter(|r| r.replayed()).count(), 1, "{replies:?}");
-    assert_eq!(replies[0].body, replies[1].body, "both clients get the committed response");
+    assert_eq!(
+        replies[0].body, replies[1].body,
+        "both clients get the committed response"
+    );
     db.assert_no_idle_transactions().await;
     db.drop_schema().await;
 }
@@ -89,9 +95,11 @@ async fn dead_pooled_sqlx_connections_are_forgotten_and_the_next_request_succeed
     let app = probe.app(IdempotencyLayer::new(store).source("test"));
     let warm: Vec<_> = join_all((0..4).map(|_| pool.acquire())).await;
     drop(warm);
-    support::wait_until("the warmed connections are idle", std::time::Duration::from_secs(5), || async {
-        pool.num_idle() >= 4
-    })
+    support::wait_until(
+        "the warmed connections are idle",
+        std::time::Duration::from_secs(5),
+        || async { pool.num_idle() >= 4 },
+    )
     .await;
     let admin = support::connect().await;
     admin
@@ -144,7 +152,10 @@ async fn the_ordering_guard_moves_state_forward_inside_the_requests_sqlx_transac
             }),
         )
         .route_layer(IdempotencyLayer::new(store).source("test"));
-    let state = || async { db.count("SELECT count(*) FROM payment_states WHERE status = 'succeeded'").await };
+    let state = || async {
+        db.count("SELECT count(*) FROM payment_states WHERE status = 'succeeded'")
+            .await
+    };
 
     let failed = send(&app, request(Some("e1"), "succeeded 503", &[])).await;
     assert_eq!(failed.status, StatusCode::SERVICE_UNAVAILABLE);
@@ -154,7 +165,12 @@ async fn the_ordering_guard_moves_state_forward_inside_the_requests_sqlx_transac
     let late = send(&app, request(Some("e3"), "processing", &[])).await;
     assert_eq!(
         late.text(),
-        format!("{:?}", Transition::Ignored { current: "succeeded".into() })
+        format!(
+            "{:?}",
+            Transition::Ignored {
+                current: "succeeded".into()
+            }
+        )
     );
     assert_eq!(state().await, 1);
     db.assert_no_idle_transactions().await;

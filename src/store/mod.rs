@@ -15,13 +15,13 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+#[cfg(feature = "sqlx")]
+pub use self::sqlx::{SqlxIdempotencyTx, SqlxStore, SqlxTx};
 pub use error::{DatabaseError, StoreError};
 pub use memory::MemoryStore;
 pub use postgres::{
     Deletion, IdempotencyTx, InvalidTableName, PostgresStore, RecordView, StoreStats, Tx, TxError, DEFAULT_TABLE,
 };
-#[cfg(feature = "sqlx")]
-pub use self::sqlx::{SqlxIdempotencyTx, SqlxStore, SqlxTx};
 
 use crate::key::RecordKey;
 use crate::layer::DEFAULT_STORE_TIMEOUT;

@@ -28,9 +28,9 @@ use http_body_util::BodyExt;
 use tokio::sync::{mpsc, Mutex, Semaphore};
 use tokio_postgres::NoTls;
 use tower::ServiceExt;
+use tower_idempotency::{IdempotencyLayer, MemoryStore, PostgresStore, ResponseDecision, Store, Tx, TxError};
 #[cfg(feature = "sqlx")]
 use tower_idempotency::{SqlxStore, SqlxTx};
-use tower_idempotency::{IdempotencyLayer, MemoryStore, PostgresStore, ResponseDecision, Store, Tx, TxError};
 
 /// The Postgres the tests use when `DATABASE_URL` is unset or empty.
 pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
@@ -265,9 +265,7 @@ pub fn sqlx_pool_at(url: &str, schema: &str, size: u32) -> sqlx::PgPool {
 /// As [`sqlx_pool`], with `options` for the server and credentials.
 #[cfg(feature = "sqlx")]
 pub fn sqlx_pool_with(options: sqlx::postgres::PgConnectOptions, schema: &str, size: u32) -> sqlx::PgPool {
-    let options = options
-        .options([("search_path", schema)])
-        .application_name(schema);
+    let options = options.options([("search_path", schema)]).application_name(schema);
     sqlx::postgres::PgPoolOptions::new()
         .max_connections(size)
         .acquire_timeout(Duration::from_secs(10))

@@ -19,10 +19,10 @@ mod operations;
 pub(super) mod sql;
 mod tx;
 
+pub(super) use migration::{migration_lock_id, Found, TABLE_PRIVILEGES};
 pub use operations::{Deletion, RecordView, StoreStats};
 pub(crate) use tx::TxConnection;
 pub use tx::{IdempotencyTx, Tx, TxError};
-pub(super) use migration::{migration_lock_id, Found, TABLE_PRIVILEGES};
 
 use self::sql::{Statements, COMPLETED, KEY_TAKEN};
 use super::cache::RecordCache;
@@ -795,7 +795,9 @@ pub(in crate::store) fn lookup_from_columns(
         return Ok(Lookup::InFlight { fingerprint });
     }
     let (Some(status), Some(headers)) = (status, headers) else {
-        return Err(StoreError::Corrupt("a completed record without its response".to_owned()));
+        return Err(StoreError::Corrupt(
+            "a completed record without its response".to_owned(),
+        ));
     };
     let status = u16::try_from(status)
         .ok()

@@ -256,9 +256,12 @@ impl SqlxStore {
             .lock_namespace
             .get_or_try_init(|| async {
                 let quoted = table.quoted();
-                let row = bind(::sqlx::query(self.inner.prepared.resolve_table.clone()), &[Value::Text(&quoted)])
-                    .fetch_optional(&mut *connection)
-                    .await?;
+                let row = bind(
+                    ::sqlx::query(self.inner.prepared.resolve_table.clone()),
+                    &[Value::Text(&quoted)],
+                )
+                .fetch_optional(&mut *connection)
+                .await?;
                 match row {
                     Some(row) => Ok::<_, StoreError>(row.try_get::<String, _>(0)?),
                     None => Err(StoreError::TableMissing(table.display.clone())),
@@ -339,7 +342,10 @@ impl SqlxStore {
             None => false,
         };
         // The key's record answers first; the body's when the key has none.
-        let found = match (results[2].first(), body_record.zip(results.get(3).and_then(|rows| rows.first()))) {
+        let found = match (
+            results[2].first(),
+            body_record.zip(results.get(3).and_then(|rows| rows.first())),
+        ) {
             (Some(row), _) => Some((key, row)),
             (None, Some((body, row))) => Some((body, row)),
             (None, None) => None,

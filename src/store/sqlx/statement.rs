@@ -162,11 +162,7 @@ impl<'r> Decode<'r, Postgres> for Timestamp {
                 let micros = i64::from_be_bytes(bytes);
                 let epoch = UNIX_EPOCH + Duration::from_secs(POSTGRES_EPOCH);
                 let offset = Duration::from_micros(micros.unsigned_abs());
-                Ok(Timestamp(if micros >= 0 {
-                    epoch + offset
-                } else {
-                    epoch - offset
-                }))
+                Ok(Timestamp(if micros >= 0 { epoch + offset } else { epoch - offset }))
             }
             PgValueFormat::Text => parse_timestamp(value.as_str()?)
                 .map(Timestamp)
@@ -247,12 +243,15 @@ mod tests {
              FROM t WHERE a = (E'it''s a \\\\ key'::text)"
         );
         assert_eq!(
-            inline("$1 $2 $3 $4", &[
-                Value::OptionalBytes(None),
-                Value::SmallInt(-1),
-                Value::Float(0.5),
-                Value::Uuid(uuid::Uuid::nil()),
-            ]),
+            inline(
+                "$1 $2 $3 $4",
+                &[
+                    Value::OptionalBytes(None),
+                    Value::SmallInt(-1),
+                    Value::Float(0.5),
+                    Value::Uuid(uuid::Uuid::nil()),
+                ]
+            ),
             "(NULL::bytea) ('-1'::int2) ('0.5'::float8) ('00000000-0000-0000-0000-000000000000'::uuid)"
         );
     }

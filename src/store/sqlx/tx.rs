@@ -102,7 +102,9 @@ impl DiscardUnlessEnded {
         let Some(connection) = self.0.as_mut() else {
             return Ok(());
         };
-        let result = ::sqlx::raw_sql(AssertSqlSafe(statement)).execute(&mut **connection).await;
+        let result = ::sqlx::raw_sql(AssertSqlSafe(statement))
+            .execute(&mut **connection)
+            .await;
         if result.is_ok() {
             // Back to the pool, clean.
             self.0.take();
