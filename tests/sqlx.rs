@@ -13,14 +13,19 @@ use axum::Router;
 use futures_util::future::join_all;
 use http::StatusCode;
 use support::{request, send, Probe, TestDb};
-use tower_idempotency::{IdempotencyLayer, Mode, OrderingGuard, SqlxTx, Transition};
+use tower_idempotency::{IdempotencyLayer, InFlight, Mode, OrderingGuard, SqlxTx, Transition};
 
 #[tokio::test]
 async fn both_drivers_on_one_table_share_records_and_locks() {
     let db = TestDb::new("sqlx_both_drivers").await;
     let probe = Probe::default();
-    let tokio_postgres = probe.app(IdempotencyLayer::new(db.store().await).source("test"));
-    let sqlx = probe.app(IdempotencyLayer::new(db.sqlx_store().await).source("test"));
+    let wait = InFlight::Wait(std::time::Duration::from_secs(10));
+    let tokio_postgres = probe.app(IdempotencyLayer::new(db.store().await).source("test").in_flight(wait));
+    let sqlx = probe.app(
+        IdempotencyLayer::new(db.sqlx_store().await)
+            .source("test")
+            .in_flight(wait),
+    );
 
     // Completed by one driver, replayed by the other, either way round.
     let first = send(&tokio_postgres, request(Some("a"), "{}", &[])).await;
@@ -32,7 +37,7 @@ async fn both_drivers_on_one_table_share_records_and_locks() {
     assert!(replay.replayed() && replay.body == first.body, "{replay:?}");
 
     // Concurrent first deliveries, one per driver: the advisory lock is the
-    // same, so one runs and the other waits for its record.
+    // same, so one runs and the other waits for its record, then replays it.
     let sent: Vec<_> = [tokio_postgres.clone(), sqlx.clone()]
         .into_iter()
         .map(|app| tokio::spawn(async move { send(&app, request(Some("c"), "{}", &[("x-test-block", "1")])).await }))
@@ -228,5 +233,30 @@ async fn axum_sqlx_tx_and_the_layers_transaction_combine_in_one_handler() {
     assert_eq!(failed.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!((db.ledger_rows().await, audit().await), (1, 1), "both rolled back");
     db.assert_no_idle_transactions().await;
+    db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn purge_on_sqlx_deletes_expired_records_and_keeps_live_ones() {
+    let db = TestDb::new("sqlx_purge").await;
+    let store = db.sqlx_store().await;
+    let app = Probe::default().app(IdempotencyLayer::new(store.clone()).source("test"));
+    for key in ["live", "old-1", "old-2", "old-3"] {
+        assert_eq!(send(&app, request(Some(key), "{}", &[])).await.status, StatusCode::OK);
+    }
+    db.client()
+        .await
+        .batch_execute("UPDATE idempotency_records SET expires_at = now() - interval '1 hour' WHERE key LIKE 'old-%'")
+        .await
+        .unwrap();
+
+    assert_eq!(store.count_expired().await.unwrap(), 3);
+    assert_eq!(
+        store.purge_expired(2).await.unwrap(),
+        3,
+        "in batches of 2, until none is left"
+    );
+    assert_eq!(store.count_expired().await.unwrap(), 0);
+    assert_eq!(db.records().await, 1, "the live record stays");
     db.drop_schema().await;
 }

@@ -241,7 +241,7 @@ pub(in crate::store) fn create_index(name: &TableName) -> String {
 }
 
 /// The SQL of the operations, formatted with the table name.
-pub(super) struct OperationsSql;
+pub(in crate::store) struct OperationsSql;
 
 impl OperationsSql {
     pub(super) fn stats(t: &str) -> String {
@@ -261,7 +261,7 @@ impl OperationsSql {
     /// instead of waiting on each other or counting a row twice. A live
     /// record is never purged: an open claim with a running lease stays
     /// however long ago its retention ran out.
-    pub(super) fn purge_batch(t: &str) -> String {
+    pub(in crate::store) fn purge_batch(t: &str) -> String {
         let live = live("");
         format!(
             "DELETE FROM {t} WHERE ctid = ANY(ARRAY(
@@ -271,7 +271,7 @@ impl OperationsSql {
         )
     }
 
-    pub(super) fn count_expired(t: &str) -> String {
+    pub(in crate::store) fn count_expired(t: &str) -> String {
         let live = live("");
         format!("SELECT count(*) FROM {t} WHERE expires_at <= now() AND NOT {live}")
     }

@@ -15,6 +15,7 @@ use tokio::sync::OnceCell;
 
 mod error;
 mod migration;
+mod operations;
 mod statement;
 mod tx;
 
