@@ -128,6 +128,7 @@ mod metrics;
 mod ordering;
 mod pipeline;
 mod policy;
+mod pool_mode;
 mod preset;
 mod problem;
 mod record;
@@ -146,6 +147,7 @@ pub use layer::{
 };
 pub use ordering::{OrderingError, OrderingGuard, Transition};
 pub use policy::{InFlight, MissingKey, Mode, ResponseDecision};
+pub use pool_mode::PoolMode;
 pub use preset::Preset;
 pub use service::{IdempotencyService, RequestBody, ResponseFuture, REPLAYED_HEADER};
 pub use shutdown::{ShutdownHandle, ShutdownReport};
