@@ -61,6 +61,11 @@
 //! }
 //! ```
 //!
+//! Behind a transaction-mode pooler (PgBouncer, Supavisor, RDS Proxy), build
+//! the store with [`PostgresStore::with_pool_mode`]`(`[`PoolMode::Transaction`]`)`:
+//! it then sends no named prepared statement and keeps nothing on a server
+//! session beyond its transaction.
+//!
 //! # Webhook providers
 //!
 //! A [`Preset`] sets a provider's documented key, event type and, given

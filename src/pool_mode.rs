@@ -1,8 +1,10 @@
 //! [`PoolMode`]: what sits between the Postgres store (or the ordering
 //! guard) and the server, and so what they may leave on a server session.
 
-/// What sits between the store and Postgres, which decides what the store
-/// may leave on a server connection between two transactions.
+/// What sits between the store (or the ordering guard) and Postgres, which
+/// decides what they may leave on a server connection from one transaction
+/// to the next: set with [`PostgresStore::with_pool_mode`](crate::PostgresStore::with_pool_mode)
+/// and [`OrderingGuard::with_pool_mode`](crate::OrderingGuard::with_pool_mode).
 ///
 /// A transaction-mode pooler (PgBouncer with `pool_mode = transaction`,
 /// Supavisor on port 6543, RDS Proxy) hands each transaction, and each

@@ -278,7 +278,19 @@ impl PoolerRole {
             ))
             .await
             .unwrap_or_else(|error| panic!("cannot create the role and schema {name} (DATABASE_URL): {error}"));
-        Self { name: name.to_owned() }
+        let role = Self { name: name.to_owned() };
+        // PgBouncer logs the role in without a password, and so do these
+        // tests when they connect directly.
+        let mut direct = database_config();
+        direct.user(name).password("");
+        if let Err(error) = direct.connect(tokio_postgres::NoTls).await {
+            role.drop_all().await;
+            panic!(
+                "the role {name} cannot log in to DATABASE_URL's server without a password: {error}; the PgBouncer \
+                 tests need that server to trust logins from 127.0.0.1 (pg_hba.conf: host all all 127.0.0.1/32 trust)"
+            );
+        }
+        role
     }
 
     /// Runs `sql` as the role, so that what it creates is the role's.
