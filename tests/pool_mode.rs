@@ -528,3 +528,53 @@ async fn the_statement_timeout_cancels_a_slow_request_transaction_and_ends_with_
         .expect("no timeout outside the request transaction");
     role.drop_all().await;
 }
+
+/// `idempotency-admin` with `DATABASE_POOL_MODE=transaction`, through
+/// PgBouncer.
+#[cfg(feature = "admin")]
+#[tokio::test]
+async fn idempotency_admin_works_behind_pgbouncer_in_transaction_mode() {
+    let db = TestDb::behind_pgbouncer("pool_mode_admin").await;
+    let store = db.store().await;
+    let probe = Probe::default();
+    let expired = probe.app(
+        IdempotencyLayer::new(store.clone())
+            .source("stripe")
+            .retention(Duration::ZERO),
+    );
+    let kept = probe.app(IdempotencyLayer::new(store).source("stripe"));
+    send(&expired, request(Some("old"), "{}", &[])).await;
+    send(&kept, request(Some("evt_1"), "{}", &[("x-test-status", "201")])).await;
+    let role = PoolerRole {
+        name: db.schema.clone(),
+    };
+    let admin = |args: &[&str], mode: &str| {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_idempotency-admin"))
+            .args(args)
+            .env("DATABASE_URL", role.pgbouncer_url())
+            .env("DATABASE_POOL_MODE", mode)
+            .output()
+            .expect("run idempotency-admin");
+        let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
+        (output.status.code(), text(&output.stdout), text(&output.stderr))
+    };
+
+    let (code, stats, stderr) = admin(&["stats", "--json"], "transaction");
+    assert_eq!(code, Some(0), "{stderr}");
+    let stats: serde_json::Value = serde_json::from_str(&stats).expect("stats as JSON");
+    assert_eq!(
+        (stats["completed"].as_i64(), stats["expired_awaiting_purge"].as_i64()),
+        (Some(1), Some(1))
+    );
+    let (code, shown, stderr) = admin(&["show", "stripe", "", "evt_1", "--json"], "transaction");
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(shown.contains("\"completed\""), "{shown}");
+    let (code, purged, stderr) = admin(&["purge"], "transaction");
+    assert_eq!((code, purged.trim()), (Some(0), "purged 1 expired records"), "{stderr}");
+    let (code, deleted, stderr) = admin(&["delete", "stripe", "", "evt_1"], "transaction");
+    assert_eq!((code, deleted.trim()), (Some(0), "deleted"), "{stderr}");
+    let (code, _, stderr) = admin(&["stats"], "pgbouncer");
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("DATABASE_POOL_MODE"), "{stderr}");
+    db.drop_schema().await;
+}
