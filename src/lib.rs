@@ -61,8 +61,8 @@
 //! }
 //! ```
 //!
-//! Behind a transaction-mode pooler (PgBouncer, Supavisor, RDS Proxy), build
-//! the store with [`PostgresStore::with_pool_mode`]`(`[`PoolMode::Transaction`]`)`:
+//! Behind a transaction-mode pooler (PgBouncer, Supavisor, RDS Proxy), give
+//! the store [`PoolMode::Transaction`] with [`PostgresStore::with_pool_mode`]:
 //! it then sends no named prepared statement and keeps nothing on a server
 //! session beyond its transaction.
 //!

@@ -270,7 +270,7 @@ where
 
 #[tokio::test]
 async fn a_session_mode_store_behind_pgbouncer_names_the_pool_mode_setting() {
-    let role = PoolerRole::create(&format!("pm_hint_{}", std::process::id())).await;
+    let mut role = PoolerRole::create(&format!("pm_hint_{}", std::process::id())).await;
     PostgresStore::new(role.direct_pool(1))
         .migrate()
         .await
@@ -301,7 +301,7 @@ async fn a_session_mode_store_behind_pgbouncer_names_the_pool_mode_setting() {
 
 #[tokio::test]
 async fn a_session_mode_ordering_guard_behind_pgbouncer_names_its_pool_mode_setting() {
-    let role = PoolerRole::create(&format!("pm_guard_hint_{}", std::process::id())).await;
+    let mut role = PoolerRole::create(&format!("pm_guard_hint_{}", std::process::id())).await;
     let pool = role.pgbouncer_pool(1);
     let guard = payment_states(PoolMode::Session);
     guard
@@ -326,7 +326,7 @@ async fn a_session_mode_ordering_guard_behind_pgbouncer_names_its_pool_mode_sett
 
 #[tokio::test]
 async fn migrations_from_many_instances_at_once_behind_pgbouncer() {
-    let role = PoolerRole::create(&format!("pm_migrate_{}", std::process::id())).await;
+    let mut role = PoolerRole::create(&format!("pm_migrate_{}", std::process::id())).await;
     let stores: Vec<PostgresStore> = (0..8)
         .map(|_| PostgresStore::new(role.pgbouncer_pool(2)).with_pool_mode(PoolMode::Transaction))
         .collect();
@@ -419,7 +419,7 @@ async fn operations_behind_pgbouncer_in_transaction_mode() {
 
 #[tokio::test]
 async fn the_ordering_guard_behind_pgbouncer_keeps_the_furthest_state() {
-    let role = PoolerRole::create(&format!("pm_guard_{}", std::process::id())).await;
+    let mut role = PoolerRole::create(&format!("pm_guard_{}", std::process::id())).await;
     let pool = role.pgbouncer_pool(8);
     let guard = payment_states(PoolMode::Transaction);
     guard
@@ -510,7 +510,7 @@ async fn the_statement_timeout_cancels_a_slow_request_transaction_and_ends_with_
     db.drop_schema().await;
 
     // Behind PgBouncer, in transaction mode.
-    let role = PoolerRole::create(&format!("pm_timeout_{}", std::process::id())).await;
+    let mut role = PoolerRole::create(&format!("pm_timeout_{}", std::process::id())).await;
     let store = PostgresStore::new(role.pgbouncer_pool(2))
         .with_pool_mode(PoolMode::Transaction)
         .with_statement_timeout(Duration::from_millis(200));
@@ -545,13 +545,11 @@ async fn idempotency_admin_works_behind_pgbouncer_in_transaction_mode() {
     let kept = probe.app(IdempotencyLayer::new(store).source("stripe"));
     send(&expired, request(Some("old"), "{}", &[])).await;
     send(&kept, request(Some("evt_1"), "{}", &[("x-test-status", "201")])).await;
-    let role = PoolerRole {
-        name: db.schema.clone(),
-    };
+    let url = db.pgbouncer_url().expect("behind PgBouncer");
     let admin = |args: &[&str], mode: &str| {
         let output = std::process::Command::new(env!("CARGO_BIN_EXE_idempotency-admin"))
             .args(args)
-            .env("DATABASE_URL", role.pgbouncer_url())
+            .env("DATABASE_URL", &url)
             .env("DATABASE_POOL_MODE", mode)
             .output()
             .expect("run idempotency-admin");

@@ -32,7 +32,7 @@ use tokio::process::{Child, ChildStderr, ChildStdout, Command};
 use tokio::task::JoinHandle;
 use tokio::time::{timeout, Instant};
 
-use crate::support::pgbouncer::{drop_role_detached, PoolerRole};
+use crate::support::pgbouncer::PoolerRole;
 use crate::support::{self, wait_until};
 
 /// How long an example may take to print its `listening on` line.
@@ -256,7 +256,7 @@ impl Schema {
 impl Drop for Schema {
     fn drop(&mut self) {
         if self.pooler.is_some() {
-            drop_role_detached(&self.name);
+            // The role's guard drops it, and its schema.
             return;
         }
         // A killed example's sessions may still hold locks for a moment.

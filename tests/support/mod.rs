@@ -182,6 +182,12 @@ impl TestDb {
         }
     }
 
+    /// The URL of the store's role through PgBouncer, for child processes
+    /// (behind PgBouncer only).
+    pub fn pgbouncer_url(&self) -> Option<String> {
+        self.pooler.as_ref().map(pgbouncer::PoolerRole::pgbouncer_url)
+    }
+
     /// The pool mode of [`TestDb::store`].
     pub fn pool_mode(&self) -> PoolMode {
         match &self.pooler {
@@ -228,9 +234,9 @@ impl TestDb {
         assert_no_idle_transactions(&self.schema).await;
     }
 
-    pub async fn drop_schema(self) {
+    pub async fn drop_schema(mut self) {
         self.pool.close();
-        if let Some(role) = &self.pooler {
+        if let Some(role) = &mut self.pooler {
             role.drop_all().await;
             return;
         }

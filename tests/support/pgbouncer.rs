@@ -261,8 +261,11 @@ server_idle_timeout = 10
 /// A role and a schema of the test's own: the role owns the schema, which
 /// is its `search_path`, and its sessions carry its name as
 /// `application_name`. PgBouncer gives the role a server pool of its own.
+/// Both are dropped with the guard (roles are the cluster's, not the
+/// database's: a failed test must not leave its role behind).
 pub struct PoolerRole {
     pub name: String,
+    dropped: bool,
 }
 
 impl PoolerRole {
@@ -278,7 +281,10 @@ impl PoolerRole {
             ))
             .await
             .unwrap_or_else(|error| panic!("cannot create the role and schema {name} (DATABASE_URL): {error}"));
-        let role = Self { name: name.to_owned() };
+        let mut role = Self {
+            name: name.to_owned(),
+            dropped: false,
+        };
         // PgBouncer logs the role in without a password, and so do these
         // tests when they connect directly.
         let mut direct = database_config();
@@ -343,8 +349,17 @@ impl PoolerRole {
     }
 
     /// Drops the role and its schema, ending its sessions first.
-    pub async fn drop_all(&self) {
+    pub async fn drop_all(&mut self) {
+        self.dropped = true;
         drop_role(&self.name).await;
+    }
+}
+
+impl Drop for PoolerRole {
+    fn drop(&mut self) {
+        if !self.dropped {
+            super::execute_detached(drop_role_sql(&self.name), Duration::from_secs(30));
+        }
     }
 }
 
@@ -359,9 +374,4 @@ fn drop_role_sql(name: &str) -> String {
 
 async fn drop_role(name: &str) {
     let _ = connect().await.batch_execute(&drop_role_sql(name)).await;
-}
-
-/// [`PoolerRole::drop_all`] from synchronous code (a `Drop`).
-pub fn drop_role_detached(name: &str) {
-    super::execute_detached(drop_role_sql(name), Duration::from_secs(30));
 }

@@ -197,8 +197,9 @@ impl PostgresStore {
     }
 
     /// Has the server cancel any statement of a request's transaction
-    /// (transaction mode: the claim's read, the handler's statements through
-    /// [`Tx`], the completion and the commit) that runs longer than
+    /// ([`Mode::Transaction`](crate::Mode::Transaction): the claim's read,
+    /// the handler's statements through [`Tx`], the completion and the
+    /// commit) that runs longer than
     /// `timeout`: `SET LOCAL statement_timeout` travels with the
     /// transaction's `BEGIN`, in the same message, so it costs no round
     /// trip and ends with the transaction. It works behind a
