@@ -67,7 +67,8 @@ use axum::{Extension, Router};
 use bytes::Bytes;
 use common::{
     connection_pool, create_ledger, describe_database, error_chain, positive, setting, Demo, CONNECT_TIMEOUT,
-    DEFAULT_DATABASE_URL, DEFAULT_POOL_SIZE, DEFAULT_SHUTDOWN_GRACE_MS, POOL_WAIT_TIMEOUT, STATEMENT_TIMEOUT,
+    DEFAULT_DATABASE_URL, DEFAULT_POOL_SIZE, DEFAULT_SHUTDOWN_GRACE_MS, POOL_MODE_HELP, POOL_WAIT_TIMEOUT,
+    STATEMENT_TIMEOUT,
 };
 use deadpool_postgres::{ClientWrapper, Pool};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
@@ -75,7 +76,9 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use serde_json::Value;
 use tokio::net::TcpListener;
 use tower_idempotency::signature::{GitHubSignature, StandardWebhooksSignature, StripeSignature, VerifySignature};
-use tower_idempotency::{IdempotencyLayer, Mode, OrderingGuard, PostgresStore, Preset, RecordKey, ShutdownHandle, Tx};
+use tower_idempotency::{
+    IdempotencyLayer, Mode, OrderingGuard, PoolMode, PostgresStore, Preset, RecordKey, ShutdownHandle, Tx,
+};
 
 const DEFAULT_BIND: &str = "127.0.0.1:3000";
 const DEFAULT_MAX_BODY_BYTES: &str = "1048576";
@@ -106,7 +109,7 @@ Routes:
 Environment (all optional; an empty value counts as unset):
   DATABASE_URL           Postgres for the idempotency records and the ledger
                          [default: {DEFAULT_DATABASE_URL}]
-  BIND                   listen address, IP:port (port 0 picks a free one)
+{POOL_MODE_HELP}  BIND                   listen address, IP:port (port 0 picks a free one)
                          [default: {DEFAULT_BIND}]
   MAX_BODY_BYTES         request body limit; larger bodies get 413
                          [default: {DEFAULT_MAX_BODY_BYTES}]
@@ -147,7 +150,11 @@ Environment (all optional; an empty value counts as unset):
                          webhook-signature [default: unset, no verification]
 
 Database timeouts: connect {connect}s, pool wait {wait}s (then 503 with
-Retry-After), statement {statement}s.
+Retry-After), statement {statement}s: a startup option of every connection,
+or with DATABASE_POOL_MODE=transaction, SET LOCAL in every transaction (the
+protected routes' request transactions, the start-up's); statements outside
+a transaction (lease mode's handler statements, /baseline's insert) then run
+without one.
 
 Signatures: a missing, malformed, stale or wrong one is 401, checked after the
 body size and before anything else; signed timestamps more than {tolerance}s
@@ -203,6 +210,8 @@ async fn main() -> ExitCode {
 /// Everything read from the environment, checked before anything starts.
 struct Settings {
     database: tokio_postgres::Config,
+    /// `DATABASE_POOL_MODE`.
+    pool_mode: PoolMode,
     bind: SocketAddr,
     max_body_bytes: usize,
     pool_size: usize,
@@ -221,6 +230,7 @@ impl Settings {
         let database_url = setting("DATABASE_URL", DEFAULT_DATABASE_URL, |text| Ok(text.to_owned()))?;
         let database = tokio_postgres::Config::from_str(&database_url)
             .map_err(|error| format!("invalid DATABASE_URL: {error}"))?;
+        let pool_mode = common::pool_mode_setting(&database)?;
         let bind = setting("BIND", DEFAULT_BIND, |text| {
             text.parse()
                 .map_err(|_| "expected an IP address and port, such as 127.0.0.1:3000".to_owned())
@@ -241,6 +251,7 @@ impl Settings {
         })?;
         Ok(Self {
             database,
+            pool_mode,
             bind,
             max_body_bytes,
             pool_size,
@@ -298,6 +309,7 @@ fn verified(preset: Preset, verifier: Option<impl VerifySignature>) -> Preset {
 #[derive(Clone)]
 struct App {
     pool: Pool,
+    pool_mode: PoolMode,
     demo: Demo,
     max_body_bytes: usize,
     record_mode: RecordMode,
@@ -354,9 +366,10 @@ impl axum::extract::FromRequestParts<App> for Db {
 
 async fn run(settings: Settings) -> Result<(), String> {
     let target = describe_database(&settings.database);
-    let pool = connection_pool(settings.database, settings.pool_size)?;
+    let pool_mode = settings.pool_mode;
+    let pool = connection_pool(settings.database, settings.pool_size, pool_mode)?;
 
-    let mut store = PostgresStore::new(pool.clone());
+    let mut store = common::postgres_store(pool.clone(), pool_mode);
     if !settings.record_cache_ttl.is_zero() {
         store = store.with_cache(RECORD_CACHE_BYTES, settings.record_cache_ttl);
     }
@@ -366,13 +379,15 @@ async fn run(settings: Settings) -> Result<(), String> {
             error_chain(&error)
         )
     })?;
-    create_ledger(&pool).await.map_err(|error| {
+    create_ledger(&pool, pool_mode).await.map_err(|error| {
         format!(
             "cannot create ledger_entries in the database {target} named by DATABASE_URL: {}",
             error_chain(&*error)
         )
     })?;
-    let payment_states = payment_states().map_err(|error| format!("invalid payment_states guard: {error}"))?;
+    let payment_states = payment_states()
+        .map_err(|error| format!("invalid payment_states guard: {error}"))?
+        .with_pool_mode(pool_mode);
     create_payment_states(&pool, &payment_states).await.map_err(|error| {
         format!(
             "cannot create payment_states in the database {target} named by DATABASE_URL: {}",
@@ -382,6 +397,7 @@ async fn run(settings: Settings) -> Result<(), String> {
 
     let app = App {
         pool,
+        pool_mode,
         demo: settings.demo,
         max_body_bytes: settings.max_body_bytes,
         record_mode: settings.record_mode,
@@ -400,11 +416,8 @@ async fn run(settings: Settings) -> Result<(), String> {
         .local_addr()
         .map_err(|error| format!("cannot read the bound address: {error}"))?;
     println!(
-        "listening on {address} (pool {} connections, connect timeout {}s, pool wait {}s, statement timeout {}s)",
-        settings.pool_size,
-        CONNECT_TIMEOUT.as_secs(),
-        POOL_WAIT_TIMEOUT.as_secs(),
-        STATEMENT_TIMEOUT.as_secs(),
+        "listening on {address} ({})",
+        common::pool_summary(settings.pool_size, pool_mode)
     );
     // Whoever started us waits for that line; don't leave it in a buffer.
     std::io::stdout()
@@ -498,7 +511,7 @@ async fn stripe_webhook(
             return database_unavailable(&error);
         }
     }
-    process(&app.demo, &tx, LedgerEntry::for_record(&record, amount), StatusCode::OK).await
+    process(&app, &tx, LedgerEntry::for_record(&record, amount), StatusCode::OK).await
 }
 
 /// The payment id (JSON `/data/object/id`) and the state a
@@ -518,11 +531,11 @@ fn payment_state_change(body: &[u8]) -> Option<(String, &'static str)> {
 }
 
 async fn github_webhook(State(app): State<App>, tx: Db, Extension(record): Extension<RecordKey>) -> Response {
-    process(&app.demo, &tx, LedgerEntry::for_record(&record, 0), StatusCode::OK).await
+    process(&app, &tx, LedgerEntry::for_record(&record, 0), StatusCode::OK).await
 }
 
 async fn standard_webhook(State(app): State<App>, tx: Db, Extension(record): Extension<RecordKey>) -> Response {
-    process(&app.demo, &tx, LedgerEntry::for_record(&record, 0), StatusCode::OK).await
+    process(&app, &tx, LedgerEntry::for_record(&record, 0), StatusCode::OK).await
 }
 
 async fn create_payment(
@@ -532,13 +545,7 @@ async fn create_payment(
     body: Bytes,
 ) -> Response {
     let amount = amount_at(&body, "/amount");
-    process(
-        &app.demo,
-        &tx,
-        LedgerEntry::for_record(&record, amount),
-        StatusCode::CREATED,
-    )
-    .await
+    process(&app, &tx, LedgerEntry::for_record(&record, amount), StatusCode::CREATED).await
 }
 
 /// The Stripe handler without the layer: no key check, no record, and its
@@ -577,7 +584,7 @@ async fn baseline(State(app): State<App>, headers: HeaderMap, body: Body) -> Res
         Ok(client) => client,
         Err(error) => return database_unavailable(&error),
     };
-    process(&app.demo, &client, entry, StatusCode::OK).await
+    process(&app, &client, entry, StatusCode::OK).await
 }
 
 /// 200 when a `SELECT 1` comes back in time.
@@ -633,9 +640,10 @@ impl<'a> LedgerEntry<'a> {
 /// Writes the ledger row through `client` (the request's transaction, or an
 /// autocommitting connection for /baseline), then applies the demo knobs
 /// and answers.
-async fn process(demo: &Demo, client: &ClientWrapper, entry: LedgerEntry<'_>, success: StatusCode) -> Response {
+async fn process(app: &App, client: &ClientWrapper, entry: LedgerEntry<'_>, success: StatusCode) -> Response {
     let inserted = common::insert_ledger_entry(
         client,
+        app.pool_mode,
         entry.source,
         &entry.event_id,
         &entry.event_type,
@@ -645,7 +653,7 @@ async fn process(demo: &Demo, client: &ClientWrapper, entry: LedgerEntry<'_>, su
         Ok(id) => id,
         Err(error) => return database_unavailable(&error),
     };
-    if demo.after_write().await {
+    if app.demo.after_write().await {
         // Behind the layer this 503 rolls the row back and leaves the key
         // free for the provider's retry.
         return problem_with_retry(

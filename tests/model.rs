@@ -1003,6 +1003,9 @@ enum Backend {
     Postgres,
     /// Postgres, each instance with its own cache of completed records.
     PostgresCached,
+    /// Postgres through PgBouncer in transaction mode, the store in
+    /// `PoolMode::Transaction`.
+    PostgresBehindPgBouncer,
     Memory,
 }
 
@@ -1037,17 +1040,22 @@ fn run_model(backend: Backend, lease: bool) {
         .expect("a runtime");
     let name = format!("model_{backend:?}_{}", if lease { "lease" } else { "tx" }).to_lowercase();
     let db = match backend {
-        Backend::Postgres | Backend::PostgresCached => Some(Arc::new(runtime.block_on(async {
-            let db = support::TestDb::new(&name).await;
-            db.client()
-                .await
-                .batch_execute(
-                    "CREATE TABLE model_ledger (source text NOT NULL, key text NOT NULL, tag bigint NOT NULL)",
-                )
-                .await
-                .expect("model_ledger");
-            db
-        }))),
+        Backend::Postgres | Backend::PostgresCached | Backend::PostgresBehindPgBouncer => {
+            Some(Arc::new(runtime.block_on(async {
+                let db = match backend {
+                    Backend::PostgresBehindPgBouncer => support::TestDb::behind_pgbouncer(&name).await,
+                    _ => support::TestDb::new(&name).await,
+                };
+                db.client()
+                    .await
+                    .batch_execute(
+                        "CREATE TABLE model_ledger (source text NOT NULL, key text NOT NULL, tag bigint NOT NULL)",
+                    )
+                    .await
+                    .expect("model_ledger");
+                db
+            })))
+        }
         Backend::Memory => None,
     };
     let store: Option<Store> = db.as_ref().map(|db| runtime.block_on(db.store()).into());
@@ -1126,6 +1134,16 @@ fn model_transaction_mode_memory() {
 #[test]
 fn model_lease_mode_postgres() {
     run_model(Backend::Postgres, true);
+}
+
+#[test]
+fn model_transaction_mode_postgres_behind_pgbouncer() {
+    run_model(Backend::PostgresBehindPgBouncer, false);
+}
+
+#[test]
+fn model_lease_mode_postgres_behind_pgbouncer() {
+    run_model(Backend::PostgresBehindPgBouncer, true);
 }
 
 #[test]

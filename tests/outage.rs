@@ -5,6 +5,9 @@
 //! connection), the receiver recovers by itself without a restart, and every
 //! event runs exactly once.
 //!
+//! The same outage also hits the receiver behind PgBouncer in transaction
+//! mode, where the terminated sessions are PgBouncer's server connections.
+//!
 //! The restart of the Postgres server itself is in `postgres_restart.rs`,
 //! which runs alone (see the README's "Testing and CI").
 
@@ -23,7 +26,15 @@ const TERMINATIONS: usize = 5;
 
 #[tokio::test]
 async fn terminated_database_sessions_under_load_give_only_503s_and_every_event_runs_once() {
-    let schema = Schema::new("outage_terminate").await;
+    terminated_sessions_under_load(Schema::new("outage_terminate").await).await;
+}
+
+#[tokio::test]
+async fn terminated_server_sessions_behind_pgbouncer_give_only_503s_and_every_event_runs_once() {
+    terminated_sessions_under_load(Schema::behind_pgbouncer("outage_pgbouncer").await).await;
+}
+
+async fn terminated_sessions_under_load(schema: Schema) {
     // A short delay keeps transactions open, so that terminations land in
     // the middle of handlers and commits as well as on idle connections.
     let mut receiver = Receiver::start(&schema, &[("DEMO_HANDLER_DELAY_MS", "10")]).await;

@@ -1,14 +1,16 @@
 //! Shared setup for the tests: the one place that says which Postgres they
 //! use (`DATABASE_URL`), a schema per test, a probe handler whose behaviour
 //! each request chooses through headers, requests built and read, requests
-//! signed as providers sign them ([`signing`]) and a proxy on the Postgres
-//! wire protocol ([`wire`]).
+//! signed as providers sign them ([`signing`]), a proxy on the Postgres
+//! wire protocol ([`wire`]) and the PgBouncer in transaction mode that the
+//! pooler tests go through ([`pgbouncer`]).
 //!
 //! Each test file is a crate of its own that includes this module with
 //! `mod support;`; what one file does not use is dead code there, hence the
 //! `allow` below.
 #![allow(dead_code)]
 
+pub mod pgbouncer;
 pub mod signing;
 pub mod wire;
 
@@ -28,7 +30,7 @@ use http_body_util::BodyExt;
 use tokio::sync::{mpsc, Mutex, Semaphore};
 use tokio_postgres::NoTls;
 use tower::ServiceExt;
-use tower_idempotency::{IdempotencyLayer, MemoryStore, PostgresStore, ResponseDecision, Store, Tx, TxError};
+use tower_idempotency::{IdempotencyLayer, MemoryStore, PoolMode, PostgresStore, ResponseDecision, Store, Tx, TxError};
 
 /// The Postgres the tests use when `DATABASE_URL` is unset or empty.
 pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
@@ -118,39 +120,96 @@ pub fn execute_detached(sql: String, bound: Duration) {
 /// carry the schema's name as `application_name`.
 pub struct TestDb {
     pub schema: String,
+    /// Direct connections to Postgres: the store's, and the test's own
+    /// setup and inspection.
     pub pool: Pool,
+    /// Behind PgBouncer ([`TestDb::behind_pgbouncer`]): the role of the
+    /// same name as the schema, whose connections through PgBouncer the
+    /// store uses instead.
+    pooler: Option<pgbouncer::PoolerRole>,
 }
+
+/// A schema name of at most 63 bytes for the test `name`: a readable
+/// prefix, a hash of the whole name, and the process id.
+fn schema_name(name: &str) -> String {
+    let hash = name.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    });
+    let prefix: String = name.chars().take(32).collect();
+    format!("t_{prefix}_{:08x}_{}", hash as u32, std::process::id()).to_lowercase()
+}
+
+const CREATE_LEDGER: &str = "CREATE TABLE ledger (id bigserial PRIMARY KEY, body bytea NOT NULL)";
 
 impl TestDb {
     pub async fn new(name: &str) -> Self {
-        // Identifiers stop at 63 bytes: keep a readable prefix and a hash
-        // of the whole name.
-        let hash = name.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
-            (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
-        });
-        let prefix: String = name.chars().take(32).collect();
-        let schema = format!("t_{prefix}_{:08x}_{}", hash as u32, std::process::id()).to_lowercase();
+        let schema = schema_name(name);
         let admin = connect().await;
         admin
             .batch_execute(&format!(
-                "DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema};
-                 CREATE TABLE {schema}.ledger (id bigserial PRIMARY KEY, body bytea NOT NULL);"
+                "DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema}; SET search_path = {schema};
+                 {CREATE_LEDGER};"
             ))
             .await
             .expect("create the test schema");
         let pool = pool_for(&schema, 16);
-        Self { schema, pool }
+        Self {
+            schema,
+            pool,
+            pooler: None,
+        }
     }
 
+    /// A schema whose store goes through PgBouncer in transaction mode
+    /// ([`pgbouncer`]) with [`PoolMode::Transaction`], as a role of the
+    /// test's own; [`TestDb::pool`] connects directly, as that role.
+    pub async fn behind_pgbouncer(name: &str) -> Self {
+        let schema = schema_name(name);
+        let role = pgbouncer::PoolerRole::create(&schema).await;
+        role.execute_as(CREATE_LEDGER).await;
+        Self {
+            pool: role.direct_pool(16),
+            schema,
+            pooler: Some(role),
+        }
+    }
+
+    /// The pool the store uses: through PgBouncer, or direct.
+    pub fn store_pool(&self) -> Pool {
+        match &self.pooler {
+            Some(role) => role.pgbouncer_pool(16),
+            None => self.pool.clone(),
+        }
+    }
+
+    /// The URL of the store's role through PgBouncer, for child processes
+    /// (behind PgBouncer only).
+    pub fn pgbouncer_url(&self) -> Option<String> {
+        self.pooler.as_ref().map(pgbouncer::PoolerRole::pgbouncer_url)
+    }
+
+    /// The pool mode of [`TestDb::store`].
+    pub fn pool_mode(&self) -> PoolMode {
+        match &self.pooler {
+            Some(_) => PoolMode::Transaction,
+            None => PoolMode::Session,
+        }
+    }
+
+    /// The store on [`TestDb::store_pool`], migrated.
     pub async fn store(&self) -> PostgresStore {
-        let store = PostgresStore::new(self.pool.clone());
+        let store = PostgresStore::new(self.store_pool()).with_pool_mode(self.pool_mode());
         store.migrate().await.expect("migrate");
         store
     }
 
-    /// A second, independent pool on the same schema (another "instance").
+    /// A second, independent pool for the store on the same schema
+    /// (another "instance"), through PgBouncer if the store goes through it.
     pub fn another_pool(&self) -> Pool {
-        pool_for(&self.schema, 16)
+        match &self.pooler {
+            Some(role) => role.pgbouncer_pool(16),
+            None => pool_for(&self.schema, 16),
+        }
     }
 
     pub async fn client(&self) -> deadpool_postgres::Object {
@@ -175,8 +234,12 @@ impl TestDb {
         assert_no_idle_transactions(&self.schema).await;
     }
 
-    pub async fn drop_schema(self) {
+    pub async fn drop_schema(mut self) {
         self.pool.close();
+        if let Some(role) = &mut self.pooler {
+            role.drop_all().await;
+            return;
+        }
         let admin = connect().await;
         let _ = admin
             .batch_execute(&format!("DROP SCHEMA IF EXISTS {} CASCADE", self.schema))
@@ -249,6 +312,14 @@ impl Ctx {
         Self { store, db: Some(db) }
     }
 
+    /// Postgres through PgBouncer in transaction mode, the store in
+    /// [`PoolMode::Transaction`].
+    pub async fn behind_pgbouncer(name: &str) -> Self {
+        let db = TestDb::behind_pgbouncer(name).await;
+        let store = db.store().await.into();
+        Self { store, db: Some(db) }
+    }
+
     pub fn memory() -> Self {
         Self {
             store: MemoryStore::new(10_000).into(),
@@ -278,7 +349,8 @@ impl Ctx {
     }
 }
 
-/// Runs one test body against the Postgres store and the memory store.
+/// Runs one test body against the Postgres store, against it through
+/// PgBouncer in transaction mode, and against the memory store.
 #[macro_export]
 macro_rules! both_stores {
     ($name:ident) => {
@@ -286,6 +358,12 @@ macro_rules! both_stores {
             #[tokio::test]
             async fn postgres() {
                 let ctx = $crate::support::Ctx::postgres(concat!(stringify!($name), "_pg")).await;
+                super::$name(ctx).await;
+            }
+
+            #[tokio::test]
+            async fn postgres_behind_pgbouncer() {
+                let ctx = $crate::support::Ctx::behind_pgbouncer(concat!(stringify!($name), "_pgb")).await;
                 super::$name(ctx).await;
             }
 
