@@ -48,7 +48,7 @@ use common::{Demo, DEFAULT_POOL_SIZE, DEFAULT_SHUTDOWN_GRACE_MS};
 use payments::payments_server::{Payments, PaymentsServer};
 use payments::{CreatePaymentRequest, Payment};
 use tonic::{Request, Response, Status};
-use tower_idempotency::{IdempotencyLayer, IdempotencyTx, InFlight, PostgresStore, RecordKey};
+use tower_idempotency::{IdempotencyLayer, IdempotencyTx, InFlight, PoolMode, RecordKey};
 
 const DEFAULT_BIND: &str = "127.0.0.1:50051";
 /// The one method the layer protects; streaming RPCs must never be listed.
@@ -67,7 +67,7 @@ reflection (v1 and v1alpha):
 Environment (all optional; an empty value counts as unset):
   DATABASE_URL           Postgres for the idempotency records and the ledger
                          [default: {database}]
-  BIND                   listen address, IP:port (port 0 picks a free one)
+{pool_mode}  BIND                   listen address, IP:port (port 0 picks a free one)
                          [default: {DEFAULT_BIND}]
   DEMO_FAILURE_RATE      probability (0 to 1) that a call fails UNAVAILABLE
                          after writing its ledger row (rolled back) [default: 0]
@@ -82,6 +82,7 @@ Environment (all optional; an empty value counts as unset):
                          process exits 0 [default: {DEFAULT_SHUTDOWN_GRACE_MS}]
 ",
         database = common::DEFAULT_DATABASE_URL,
+        pool_mode = common::POOL_MODE_HELP,
     )
 }
 
@@ -124,6 +125,8 @@ async fn main() -> ExitCode {
 /// Everything read from the environment, checked before anything starts.
 struct Settings {
     database: tokio_postgres::Config,
+    /// `DATABASE_POOL_MODE`.
+    pool_mode: PoolMode,
     bind: SocketAddr,
     pool_size: usize,
     demo: Demo,
@@ -132,8 +135,10 @@ struct Settings {
 
 impl Settings {
     fn from_env() -> Result<Self, String> {
+        let database = common::database_setting()?;
         Ok(Self {
-            database: common::database_setting()?,
+            pool_mode: common::pool_mode_setting(&database)?,
+            database,
             bind: common::setting("BIND", DEFAULT_BIND, |text| {
                 text.parse()
                     .map_err(|_| "expected an IP address and port, such as 127.0.0.1:50051".to_owned())
@@ -147,16 +152,19 @@ impl Settings {
 
 async fn run(settings: Settings) -> Result<(), String> {
     let target = common::describe_database(&settings.database);
-    let pool = common::connection_pool(settings.database, settings.pool_size)?;
+    let pool_mode = settings.pool_mode;
+    let pool = common::connection_pool(settings.database, settings.pool_size, pool_mode)?;
     let unusable = |error: &dyn std::error::Error| {
         format!(
             "cannot use the database {target} named by DATABASE_URL: {}",
             common::error_chain(error)
         )
     };
-    let store = PostgresStore::new(pool.clone());
+    let store = common::postgres_store(pool.clone(), pool_mode);
     store.migrate().await.map_err(|error| unusable(&error))?;
-    common::create_ledger(&pool).await.map_err(|error| unusable(&*error))?;
+    common::create_ledger(&pool, pool_mode)
+        .await
+        .map_err(|error| unusable(&*error))?;
 
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(payments::FILE_DESCRIPTOR_SET)
@@ -178,14 +186,20 @@ async fn run(settings: Settings) -> Result<(), String> {
     let address = listener
         .local_addr()
         .map_err(|error| format!("cannot read the bound address: {error}"))?;
-    println!("listening on {address} ({})", common::pool_summary(settings.pool_size));
+    println!(
+        "listening on {address} ({})",
+        common::pool_summary(settings.pool_size, pool_mode)
+    );
     std::io::stdout()
         .flush()
         .map_err(|error| format!("cannot write to stdout: {error}"))?;
 
     let server = tonic::transport::Server::builder()
         .layer(idempotency)
-        .add_service(PaymentsServer::new(PaymentsService { demo: settings.demo }))
+        .add_service(PaymentsServer::new(PaymentsService {
+            demo: settings.demo,
+            pool_mode,
+        }))
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha);
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
@@ -197,6 +211,7 @@ async fn run(settings: Settings) -> Result<(), String> {
 
 struct PaymentsService {
     demo: Demo,
+    pool_mode: PoolMode,
 }
 
 #[tonic::async_trait]
@@ -214,9 +229,10 @@ impl Payments for PaymentsService {
             .await
             .map_err(|error| Status::internal(error.to_string()))?;
         let payment = request.into_inner();
-        let ledger_entry_id = common::insert_ledger_entry(&tx, "grpc", record.key(), "", payment.amount_cents)
-            .await
-            .map_err(|error| Status::unavailable(format!("database error: {error}")))?;
+        let ledger_entry_id =
+            common::insert_ledger_entry(&tx, self.pool_mode, "grpc", record.key(), "", payment.amount_cents)
+                .await
+                .map_err(|error| Status::unavailable(format!("database error: {error}")))?;
         if self.demo.after_write().await {
             // Not OK: the layer rolls the ledger row back with the claim.
             return Err(Status::unavailable("injected failure (DEMO_FAILURE_RATE)"));

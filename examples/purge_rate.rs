@@ -37,7 +37,7 @@ async fn run() -> Result<(), String> {
     let mut database = common::database_setting()?;
     let schema = format!("purge_rate_{}", std::process::id());
     database.options(format!("-c search_path={schema}"));
-    let pool = common::connection_pool(database, 2)?;
+    let pool = common::connection_pool(database, 2, tower_idempotency::PoolMode::Session)?;
     let client = pool
         .get()
         .await

@@ -72,7 +72,8 @@ use axum::{Extension, Router};
 use bytes::Bytes;
 use common::{
     connection_pool, create_ledger, describe_database, error_chain, positive, setting, Demo, CONNECT_TIMEOUT,
-    DEFAULT_DATABASE_URL, DEFAULT_POOL_SIZE, DEFAULT_SHUTDOWN_GRACE_MS, POOL_WAIT_TIMEOUT, STATEMENT_TIMEOUT,
+    DEFAULT_DATABASE_URL, DEFAULT_POOL_SIZE, DEFAULT_SHUTDOWN_GRACE_MS, POOL_MODE_HELP, POOL_WAIT_TIMEOUT,
+    STATEMENT_TIMEOUT,
 };
 use deadpool_postgres::Pool;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
@@ -80,12 +81,12 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use serde_json::Value;
 use tokio::net::TcpListener;
 use tower_idempotency::signature::{GitHubSignature, StandardWebhooksSignature, StripeSignature, VerifySignature};
+#[cfg(feature = "sqlx")]
+use tower_idempotency::SqlxTx;
 use tower_idempotency::{
-    IdempotencyLayer, Mode, OrderingError, OrderingGuard, PostgresStore, Preset, RecordKey, ShutdownHandle, Store,
+    IdempotencyLayer, Mode, OrderingError, OrderingGuard, PoolMode, Preset, RecordKey, ShutdownHandle, Store,
     Transition, Tx,
 };
-#[cfg(feature = "sqlx")]
-use tower_idempotency::{SqlxStore, SqlxTx};
 
 const DEFAULT_BIND: &str = "127.0.0.1:3000";
 const DEFAULT_MAX_BODY_BYTES: &str = "1048576";
@@ -120,7 +121,7 @@ Environment (all optional; an empty value counts as unset):
                          with --features sqlx), whose store hands handlers the
                          request's transaction as sqlx's PgConnection
                          [default: tokio-postgres]
-  BIND                   listen address, IP:port (port 0 picks a free one)
+{POOL_MODE_HELP}  BIND                   listen address, IP:port (port 0 picks a free one)
                          [default: {DEFAULT_BIND}]
   MAX_BODY_BYTES         request body limit; larger bodies get 413
                          [default: {DEFAULT_MAX_BODY_BYTES}]
@@ -161,7 +162,11 @@ Environment (all optional; an empty value counts as unset):
                          webhook-signature [default: unset, no verification]
 
 Database timeouts: connect {connect}s, pool wait {wait}s (then 503 with
-Retry-After), statement {statement}s.
+Retry-After), statement {statement}s: a startup option of every connection,
+or with DATABASE_POOL_MODE=transaction, SET LOCAL in every transaction (the
+protected routes' request transactions, the start-up's); statements outside
+a transaction (lease mode's handler statements, /baseline's insert) then run
+without one.
 
 Signatures: a missing, malformed, stale or wrong one is 401, checked after the
 body size and before anything else; signed timestamps more than {tolerance}s
@@ -221,6 +226,8 @@ struct Settings {
     #[cfg_attr(not(feature = "sqlx"), allow(dead_code))]
     database_url: String,
     driver: Driver,
+    /// `DATABASE_POOL_MODE`.
+    pool_mode: PoolMode,
     bind: SocketAddr,
     max_body_bytes: usize,
     pool_size: usize,
@@ -247,6 +254,7 @@ impl Settings {
             "sqlx" => Err("this build has no sqlx driver: build the example with --features sqlx".to_owned()),
             _ => Err("expected `tokio-postgres` or `sqlx`".to_owned()),
         })?;
+        let pool_mode = common::pool_mode_setting(&database)?;
         let bind = setting("BIND", DEFAULT_BIND, |text| {
             text.parse()
                 .map_err(|_| "expected an IP address and port, such as 127.0.0.1:3000".to_owned())
@@ -269,6 +277,7 @@ impl Settings {
             database,
             database_url,
             driver,
+            pool_mode,
             bind,
             max_body_bytes,
             pool_size,
@@ -342,6 +351,7 @@ enum Database {
 #[derive(Clone)]
 struct App {
     database: Database,
+    pool_mode: PoolMode,
     demo: Demo,
     max_body_bytes: usize,
     record_mode: RecordMode,
@@ -390,7 +400,11 @@ impl Db {
     }
 
     /// Writes a ledger row; its id.
-    async fn insert_ledger_entry(&mut self, entry: &LedgerEntry<'_>) -> Result<i64, Box<dyn std::error::Error>> {
+    async fn insert_ledger_entry(
+        &mut self,
+        mode: PoolMode,
+        entry: &LedgerEntry<'_>,
+    ) -> Result<i64, Box<dyn std::error::Error>> {
         let (source, event_id, event_type, amount) = (
             entry.source,
             entry.event_id.as_str(),
@@ -398,13 +412,15 @@ impl Db {
             entry.amount_cents,
         );
         Ok(match self {
-            Db::Tx(tx) => common::insert_ledger_entry(tx, source, event_id, event_type, amount).await?,
-            Db::Pooled(client) => common::insert_ledger_entry(client, source, event_id, event_type, amount).await?,
+            Db::Tx(tx) => common::insert_ledger_entry(tx, mode, source, event_id, event_type, amount).await?,
+            Db::Pooled(client) => {
+                common::insert_ledger_entry(client, mode, source, event_id, event_type, amount).await?
+            }
             #[cfg(feature = "sqlx")]
-            Db::SqlxTx(tx) => common::insert_ledger_entry_sqlx(tx, source, event_id, event_type, amount).await?,
+            Db::SqlxTx(tx) => common::insert_ledger_entry_sqlx(tx, mode, source, event_id, event_type, amount).await?,
             #[cfg(feature = "sqlx")]
             Db::SqlxPooled(connection) => {
-                common::insert_ledger_entry_sqlx(connection, source, event_id, event_type, amount).await?
+                common::insert_ledger_entry_sqlx(connection, mode, source, event_id, event_type, amount).await?
             }
         })
     }
@@ -457,10 +473,11 @@ async fn open_database(settings: &Settings, guard: &OrderingGuard) -> Result<(Da
         )
     };
     let cache = (!settings.record_cache_ttl.is_zero()).then_some(settings.record_cache_ttl);
+    let pool_mode = settings.pool_mode;
     match settings.driver {
         Driver::TokioPostgres => {
-            let pool = connection_pool(settings.database.clone(), settings.pool_size)?;
-            let mut store = PostgresStore::new(pool.clone());
+            let pool = connection_pool(settings.database.clone(), settings.pool_size, pool_mode)?;
+            let mut store = common::postgres_store(pool.clone(), pool_mode);
             if let Some(ttl) = cache {
                 store = store.with_cache(RECORD_CACHE_BYTES, ttl);
             }
@@ -470,7 +487,7 @@ async fn open_database(settings: &Settings, guard: &OrderingGuard) -> Result<(Da
                     error_chain(&error)
                 )
             })?;
-            create_ledger(&pool)
+            create_ledger(&pool, pool_mode)
                 .await
                 .map_err(|error| cannot("create ledger_entries", &*error))?;
             create_payment_states(&pool, guard)
@@ -480,8 +497,8 @@ async fn open_database(settings: &Settings, guard: &OrderingGuard) -> Result<(Da
         }
         #[cfg(feature = "sqlx")]
         Driver::Sqlx => {
-            let pool = common::sqlx_pool(&settings.database_url, settings.pool_size)?;
-            let mut store = SqlxStore::new(pool.clone());
+            let pool = common::sqlx_pool(&settings.database_url, settings.pool_size, pool_mode)?;
+            let mut store = common::sqlx_store(pool.clone(), pool_mode);
             if let Some(ttl) = cache {
                 store = store.with_cache(RECORD_CACHE_BYTES, ttl);
             }
@@ -491,7 +508,7 @@ async fn open_database(settings: &Settings, guard: &OrderingGuard) -> Result<(Da
                     error_chain(&error)
                 )
             })?;
-            common::create_ledger_sqlx(&pool)
+            common::create_ledger_sqlx(&pool, pool_mode)
                 .await
                 .map_err(|error| cannot("create ledger_entries", &*error))?;
             let created = async {
@@ -508,11 +525,14 @@ async fn open_database(settings: &Settings, guard: &OrderingGuard) -> Result<(Da
 }
 
 async fn run(settings: Settings) -> Result<(), String> {
-    let payment_states = payment_states().map_err(|error| format!("invalid payment_states guard: {error}"))?;
+    let payment_states = payment_states()
+        .map_err(|error| format!("invalid payment_states guard: {error}"))?
+        .with_pool_mode(settings.pool_mode);
     let (database, store) = open_database(&settings, &payment_states).await?;
 
     let app = App {
         database,
+        pool_mode: settings.pool_mode,
         demo: settings.demo,
         max_body_bytes: settings.max_body_bytes,
         record_mode: settings.record_mode,
@@ -531,11 +551,8 @@ async fn run(settings: Settings) -> Result<(), String> {
         .local_addr()
         .map_err(|error| format!("cannot read the bound address: {error}"))?;
     println!(
-        "listening on {address} (pool {} connections, connect timeout {}s, pool wait {}s, statement timeout {}s)",
-        settings.pool_size,
-        CONNECT_TIMEOUT.as_secs(),
-        POOL_WAIT_TIMEOUT.as_secs(),
-        STATEMENT_TIMEOUT.as_secs(),
+        "listening on {address} ({})",
+        common::pool_summary(settings.pool_size, settings.pool_mode)
     );
     // Whoever started us waits for that line; don't leave it in a buffer.
     std::io::stdout()
@@ -629,13 +646,7 @@ async fn stripe_webhook(
             return database_unavailable(&error);
         }
     }
-    process(
-        &app.demo,
-        &mut tx,
-        LedgerEntry::for_record(&record, amount),
-        StatusCode::OK,
-    )
-    .await
+    process(&app, &mut tx, LedgerEntry::for_record(&record, amount), StatusCode::OK).await
 }
 
 /// The payment id (JSON `/data/object/id`) and the state a
@@ -655,11 +666,11 @@ fn payment_state_change(body: &[u8]) -> Option<(String, &'static str)> {
 }
 
 async fn github_webhook(State(app): State<App>, mut tx: Db, Extension(record): Extension<RecordKey>) -> Response {
-    process(&app.demo, &mut tx, LedgerEntry::for_record(&record, 0), StatusCode::OK).await
+    process(&app, &mut tx, LedgerEntry::for_record(&record, 0), StatusCode::OK).await
 }
 
 async fn standard_webhook(State(app): State<App>, mut tx: Db, Extension(record): Extension<RecordKey>) -> Response {
-    process(&app.demo, &mut tx, LedgerEntry::for_record(&record, 0), StatusCode::OK).await
+    process(&app, &mut tx, LedgerEntry::for_record(&record, 0), StatusCode::OK).await
 }
 
 async fn create_payment(
@@ -670,7 +681,7 @@ async fn create_payment(
 ) -> Response {
     let amount = amount_at(&body, "/amount");
     process(
-        &app.demo,
+        &app,
         &mut tx,
         LedgerEntry::for_record(&record, amount),
         StatusCode::CREATED,
@@ -714,7 +725,7 @@ async fn baseline(State(app): State<App>, headers: HeaderMap, body: Body) -> Res
         Ok(db) => db,
         Err(response) => return response,
     };
-    process(&app.demo, &mut db, entry, StatusCode::OK).await
+    process(&app, &mut db, entry, StatusCode::OK).await
 }
 
 /// 200 when a `SELECT 1` comes back in time.
@@ -785,12 +796,12 @@ impl<'a> LedgerEntry<'a> {
 /// Writes the ledger row through `db` (the request's transaction, or an
 /// autocommitting connection for /baseline), then applies the demo knobs
 /// and answers.
-async fn process(demo: &Demo, db: &mut Db, entry: LedgerEntry<'_>, success: StatusCode) -> Response {
-    let id = match db.insert_ledger_entry(&entry).await {
+async fn process(app: &App, db: &mut Db, entry: LedgerEntry<'_>, success: StatusCode) -> Response {
+    let id = match db.insert_ledger_entry(app.pool_mode, &entry).await {
         Ok(id) => id,
         Err(error) => return database_unavailable(&error),
     };
-    if demo.after_write().await {
+    if app.demo.after_write().await {
         // Behind the layer this 503 rolls the row back and leaves the key
         // free for the provider's retry.
         return problem_with_retry(

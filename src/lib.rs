@@ -61,6 +61,11 @@
 //! }
 //! ```
 //!
+//! Behind a transaction-mode pooler (PgBouncer, Supavisor, RDS Proxy), give
+//! the store [`PoolMode::Transaction`] with [`PostgresStore::with_pool_mode`]:
+//! it then sends no named prepared statement and keeps nothing on a server
+//! session beyond its transaction.
+//!
 //! # Webhook providers
 //!
 //! A [`Preset`] sets a provider's documented key, event type and, given
@@ -128,6 +133,7 @@ mod metrics;
 mod ordering;
 mod pipeline;
 mod policy;
+mod pool_mode;
 mod preset;
 mod problem;
 mod record;
@@ -146,6 +152,7 @@ pub use layer::{
 };
 pub use ordering::{OrderingError, OrderingGuard, Transition};
 pub use policy::{InFlight, MissingKey, Mode, ResponseDecision};
+pub use pool_mode::PoolMode;
 pub use preset::Preset;
 pub use service::{IdempotencyService, RequestBody, ResponseFuture, REPLAYED_HEADER};
 pub use shutdown::{ShutdownHandle, ShutdownReport};

@@ -13,6 +13,10 @@ use std::sync::Arc;
 
 use deadpool_postgres::ClientWrapper;
 use sha2::{Digest, Sha256};
+use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::Row;
+
+use crate::PoolMode;
 
 /// Applies status changes in a declared order, inside the caller's
 /// transaction.
@@ -65,6 +69,7 @@ pub struct OrderingGuard {
     table: String,
     states: Vec<State>,
     statements: Arc<Statements>,
+    pool_mode: PoolMode,
 }
 
 #[derive(Clone, Debug)]
@@ -79,6 +84,7 @@ impl fmt::Debug for OrderingGuard {
         f.debug_struct("OrderingGuard")
             .field("table", &self.table)
             .field("states", &self.states)
+            .field("pool_mode", &self.pool_mode)
             .finish_non_exhaustive()
     }
 }
@@ -132,12 +138,33 @@ pub enum OrderingError {
     RowDeleted(String),
     /// The database refused or failed the statement; in the layer's
     /// transaction, answer with a non-2xx status so that it rolls back.
-    #[error("the ordering guard's statement failed: {0}")]
+    #[error("the ordering guard's statement failed: {}", describe(.0))]
     Database(#[from] tokio_postgres::Error),
     /// As [`OrderingError::Database`], through sqlx.
     #[cfg(feature = "sqlx")]
     #[error("the ordering guard's statement failed: {0}")]
     Sqlx(#[from] sqlx::Error),
+}
+
+/// The server's code and message (tokio-postgres' own message is only "db
+/// error"), and what to set when a named statement went missing behind a
+/// transaction-mode pooler.
+fn describe(error: &tokio_postgres::Error) -> String {
+    let Some(db) = error.as_db_error() else {
+        return match std::error::Error::source(error) {
+            Some(source) => format!("{error}: {source}"),
+            None => error.to_string(),
+        };
+    };
+    let code = db.code().code();
+    match crate::pool_mode::pooler_hint(code) {
+        Some(_) => format!(
+            "{code}: {}; named prepared statements do not survive a transaction-mode pooler: behind one, \
+             set OrderingGuard::with_pool_mode(PoolMode::Transaction)",
+            db.message()
+        ),
+        None => format!("{code}: {}", db.message()),
+    }
 }
 
 /// Every statement, formatted once with the table and key column.
@@ -173,7 +200,51 @@ impl OrderingGuard {
             table: table.to_owned(),
             states: Vec::new(),
             statements: Arc::new(Statements::new(table, &quoted, &format!("\"{key_column}\""))),
+            pool_mode: PoolMode::Session,
         })
+    }
+
+    /// Says what is between the guard's connections and Postgres, as
+    /// [`PostgresStore::with_pool_mode`](crate::PostgresStore::with_pool_mode)
+    /// does for the store: behind a transaction-mode pooler
+    /// ([`PoolMode::Transaction`]) every statement is sent unnamed with its
+    /// parameter types, never as a named prepared statement that the next
+    /// transaction's server session would not know. Session mode (the
+    /// default) keeps the statements prepared on each connection.
+    ///
+    /// ```
+    /// use tower_idempotency::{OrderingGuard, PoolMode};
+    ///
+    /// let guard = OrderingGuard::new("payment_states", "payment_id")?
+    ///     .then(["created"])
+    ///     .terminal(["succeeded", "canceled"])
+    ///     .with_pool_mode(PoolMode::Transaction);
+    /// # let _ = guard;
+    /// # Ok::<(), tower_idempotency::OrderingError>(())
+    /// ```
+    #[must_use]
+    pub fn with_pool_mode(mut self, mode: PoolMode) -> Self {
+        self.pool_mode = mode;
+        self
+    }
+
+    /// Runs `sql` on `client` and returns its one row, if any: prepared
+    /// once per connection in session mode, unnamed and typed in
+    /// transaction mode.
+    async fn query_opt(
+        &self,
+        client: &ClientWrapper,
+        sql: &str,
+        params: &[(&(dyn ToSql + Sync), Type)],
+    ) -> Result<Option<Row>, tokio_postgres::Error> {
+        match self.pool_mode {
+            PoolMode::Transaction => client.query_typed_opt(sql, params).await,
+            _ => {
+                let statement = client.prepare_cached(sql).await?;
+                let values: Vec<&(dyn ToSql + Sync)> = params.iter().map(|(value, _)| *value).collect();
+                client.query_opt(&statement, &values).await
+            }
+        }
     }
 
     /// Declares the next stage: states reached after every earlier one.
@@ -248,15 +319,18 @@ impl OrderingGuard {
             .filter(|state| state.terminal)
             .map(|state| state.name.as_str())
             .collect();
-        let advance = client.prepare_cached(&self.statements.advance).await?;
-        let current = client.prepare_cached(&self.statements.current).await?;
+        let advance: [(&(dyn ToSql + Sync), Type); 6] = [
+            (&key, Type::TEXT),
+            (&status, Type::TEXT),
+            (&rank, Type::INT4),
+            (&names, Type::TEXT_ARRAY),
+            (&ranks, Type::INT4_ARRAY),
+            (&terminal, Type::TEXT_ARRAY),
+        ];
         // The row can only vanish between the two statements if something
         // else deletes it; then the change is simply tried again.
         for _ in 0..3 {
-            if let Some(row) = client
-                .query_opt(&advance, &[&key, &status, &rank, &names, &ranks, &terminal])
-                .await?
-            {
+            if let Some(row) = self.query_opt(client, &self.statements.advance, &advance).await? {
                 let transition = if row.try_get::<_, bool>(0)? {
                     Transition::Inserted
                 } else {
@@ -267,7 +341,10 @@ impl OrderingGuard {
             }
             // Not applied: the conflicting row is now locked by this
             // transaction, so this read sees the state that prevailed.
-            if let Some(row) = client.query_opt(&current, &[&key]).await? {
+            if let Some(row) = self
+                .query_opt(client, &self.statements.current, &[(&key, Type::TEXT)])
+                .await?
+            {
                 let current: String = row.try_get(0)?;
                 let transition = if current == status {
                     Transition::Unchanged
@@ -294,13 +371,19 @@ impl OrderingGuard {
         if self.rank_of(status).is_none() {
             return Err(OrderingError::UnknownState(status.to_owned()));
         }
-        let lock_current = client.prepare_cached(&self.statements.lock_current).await?;
-        let force = client.prepare_cached(&self.statements.force).await?;
-        let previous: Option<String> = match client.query_opt(&lock_current, &[&key]).await? {
+        let previous: Option<String> = match self
+            .query_opt(client, &self.statements.lock_current, &[(&key, Type::TEXT)])
+            .await?
+        {
             Some(row) => Some(row.try_get(0)?),
             None => None,
         };
-        client.execute(&force, &[&key, &status]).await?;
+        self.query_opt(
+            client,
+            &self.statements.force,
+            &[(&key, Type::TEXT), (&status, Type::TEXT)],
+        )
+        .await?;
         tracing::warn!(
             table = %self.table,
             key,
@@ -321,12 +404,19 @@ impl OrderingGuard {
     /// passes: `CREATE TABLE IF NOT EXISTS` alone would demand the schema's
     /// `CREATE` privilege before it looks.
     pub async fn create_table(&self, client: &mut ClientWrapper) -> Result<(), OrderingError> {
+        // Once per start: unnamed statements whatever the pool mode.
         let transaction = client.transaction().await?;
         transaction
-            .execute("SELECT pg_advisory_xact_lock($1)", &[&self.statements.create_lock])
+            .execute_typed(
+                "SELECT pg_advisory_xact_lock($1)",
+                &[(&self.statements.create_lock, Type::INT8)],
+            )
             .await?;
         let exists: bool = transaction
-            .query_one("SELECT to_regclass($1) IS NOT NULL", &[&self.statements.table])
+            .query_typed_one(
+                "SELECT to_regclass($1) IS NOT NULL",
+                &[(&self.statements.table, Type::TEXT)],
+            )
             .await?
             .try_get(0)?;
         if !exists {
@@ -380,6 +470,7 @@ impl OrderingGuard {
                 .bind(&names)
                 .bind(&ranks)
                 .bind(&terminal)
+                .persistent(self.keeps_prepared())
                 .fetch_optional(&mut *connection)
                 .await?;
             if let Some(row) = applied {
@@ -395,6 +486,7 @@ impl OrderingGuard {
             // transaction, so this read sees the state that prevailed.
             let current = sqlx::query(AssertSqlSafe(self.statements.current.as_str()))
                 .bind(key)
+                .persistent(self.keeps_prepared())
                 .fetch_optional(&mut *connection)
                 .await?;
             if let Some(row) = current {
@@ -426,6 +518,7 @@ impl OrderingGuard {
         }
         let previous: Option<String> = match sqlx::query(AssertSqlSafe(self.statements.lock_current.as_str()))
             .bind(key)
+            .persistent(self.keeps_prepared())
             .fetch_optional(&mut *connection)
             .await?
         {
@@ -435,6 +528,7 @@ impl OrderingGuard {
         sqlx::query(AssertSqlSafe(self.statements.force.as_str()))
             .bind(key)
             .bind(status)
+            .persistent(self.keeps_prepared())
             .execute(&mut *connection)
             .await?;
         tracing::warn!(
@@ -448,6 +542,12 @@ impl OrderingGuard {
         Ok(Transition::Overridden { previous })
     }
 
+    /// Whether sqlx may keep the guard's statements prepared: not behind a
+    /// transaction-mode pooler ([`OrderingGuard::with_pool_mode`]).
+    fn keeps_prepared(&self) -> bool {
+        self.pool_mode == crate::PoolMode::Session
+    }
+
     /// [`OrderingGuard::create_table`] through sqlx.
     pub async fn create_table_sqlx(&self, connection: &mut sqlx::PgConnection) -> Result<(), OrderingError> {
         use sqlx::{AssertSqlSafe, Connection, Row};
@@ -455,10 +555,12 @@ impl OrderingGuard {
         let mut transaction = connection.begin().await?;
         sqlx::query("SELECT pg_advisory_xact_lock($1)")
             .bind(self.statements.create_lock)
+            .persistent(false)
             .execute(&mut *transaction)
             .await?;
         let exists: bool = sqlx::query("SELECT to_regclass($1) IS NOT NULL")
             .bind(self.statements.table.as_str())
+            .persistent(false)
             .fetch_one(&mut *transaction)
             .await?
             .try_get(0)?;

@@ -8,9 +8,29 @@ use std::time::Duration;
 use axum::Router;
 use futures_util::future::join_all;
 use http::StatusCode;
-use support::{request, send, Ctx, Probe};
+use support::{request, send, Ctx, Probe, Reply};
 use tokio::sync::{mpsc, Barrier};
 use tower_idempotency::{Extractor, Fingerprint, InFlight, KeyField, MissingKey, Mode};
+
+/// Sends one request per key with `body`, all released at once by a
+/// barrier; a handler that runs waits at the probe's gate, which opens once
+/// one has started. The replies, in the keys' order.
+async fn all_at_once_behind_the_gate(app: &Router, probe: &Probe, keys: Vec<String>, body: &'static str) -> Vec<Reply> {
+    let barrier = std::sync::Arc::new(Barrier::new(keys.len()));
+    let tasks: Vec<_> = keys
+        .into_iter()
+        .map(|key| {
+            let (app, barrier) = (app.clone(), barrier.clone());
+            tokio::spawn(async move {
+                barrier.wait().await;
+                send(&app, request(Some(&key), body, &[("x-test-block", "1")])).await
+            })
+        })
+        .collect();
+    probe.started().await;
+    probe.open_gate();
+    join_all(tasks).await.into_iter().map(Result::unwrap).collect()
+}
 
 async fn duplicate_is_replayed_without_running_the_handler(ctx: Ctx) {
     let probe = Probe::default();
@@ -78,19 +98,8 @@ async fn concurrent_duplicates_run_the_handler_once_with_wait(ctx: Ctx) {
     const REQUESTS: usize = 50;
     let probe = Probe::default();
     let app = probe.app(ctx.layer().in_flight(InFlight::Wait(Duration::from_secs(30))));
-    let barrier = std::sync::Arc::new(Barrier::new(REQUESTS));
-    let tasks: Vec<_> = (0..REQUESTS)
-        .map(|_| {
-            let (app, barrier) = (app.clone(), barrier.clone());
-            tokio::spawn(async move {
-                barrier.wait().await;
-                send(&app, request(Some("same"), "{}", &[("x-test-block", "1")])).await
-            })
-        })
-        .collect();
-    probe.started().await;
-    probe.open_gate();
-    let replies: Vec<_> = join_all(tasks).await.into_iter().map(Result::unwrap).collect();
+    let keys = vec!["same".to_owned(); REQUESTS];
+    let replies = all_at_once_behind_the_gate(&app, &probe, keys, "{}").await;
     assert!(replies.iter().all(|r| r.status == StatusCode::OK), "{replies:?}");
     assert_eq!(replies.iter().filter(|r| !r.replayed()).count(), 1);
     assert!(replies.iter().all(|r| r.body == replies[0].body));
@@ -695,20 +704,8 @@ async fn concurrent_resends_of_one_body_under_fresh_keys_run_the_handler_once(ct
             .body_hash_guard(true)
             .in_flight(InFlight::Wait(Duration::from_secs(30))),
     );
-    let barrier = std::sync::Arc::new(Barrier::new(REQUESTS));
-    let tasks: Vec<_> = (0..REQUESTS)
-        .map(|n| {
-            let (app, barrier) = (app.clone(), barrier.clone());
-            tokio::spawn(async move {
-                barrier.wait().await;
-                let key = format!("delivery-{n}");
-                send(&app, request(Some(&key), r#"{"event":1}"#, &[("x-test-block", "1")])).await
-            })
-        })
-        .collect();
-    probe.started().await;
-    probe.open_gate();
-    let replies: Vec<_> = join_all(tasks).await.into_iter().map(Result::unwrap).collect();
+    let keys = (0..REQUESTS).map(|n| format!("delivery-{n}")).collect();
+    let replies = all_at_once_behind_the_gate(&app, &probe, keys, r#"{"event":1}"#).await;
 
     assert!(replies.iter().all(|r| r.status == StatusCode::OK), "{replies:?}");
     assert_eq!(replies.iter().filter(|r| !r.replayed()).count(), 1);

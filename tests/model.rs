@@ -1024,7 +1024,24 @@ enum Backend {
     /// Postgres through sqlx.
     #[cfg(feature = "sqlx")]
     Sqlx,
+    /// Postgres through PgBouncer in transaction mode, the store in
+    /// `PoolMode::Transaction`.
+    PostgresBehindPgBouncer,
+    /// Postgres through sqlx, behind PgBouncer in transaction mode.
+    #[cfg(feature = "sqlx")]
+    SqlxBehindPgBouncer,
     Memory,
+}
+
+impl Backend {
+    fn behind_pgbouncer(self) -> bool {
+        match self {
+            Backend::PostgresBehindPgBouncer => true,
+            #[cfg(feature = "sqlx")]
+            Backend::SqlxBehindPgBouncer => true,
+            _ => false,
+        }
+    }
 }
 
 type StoreFactory = Arc<dyn Fn() -> Store + Send + Sync>;
@@ -1060,7 +1077,11 @@ fn run_model(backend: Backend, lease: bool) {
     let db = match backend {
         Backend::Memory => None,
         _ => Some(Arc::new(runtime.block_on(async {
-            let db = support::TestDb::new(&name).await;
+            let db = if backend.behind_pgbouncer() {
+                support::TestDb::behind_pgbouncer(&name).await
+            } else {
+                support::TestDb::new(&name).await
+            };
             db.client()
                 .await
                 .batch_execute(
@@ -1073,7 +1094,7 @@ fn run_model(backend: Backend, lease: bool) {
     };
     let store: Option<Store> = db.as_ref().map(|db| match backend {
         #[cfg(feature = "sqlx")]
-        Backend::Sqlx => runtime.block_on(db.sqlx_store()).into(),
+        Backend::Sqlx | Backend::SqlxBehindPgBouncer => runtime.block_on(db.sqlx_store()).into(),
         _ => runtime.block_on(db.store()).into(),
     });
     let pool = db.as_ref().map(|db| db.pool.clone());
@@ -1154,6 +1175,16 @@ fn model_lease_mode_postgres() {
 }
 
 #[test]
+fn model_transaction_mode_postgres_behind_pgbouncer() {
+    run_model(Backend::PostgresBehindPgBouncer, false);
+}
+
+#[test]
+fn model_lease_mode_postgres_behind_pgbouncer() {
+    run_model(Backend::PostgresBehindPgBouncer, true);
+}
+
+#[test]
 fn model_transaction_mode_postgres_with_record_caches() {
     run_model(Backend::PostgresCached, false);
 }
@@ -1168,6 +1199,18 @@ fn model_transaction_mode_sqlx() {
 #[test]
 fn model_lease_mode_sqlx() {
     run_model(Backend::Sqlx, true);
+}
+
+#[cfg(feature = "sqlx")]
+#[test]
+fn model_transaction_mode_sqlx_behind_pgbouncer() {
+    run_model(Backend::SqlxBehindPgBouncer, false);
+}
+
+#[cfg(feature = "sqlx")]
+#[test]
+fn model_lease_mode_sqlx_behind_pgbouncer() {
+    run_model(Backend::SqlxBehindPgBouncer, true);
 }
 
 #[test]

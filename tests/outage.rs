@@ -5,6 +5,9 @@
 //! connection), the receiver recovers by itself without a restart, and every
 //! event runs exactly once.
 //!
+//! The same outage also hits the receiver behind PgBouncer in transaction
+//! mode, where the terminated sessions are PgBouncer's server connections.
+//!
 //! It runs on both drivers (`DATABASE_DRIVER=sqlx` with the `sqlx`
 //! feature) from the same body.
 //!
@@ -26,17 +29,29 @@ const TERMINATIONS: usize = 5;
 
 #[tokio::test]
 async fn terminated_database_sessions_under_load_give_only_503s_and_every_event_runs_once() {
-    terminated_sessions_under_load(Driver::TokioPostgres).await;
+    terminated_sessions_under_load(Driver::TokioPostgres, Schema::new("outage_terminate").await).await;
+}
+
+#[tokio::test]
+async fn terminated_server_sessions_behind_pgbouncer_give_only_503s_and_every_event_runs_once() {
+    let schema = Schema::behind_pgbouncer("outage_pgbouncer").await;
+    terminated_sessions_under_load(Driver::TokioPostgres, schema).await;
 }
 
 #[cfg(feature = "sqlx")]
 #[tokio::test]
 async fn on_sqlx_terminated_database_sessions_under_load_give_only_503s_and_every_event_runs_once() {
-    terminated_sessions_under_load(Driver::Sqlx).await;
+    terminated_sessions_under_load(Driver::Sqlx, Schema::new("outage_terminate_sqlx").await).await;
 }
 
-async fn terminated_sessions_under_load(driver: Driver) {
-    let schema = Schema::new(&format!("outage_terminate{}", driver.suffix())).await;
+#[cfg(feature = "sqlx")]
+#[tokio::test]
+async fn on_sqlx_terminated_server_sessions_behind_pgbouncer_give_only_503s_and_every_event_runs_once() {
+    let schema = Schema::behind_pgbouncer("outage_pgbouncer_sqlx").await;
+    terminated_sessions_under_load(Driver::Sqlx, schema).await;
+}
+
+async fn terminated_sessions_under_load(driver: Driver, schema: Schema) {
     // A short delay keeps transactions open, so that terminations land in
     // the middle of handlers and commits as well as on idle connections.
     let mut receiver = Receiver::start(&schema, &with_driver(driver, &[("DEMO_HANDLER_DELAY_MS", "10")])).await;

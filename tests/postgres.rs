@@ -57,10 +57,10 @@ async fn the_handlers_writes_and_the_record_commit_together_or_not_at_all() {
     db.drop_schema().await;
 }
 
-#[tokio::test]
-async fn a_failed_commit_persists_neither_the_handlers_write_nor_the_record() {
-    let db = TestDb::new("failed_commit").await;
-    // A deferred constraint fails at COMMIT, after the handler has answered.
+/// Makes the commit of a request with the body `{}` fail: a deferred
+/// constraint on the ledger, checked at COMMIT after the handler has
+/// answered, and a row it will clash with.
+async fn fail_commits_of_an_empty_body(db: &TestDb) {
     db.client()
         .await
         .batch_execute(
@@ -69,6 +69,12 @@ async fn a_failed_commit_persists_neither_the_handlers_write_nor_the_record() {
         )
         .await
         .unwrap();
+}
+
+#[tokio::test]
+async fn a_failed_commit_persists_neither_the_handlers_write_nor_the_record() {
+    let db = TestDb::new("failed_commit").await;
+    fail_commits_of_an_empty_body(&db).await;
     let probe = Probe::default();
     let app = probe.app(IdempotencyLayer::new(db.store().await).source("test"));
 
@@ -86,14 +92,7 @@ async fn a_failed_commit_persists_neither_the_handlers_write_nor_the_record() {
 #[tokio::test]
 async fn with_the_body_hash_guard_a_failed_commit_keeps_neither_record() {
     let db = TestDb::new("guard_failed_commit").await;
-    db.client()
-        .await
-        .batch_execute(
-            "ALTER TABLE ledger ADD CONSTRAINT one_row_per_body UNIQUE (body) DEFERRABLE INITIALLY DEFERRED;
-             INSERT INTO ledger (body) VALUES ('{}');",
-        )
-        .await
-        .unwrap();
+    fail_commits_of_an_empty_body(&db).await;
     let probe = Probe::default();
     let app = probe.app(
         IdempotencyLayer::new(db.store().await)

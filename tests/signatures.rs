@@ -17,8 +17,9 @@ use serde_json::json;
 use sha1::Sha1;
 use sha2::{Sha256, Sha512};
 use support::signing::{
-    base64, github_headers, github_signature, hmac_sha256, mac, standard_headers, standard_signature, stripe_signature,
-    unix_now, INVALID_SIGNATURE, STANDARD_SECRET, TOO_FAR_AHEAD,
+    base64, github_headers, github_signature, hmac_sha256, mac, standard_headers, standard_public_key,
+    standard_signature, standard_v1a_signature, stripe_signature, unix_now, INVALID_SIGNATURE, STANDARD_SECRET,
+    TOO_FAR_AHEAD,
 };
 use support::{send, Probe, Reply, TestDb};
 use tower_idempotency::signature::{
@@ -383,6 +384,33 @@ async fn standard_webhooks_accept_a_list_of_signatures_holding_a_good_one() {
     let reply = send(&app, webhook("/r", &standard_headers("msg_1", t, listed), &body)).await;
 
     assert_ran(&reply, "a list of signatures holding a good one");
+    assert_eq!(
+        record_keys(&db).await,
+        vec![record("standard-webhooks", "invoice.paid", "msg_1")]
+    );
+    db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn a_v1a_signed_standard_webhook_runs_once_and_a_forged_one_is_refused() {
+    const SENDER: [u8; 32] = [7; 32];
+    const FORGER: [u8; 32] = [9; 32];
+    let db = TestDb::new("sig_standard_v1a").await;
+    let verifier = StandardWebhooksSignature::new(&standard_public_key(SENDER)).unwrap();
+    let (probe, app) = probe_app(&db, Preset::standard_webhooks().verify_signature(verifier)).await;
+    let body = invoice();
+    let t = unix_now();
+    let signed = standard_headers("msg_1", t, standard_v1a_signature(SENDER, "msg_1", t, &body));
+
+    let forged = standard_headers("msg_1", t, standard_v1a_signature(FORGER, "msg_1", t, &body));
+    let refused = send(&app, webhook("/r", &forged, &body)).await;
+    assert_refused(&db, &refused, "a v1a signature by another key").await;
+    let first = send(&app, webhook("/r", &signed, &body)).await;
+    let again = send(&app, webhook("/r", &signed, &body)).await;
+
+    assert_ran(&first, "the v1a-signed delivery");
+    assert!(again.replayed(), "{again:?}");
+    assert_eq!(probe.runs(), 1);
     assert_eq!(
         record_keys(&db).await,
         vec![record("standard-webhooks", "invoice.paid", "msg_1")]

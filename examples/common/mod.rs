@@ -8,8 +8,9 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use deadpool_postgres::{ClientWrapper, Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use tokio_postgres::types::Type;
 use tokio_postgres::NoTls;
-use tower_idempotency::ShutdownHandle;
+use tower_idempotency::{PoolMode, ShutdownHandle};
 
 pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 pub const DEFAULT_POOL_SIZE: &str = "32";
@@ -68,6 +69,40 @@ pub fn database_setting() -> Result<tokio_postgres::Config, String> {
     url.parse().map_err(|error| format!("invalid DATABASE_URL: {error}"))
 }
 
+/// `DATABASE_POOL_MODE`'s lines of `--help`.
+pub const POOL_MODE_HELP: &str = "  DATABASE_POOL_MODE     `session` when DATABASE_URL reaches Postgres directly
+                         (or through a session-mode pooler), `transaction`
+                         when it reaches a transaction-mode pooler (PgBouncer
+                         with pool_mode = transaction, Supavisor, RDS Proxy):
+                         then nothing outlives a transaction on a server
+                         connection (no named prepared statements, no
+                         `options` startup parameter; the statement timeout
+                         is set with SET LOCAL in each transaction)
+                         [default: session]
+";
+
+/// `DATABASE_POOL_MODE`: what `DATABASE_URL` reaches, checked against it:
+/// a transaction-mode pooler refuses the `options` startup parameter
+/// (PgBouncer: `unsupported startup parameter: options`), or, told to
+/// ignore it, drops the settings it carries without a word.
+pub fn pool_mode_setting(database: &tokio_postgres::Config) -> Result<PoolMode, String> {
+    let mode = setting("DATABASE_POOL_MODE", "session", |text| match text {
+        "session" => Ok(PoolMode::Session),
+        "transaction" => Ok(PoolMode::Transaction),
+        _ => Err("expected `session` or `transaction`".to_owned()),
+    })?;
+    let has_options = database.get_options().is_some_and(|options| !options.trim().is_empty());
+    if mode == PoolMode::Transaction && has_options {
+        return Err(
+            "invalid DATABASE_URL with DATABASE_POOL_MODE=transaction: its `options` is a startup parameter, which a \
+             transaction-mode pooler refuses or drops; set those settings on the role instead \
+             (ALTER ROLE ... SET ...)"
+                .to_owned(),
+        );
+    }
+    Ok(mode)
+}
+
 /// The fault-injection knobs, applied after a handler writes its ledger row.
 #[derive(Clone, Copy, Debug)]
 pub struct Demo {
@@ -103,14 +138,23 @@ impl Demo {
 
 /// The pool every request draws from. Each timeout is explicit so that a
 /// slow or absent database turns into a prompt error, never a hung request.
-pub fn connection_pool(mut database: tokio_postgres::Config, size: usize) -> Result<Pool, String> {
-    // Keep options the URL may carry (a search_path, say) and add ours.
-    let statement_timeout = format!("-c statement_timeout={}", STATEMENT_TIMEOUT.as_millis());
-    let options = match database.get_options() {
-        Some(existing) if !existing.trim().is_empty() => format!("{existing} {statement_timeout}"),
-        _ => statement_timeout,
-    };
-    database.options(options);
+///
+/// In session mode the statement timeout is a startup option of every
+/// connection. Behind a transaction-mode pooler there is no such thing as a
+/// connection's setting (the pooler refuses startup options, and a session
+/// `SET` would stay on whichever server connection ran it): each
+/// transaction sets it with `SET LOCAL` instead ([`postgres_store`],
+/// [`create_ledger`]).
+pub fn connection_pool(mut database: tokio_postgres::Config, size: usize, mode: PoolMode) -> Result<Pool, String> {
+    if mode == PoolMode::Session {
+        // Keep options the URL may carry (a search_path, say) and add ours.
+        let statement_timeout = format!("-c statement_timeout={}", STATEMENT_TIMEOUT.as_millis());
+        let options = match database.get_options() {
+            Some(existing) if !existing.trim().is_empty() => format!("{existing} {statement_timeout}"),
+            _ => statement_timeout,
+        };
+        database.options(options);
+    }
     database.connect_timeout(CONNECT_TIMEOUT);
     let manager = Manager::from_config(
         database,
@@ -130,13 +174,41 @@ pub fn connection_pool(mut database: tokio_postgres::Config, size: usize) -> Res
 }
 
 /// The pool's timeouts, for the startup line.
-pub fn pool_summary(size: usize) -> String {
+pub fn pool_summary(size: usize, mode: PoolMode) -> String {
     format!(
-        "pool {size} connections, connect timeout {}s, pool wait {}s, statement timeout {}s",
+        "pool {size} connections, connect timeout {}s, pool wait {}s, {}",
         CONNECT_TIMEOUT.as_secs(),
         POOL_WAIT_TIMEOUT.as_secs(),
-        STATEMENT_TIMEOUT.as_secs(),
+        statement_timeout_summary(mode),
     )
+}
+
+/// How the statement timeout is set, for the startup line.
+pub fn statement_timeout_summary(mode: PoolMode) -> String {
+    match mode {
+        PoolMode::Transaction => format!(
+            "statement timeout {}s (SET LOCAL in each transaction, pool mode transaction)",
+            STATEMENT_TIMEOUT.as_secs()
+        ),
+        _ => format!("statement timeout {}s", STATEMENT_TIMEOUT.as_secs()),
+    }
+}
+
+/// `SET LOCAL statement_timeout` for a transaction of the example's own,
+/// behind a transaction-mode pooler.
+fn set_local_statement_timeout() -> String {
+    format!("SET LOCAL statement_timeout = {}", STATEMENT_TIMEOUT.as_millis())
+}
+
+/// The store for `pool`: behind a transaction-mode pooler it sends no named
+/// prepared statement and sets the statement timeout in each request
+/// transaction (the handler's statements through `Tx` included).
+pub fn postgres_store(pool: Pool, mode: PoolMode) -> tower_idempotency::PostgresStore {
+    let store = tower_idempotency::PostgresStore::new(pool).with_pool_mode(mode);
+    match mode {
+        PoolMode::Transaction => store.with_statement_timeout(STATEMENT_TIMEOUT),
+        _ => store,
+    }
 }
 
 /// `user@host:port/dbname`, for error messages: the URL itself may hold a
@@ -166,7 +238,8 @@ pub fn describe_database(database: &tokio_postgres::Config) -> String {
 }
 
 /// An error with its causes, each once: the root cause (say, "connection
-/// refused") often is only in the chain.
+/// refused") often is only in the chain. A pooler's refusal of the
+/// `options` startup parameter gets the setting that avoids it.
 pub fn error_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
@@ -177,6 +250,12 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
         }
         source = cause.source();
     }
+    if text.contains("unsupported startup parameter") {
+        text.push_str(
+            "; DATABASE_URL reaches a transaction-mode pooler, which refuses the statement timeout's startup \
+             option: set DATABASE_POOL_MODE=transaction",
+        );
+    }
     text
 }
 
@@ -184,14 +263,23 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
 /// `search_path`, as the server resolves it), so that a role with only DML
 /// grants starts once the table exists: `CREATE TABLE IF NOT EXISTS` alone
 /// would demand the schema's CREATE privilege before it looks.
-pub async fn create_ledger(pool: &Pool) -> Result<(), Box<dyn std::error::Error>> {
+///
+/// Its statements go unnamed (one round trip each, whatever the pool mode):
+/// they run once per start.
+pub async fn create_ledger(pool: &Pool, mode: PoolMode) -> Result<(), Box<dyn std::error::Error>> {
     let mut client = pool.get().await?;
     let transaction = client.transaction().await?;
+    if mode == PoolMode::Transaction {
+        transaction.batch_execute(&set_local_statement_timeout()).await?;
+    }
     transaction
-        .execute("SELECT pg_advisory_xact_lock($1)", &[&LEDGER_MIGRATION_LOCK])
+        .execute_typed(
+            "SELECT pg_advisory_xact_lock($1)",
+            &[(&LEDGER_MIGRATION_LOCK, Type::INT8)],
+        )
         .await?;
     let exists: bool = transaction
-        .query_one("SELECT to_regclass('ledger_entries') IS NOT NULL", &[])
+        .query_typed_one("SELECT to_regclass('ledger_entries') IS NOT NULL", &[])
         .await?
         .try_get(0)?;
     if !exists {
@@ -202,17 +290,41 @@ pub async fn create_ledger(pool: &Pool) -> Result<(), Box<dyn std::error::Error>
 }
 
 /// One business effect: a ledger row. Returns its id.
+///
+/// On a direct connection the statement is prepared once per connection
+/// and reused. Behind a transaction-mode pooler a prepared statement would
+/// stay on the server connection that prepared it, which the next
+/// transaction may not get: the statement goes unnamed with its parameter
+/// types instead, in one round trip all the same.
 pub async fn insert_ledger_entry(
     client: &ClientWrapper,
+    mode: PoolMode,
     source: &str,
     event_id: &str,
     event_type: &str,
     amount_cents: i64,
 ) -> Result<i64, tokio_postgres::Error> {
-    let statement = client.prepare_cached(INSERT_LEDGER_ENTRY).await?;
-    let row = client
-        .query_one(&statement, &[&source, &event_id, &event_type, &amount_cents])
-        .await?;
+    let row = match mode {
+        PoolMode::Transaction => {
+            client
+                .query_typed_one(
+                    INSERT_LEDGER_ENTRY,
+                    &[
+                        (&source, Type::TEXT),
+                        (&event_id, Type::TEXT),
+                        (&event_type, Type::TEXT),
+                        (&amount_cents, Type::INT8),
+                    ],
+                )
+                .await?
+        }
+        _ => {
+            let statement = client.prepare_cached(INSERT_LEDGER_ENTRY).await?;
+            client
+                .query_one(&statement, &[&source, &event_id, &event_type, &amount_cents])
+                .await?
+        }
+    };
     row.try_get(0)
 }
 
@@ -220,13 +332,22 @@ pub async fn insert_ledger_entry(
 /// the same timeouts as [`connection_pool`]. It does not ping a connection
 /// before handing it out: a dead one fails its statement, and the layer
 /// then forgets the pool's idle connections.
+///
+/// Behind a transaction-mode pooler it keeps no statement prepared
+/// (`statement_cache_capacity(0)`: sqlx then sends every statement unnamed)
+/// and sets no startup option; the statement timeout is set with
+/// `SET LOCAL` in each transaction instead ([`sqlx_store`]).
 #[cfg(feature = "sqlx")]
-pub fn sqlx_pool(database_url: &str, size: usize) -> Result<sqlx::PgPool, String> {
-    let options: sqlx::postgres::PgConnectOptions = database_url
+pub fn sqlx_pool(database_url: &str, size: usize, mode: PoolMode) -> Result<sqlx::PgPool, String> {
+    let mut options: sqlx::postgres::PgConnectOptions = database_url
         .parse()
         .map_err(|_| "invalid DATABASE_URL: not a Postgres URL sqlx can read".to_owned())?;
-    // Keep options the URL may carry (a search_path, say) and add ours.
-    let options = options.options([("statement_timeout", STATEMENT_TIMEOUT.as_millis().to_string())]);
+    if mode == PoolMode::Session {
+        // Keep options the URL may carry (a search_path, say) and add ours.
+        options = options.options([("statement_timeout", STATEMENT_TIMEOUT.as_millis().to_string())]);
+    } else {
+        options = options.statement_cache_capacity(0);
+    }
     Ok(sqlx::postgres::PgPoolOptions::new()
         .max_connections(size as u32)
         .acquire_timeout(POOL_WAIT_TIMEOUT)
@@ -234,13 +355,28 @@ pub fn sqlx_pool(database_url: &str, size: usize) -> Result<sqlx::PgPool, String
         .connect_lazy_with(options))
 }
 
+/// The sqlx store for `pool`, as [`postgres_store`] for tokio-postgres.
+#[cfg(feature = "sqlx")]
+pub fn sqlx_store(pool: sqlx::PgPool, mode: PoolMode) -> tower_idempotency::SqlxStore {
+    let store = tower_idempotency::SqlxStore::new(pool).with_pool_mode(mode);
+    match mode {
+        PoolMode::Transaction => store.with_statement_timeout(STATEMENT_TIMEOUT),
+        _ => store,
+    }
+}
+
 /// [`create_ledger`] through sqlx.
 #[cfg(feature = "sqlx")]
-pub async fn create_ledger_sqlx(pool: &sqlx::PgPool) -> Result<(), Box<dyn std::error::Error>> {
+pub async fn create_ledger_sqlx(pool: &sqlx::PgPool, mode: PoolMode) -> Result<(), Box<dyn std::error::Error>> {
     use sqlx::{Connection, Row};
 
     let mut connection = pool.acquire().await?;
     let mut transaction = connection.begin().await?;
+    if mode == PoolMode::Transaction {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(set_local_statement_timeout()))
+            .execute(&mut *transaction)
+            .await?;
+    }
     sqlx::query("SELECT pg_advisory_xact_lock($1)")
         .bind(LEDGER_MIGRATION_LOCK)
         .execute(&mut *transaction)
@@ -258,9 +394,13 @@ pub async fn create_ledger_sqlx(pool: &sqlx::PgPool) -> Result<(), Box<dyn std::
 
 /// [`insert_ledger_entry`] through sqlx: the request's transaction
 /// ([`tower_idempotency::SqlxTx`]) or a pooled connection.
+///
+/// Behind a transaction-mode pooler the statement goes unnamed
+/// (`persistent(false)`).
 #[cfg(feature = "sqlx")]
 pub async fn insert_ledger_entry_sqlx(
     connection: &mut sqlx::PgConnection,
+    mode: PoolMode,
     source: &str,
     event_id: &str,
     event_type: &str,
@@ -271,6 +411,7 @@ pub async fn insert_ledger_entry_sqlx(
         .bind(event_id)
         .bind(event_type)
         .bind(amount_cents)
+        .persistent(mode == PoolMode::Session)
         .fetch_one(connection)
         .await
 }

@@ -14,7 +14,7 @@ use std::process::ExitCode;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::json;
-use tower_idempotency::{Deletion, PostgresStore, RecordView, StoreError, StoreStats, DEFAULT_TABLE};
+use tower_idempotency::{Deletion, PoolMode, PostgresStore, RecordView, StoreError, StoreStats, DEFAULT_TABLE};
 
 const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 const DEFAULT_BATCH: u32 = 10_000;
@@ -44,6 +44,9 @@ Environment:
   DATABASE_URL   the Postgres to use [default: postgres://postgres@127.0.0.1:5432/postgres];
                  sslmode (disable, allow, prefer, require, verify-ca, verify-full)
                  and sslrootcert=<file> as for psql
+  DATABASE_POOL_MODE  `transaction` when DATABASE_URL reaches a
+                 transaction-mode pooler (PgBouncer, Supavisor, RDS Proxy):
+                 no named prepared statements [default: session]
 
 Exit codes: 0 done, 1 database error, 2 usage error, 3 no such record,
 4 refused (an in-progress claim, without --force).
@@ -247,8 +250,24 @@ fn connect(table: &str) -> Result<PostgresStore, String> {
         .build()
         .map_err(|error| format!("cannot build a connection pool: {error}"))?;
     PostgresStore::new(pool)
+        .with_pool_mode(pool_mode()?)
         .with_table(table)
         .map_err(|error| error.to_string())
+}
+
+/// `DATABASE_POOL_MODE`: `session` (the default) or `transaction`.
+fn pool_mode() -> Result<PoolMode, String> {
+    match std::env::var("DATABASE_POOL_MODE")
+        .ok()
+        .filter(|mode| !mode.is_empty())
+        .as_deref()
+    {
+        None | Some("session") => Ok(PoolMode::Session),
+        Some("transaction") => Ok(PoolMode::Transaction),
+        Some(other) => Err(format!(
+            "invalid DATABASE_POOL_MODE={other:?}: expected `session` or `transaction`"
+        )),
+    }
 }
 
 fn deletion_outcome(deletion: Deletion, key: (&str, &str, &str), force: bool, by: Option<&str>) -> ExitCode {

@@ -2,18 +2,21 @@
 //! header names): `webhook-signature` holds a space-separated list of
 //! `v1,<base64 HMAC-SHA256>` entries, the HMAC of
 //! `"{webhook-id}.{webhook-timestamp}.{raw body}"` keyed with the base64
-//! decoding of the secret (`whsec_...`, prefix optional). Several entries
-//! appear while a secret is rotated; `v1a` (ed25519) entries are ignored.
+//! decoding of the secret (`whsec_...`, prefix optional), and `v1a,<base64
+//! Ed25519 signature>` entries, of the same message, verified with the
+//! sender's public key (`whpk_...`). Several entries appear while a secret
+//! is rotated; any valid one of a kind the verifier holds a key for passes.
 //! <https://github.com/standard-webhooks/standard-webhooks/blob/main/spec/standard-webhooks.md>
 
 use std::time::{Duration, SystemTime};
 
 use base64::Engine as _;
+use ed25519_dalek::{Signature, VerifyingKey};
 use http::request::Parts;
 
 use super::{
-    check_timestamp, decode_base64, header, parse_timestamp, verify_mac, Algorithm, InvalidSignatureConfig, Secrets,
-    SignatureError, VerifySignature, DEFAULT_SIGNATURE_TOLERANCE,
+    check_timestamp, decode_base64, header, mismatch_unless, parse_timestamp, verify_mac, Algorithm,
+    InvalidSignatureConfig, Secrets, SignatureError, VerifySignature, DEFAULT_SIGNATURE_TOLERANCE,
 };
 
 /// The three headers a sender uses: the standard's or Svix's.
@@ -40,9 +43,17 @@ const SVIX: Headers = Headers {
 /// `webhook-timestamp`, `webhook-signature`), or Svix's (`svix-*`) with
 /// [`StandardWebhooksSignature::svix`].
 ///
-/// The secret is the base64 key, with or without its `whsec_` prefix. The
-/// timestamp must be within the tolerance (default five minutes) of the
-/// receiver's clock, in the past or the future.
+/// The secret is the base64 key, with or without its `whsec_` prefix: it
+/// verifies `v1` (HMAC-SHA256) signatures. A public key (`whpk_` and the
+/// base64 of its 32 bytes) verifies asymmetric `v1a` (Ed25519) signatures
+/// instead; a verifier may hold keys of both kinds, and a header listing
+/// signatures of both kinds passes when any one verifies. The timestamp
+/// must be within the tolerance (default five minutes) of the receiver's
+/// clock, in the past or the future.
+///
+/// `v1a` follows the Standard Webhooks specification 1.0.0; no official
+/// library verified it when this was written, so it is tested against
+/// signatures made by a second implementation (Python's `cryptography`).
 ///
 /// ```
 /// use tower_idempotency::{IdempotencyLayer, MemoryStore, Preset};
@@ -57,36 +68,49 @@ const SVIX: Headers = Headers {
 /// ```
 #[derive(Clone, Debug)]
 pub struct StandardWebhooksSignature {
+    /// The `whsec_` secrets, for `v1` signatures.
     secrets: Secrets,
+    /// The `whpk_` public keys, for `v1a` signatures.
+    public_keys: Vec<VerifyingKey>,
     tolerance: Duration,
     headers: Headers,
 }
 
+/// A key as configured: a shared secret or a sender's public key.
+enum Key {
+    Secret(Vec<u8>),
+    Public(VerifyingKey),
+}
+
 impl StandardWebhooksSignature {
-    /// Verifies the `webhook-*` headers with this secret. A secret that is
-    /// empty, not base64, or an asymmetric key (`whsk_`, `whpk_`) is
-    /// refused.
-    pub fn new(secret: &str) -> Result<Self, InvalidSignatureConfig> {
-        Ok(Self {
-            secrets: Secrets::first(&decode_secret(secret)?, "Standard Webhooks")?,
+    /// Verifies the `webhook-*` headers with this key: a secret
+    /// (`whsec_…`, or its bare base64) for `v1` signatures, or the sender's
+    /// public key (`whpk_…`) for `v1a` ones. A key that is empty, not
+    /// base64, not 32 bytes (a public key), or a signing key (`whsk_`, which
+    /// belongs to the sender) is refused.
+    pub fn new(key: &str) -> Result<Self, InvalidSignatureConfig> {
+        let empty = Self {
+            secrets: Secrets::default(),
+            public_keys: Vec::new(),
             tolerance: DEFAULT_SIGNATURE_TOLERANCE,
             headers: STANDARD,
-        })
+        };
+        empty.with_key(decode_key(key)?)
     }
 
     /// Verifies Svix's `svix-id`, `svix-timestamp` and `svix-signature`
-    /// headers with this secret.
-    pub fn svix(secret: &str) -> Result<Self, InvalidSignatureConfig> {
+    /// headers with this key.
+    pub fn svix(key: &str) -> Result<Self, InvalidSignatureConfig> {
         Ok(Self {
             headers: SVIX,
-            ..Self::new(secret)?
+            ..Self::new(key)?
         })
     }
 
-    /// Accepts another secret as well (rotation).
-    pub fn secret(mut self, secret: &str) -> Result<Self, InvalidSignatureConfig> {
-        self.secrets = self.secrets.with(&decode_secret(secret)?, "Standard Webhooks")?;
-        Ok(self)
+    /// Accepts another key as well (rotation, or a public key beside a
+    /// secret while a sender moves to `v1a`).
+    pub fn secret(self, key: &str) -> Result<Self, InvalidSignatureConfig> {
+        self.with_key(decode_key(key)?)
     }
 
     /// How far the signed timestamp may be from now (default five minutes).
@@ -94,19 +118,71 @@ impl StandardWebhooksSignature {
         self.tolerance = tolerance;
         self
     }
+
+    fn with_key(mut self, key: Key) -> Result<Self, InvalidSignatureConfig> {
+        match key {
+            Key::Secret(secret) => self.secrets = self.secrets.with(&secret, "Standard Webhooks")?,
+            Key::Public(public_key) => self.public_keys.push(public_key),
+        }
+        Ok(self)
+    }
+
+    /// Which signatures of the header this verifier can check: `v1` where
+    /// it holds a secret, `v1a` where it holds a public key.
+    fn readable_signatures(&self, listed: &str) -> (Vec<Vec<u8>>, Vec<Signature>) {
+        let has_secrets = self.secrets.iter().next().is_some();
+        let mut symmetric = Vec::new();
+        let mut asymmetric = Vec::new();
+        for entry in listed.split_whitespace() {
+            if let (Some(encoded), true) = (entry.strip_prefix("v1,"), has_secrets) {
+                symmetric.extend(decode_base64(encoded));
+            } else if let (Some(encoded), false) = (entry.strip_prefix("v1a,"), self.public_keys.is_empty()) {
+                let signature = decode_base64(encoded).and_then(|bytes| Signature::from_slice(&bytes).ok());
+                asymmetric.extend(signature);
+            }
+        }
+        (symmetric, asymmetric)
+    }
+
+    /// The kinds of signature this verifier reads, as an error names them.
+    fn kinds(&self) -> &'static str {
+        match (self.secrets.iter().next().is_some(), self.public_keys.is_empty()) {
+            (true, true) => "v1",
+            (false, false) => "v1a",
+            _ => "v1 or v1a",
+        }
+    }
 }
 
-fn decode_secret(secret: &str) -> Result<Vec<u8>, InvalidSignatureConfig> {
-    let secret = secret.trim();
-    if secret.starts_with("whsk_") || secret.starts_with("whpk_") {
+fn decode_key(key: &str) -> Result<Key, InvalidSignatureConfig> {
+    let key = key.trim();
+    let base64 = |text: &str, what: &str| {
+        base64::engine::general_purpose::STANDARD
+            .decode(text)
+            .map_err(|_| InvalidSignatureConfig(format!("the Standard Webhooks {what} is not base64")))
+    };
+    if key.starts_with("whsk_") {
         return Err(InvalidSignatureConfig(
-            "asymmetric (ed25519) Standard Webhooks keys are not supported; use a `whsec_` secret".into(),
+            "`whsk_` is the sender's signing key, which a receiver must not hold: verify with its public key (`whpk_`)"
+                .into(),
         ));
     }
-    let key = secret.strip_prefix("whsec_").unwrap_or(secret);
-    base64::engine::general_purpose::STANDARD
-        .decode(key)
-        .map_err(|_| InvalidSignatureConfig("the Standard Webhooks secret is not base64 (after `whsec_`)".into()))
+    if let Some(public_key) = key.strip_prefix("whpk_") {
+        let bytes = base64(public_key, "public key (after `whpk_`)")?;
+        let bytes: [u8; 32] = bytes.try_into().map_err(|bytes: Vec<u8>| {
+            InvalidSignatureConfig(format!(
+                "the Standard Webhooks public key is {} bytes; an Ed25519 key is 32",
+                bytes.len()
+            ))
+        })?;
+        let public_key = VerifyingKey::from_bytes(&bytes)
+            .map_err(|_| InvalidSignatureConfig("the Standard Webhooks public key is not an Ed25519 key".into()))?;
+        return Ok(Key::Public(public_key));
+    }
+    Ok(Key::Secret(base64(
+        key.strip_prefix("whsec_").unwrap_or(key),
+        "secret (after `whsec_`)",
+    )?))
 }
 
 impl VerifySignature for StandardWebhooksSignature {
@@ -115,19 +191,26 @@ impl VerifySignature for StandardWebhooksSignature {
         let timestamp = header(parts, self.headers.timestamp)?;
         let listed = header(parts, self.headers.signature)?;
         let seconds = parse_timestamp(timestamp)?;
-        let signatures: Vec<Vec<u8>> = listed
-            .split_whitespace()
-            .filter_map(|entry| entry.strip_prefix("v1,"))
-            .filter_map(decode_base64)
-            .collect();
-        if signatures.is_empty() {
+        let (symmetric, asymmetric) = self.readable_signatures(listed);
+        if symmetric.is_empty() && asymmetric.is_empty() {
             return Err(SignatureError::Malformed(format!(
-                "`{}` lists no readable v1 signature",
-                self.headers.signature
+                "`{}` lists no readable {} signature",
+                self.headers.signature,
+                self.kinds()
             )));
         }
         let message: [&[u8]; 5] = [id.as_bytes(), b".", timestamp.as_bytes(), b".", body];
-        verify_mac(Algorithm::Sha256, &self.secrets, &message, &signatures)?;
+        let hmac_matched =
+            !symmetric.is_empty() && verify_mac(Algorithm::Sha256, &self.secrets, &message, &symmetric).is_ok();
+        let ed25519_verified = !asymmetric.is_empty() && {
+            let signed = message.concat();
+            asymmetric.iter().any(|signature| {
+                self.public_keys
+                    .iter()
+                    .any(|public_key| public_key.verify_strict(&signed, signature).is_ok())
+            })
+        };
+        mismatch_unless(hmac_matched || ed25519_verified)?;
         check_timestamp(seconds, now, self.tolerance)
     }
 }
@@ -287,6 +370,127 @@ mod tests {
     fn refuses_unusable_secrets() {
         for secret in ["", "whsec_", "whsec_not base64!", "whsk_abc", "whpk_abc"] {
             assert!(StandardWebhooksSignature::new(secret).is_err(), "{secret:?}");
+        }
+    }
+
+    /// `v1a` vectors made by a second implementation, Python's
+    /// `cryptography` 48.0.0 (`tests/vectors/make_standard_webhooks_v1a.py`):
+    /// the key's seed is the bytes 0 to 31, the other key's 32 to 63.
+    mod v1a {
+        use super::*;
+
+        const PUBLIC_KEY: &str = "whpk_A6EHv/POEL4dcN0Y50vAmWfk1jCbpQ1fHdyGZBJVMbg=";
+        const OTHER_PUBLIC_KEY: &str = "whpk_Kay64UG8yvCyLhqU000LxzYeUm0L/hLIl5S8kyKWbdc=";
+        const SIGNING_KEY: &str = "whsk_AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+        const ID: &str = "msg_2KWPBgLlAfxdpx2AI54pPJ85f4W";
+        const T: u64 = 1_700_000_000;
+        const BODY: &str = r#"{"type":"invoice.paid","data":{"id":"in_1"}}"#;
+        const SIGNATURE: &str =
+            "v1a,OmTL79G5cQUbFGtvpnKC1RlhwrthKkLsmRXLQoNI1C1Qt0kzMHnDnwDyy0+MV1ZHGH1vfVZKV5LEkdgLB+lGCw==";
+        /// The same message signed with the other key.
+        const OTHER_SIGNATURE: &str =
+            "v1a,3R4kFIHh0WOqq9Jj+uCXwo1ip7UrOgTONsA+TUiP2P0VeWM9fN1QyHuM60CFdl8faA31q6VPKsndGMvOA5PVBQ==";
+
+        fn delivery(signature: &str) -> Vec<(&'static str, String)> {
+            vec![
+                ("webhook-id", ID.to_owned()),
+                ("webhook-timestamp", T.to_string()),
+                ("webhook-signature", signature.to_owned()),
+            ]
+        }
+
+        fn verify_with_key(key: &str, signature: &str, body: &str, now: u64) -> Result<(), SignatureError> {
+            let verifier = StandardWebhooksSignature::new(key).unwrap();
+            verify_with(&verifier, &delivery(signature), body, now)
+        }
+
+        #[test]
+        fn accepts_the_vector_under_its_public_key() {
+            assert_eq!(verify_with_key(PUBLIC_KEY, SIGNATURE, BODY, T), Ok(()));
+        }
+
+        #[test]
+        fn refuses_it_under_another_public_key() {
+            assert_eq!(
+                verify_with_key(OTHER_PUBLIC_KEY, SIGNATURE, BODY, T),
+                Err(SignatureError::Mismatch)
+            );
+            assert_eq!(verify_with_key(OTHER_PUBLIC_KEY, OTHER_SIGNATURE, BODY, T), Ok(()));
+        }
+
+        #[test]
+        fn refuses_a_tampered_body_id_or_timestamp() {
+            let tampered = BODY.replace("in_1", "in_2");
+            assert_eq!(
+                verify_with_key(PUBLIC_KEY, SIGNATURE, &tampered, T),
+                Err(SignatureError::Mismatch)
+            );
+            let verifier = StandardWebhooksSignature::new(PUBLIC_KEY).unwrap();
+            let mut other_id = delivery(SIGNATURE);
+            other_id[0].1 = "msg_other".into();
+            assert_eq!(
+                verify_with(&verifier, &other_id, BODY, T),
+                Err(SignatureError::Mismatch)
+            );
+            let mut other_time = delivery(SIGNATURE);
+            other_time[1].1 = (T + 1).to_string();
+            assert_eq!(
+                verify_with(&verifier, &other_time, BODY, T),
+                Err(SignatureError::Mismatch)
+            );
+        }
+
+        #[test]
+        fn refuses_a_stale_timestamp() {
+            assert_eq!(verify_with_key(PUBLIC_KEY, SIGNATURE, BODY, T + 300), Ok(()));
+            assert_eq!(
+                verify_with_key(PUBLIC_KEY, SIGNATURE, BODY, T + 301),
+                Err(SignatureError::Stale)
+            );
+        }
+
+        #[test]
+        fn a_v1a_signature_under_a_v1_secret_is_unreadable_and_refused() {
+            assert!(matches!(
+                verify_with_key(super::SECRET, SIGNATURE, BODY, T),
+                Err(SignatureError::Malformed(message)) if message.contains("no readable v1 signature")
+            ));
+        }
+
+        #[test]
+        fn a_v1_signature_under_a_public_key_is_unreadable_and_refused() {
+            assert!(matches!(
+                verify_with_key(PUBLIC_KEY, super::SIGNATURE, super::PAYLOAD, super::T),
+                Err(SignatureError::Malformed(message)) if message.contains("no readable v1a signature")
+            ));
+        }
+
+        #[test]
+        fn a_list_of_both_kinds_passes_when_any_verifies() {
+            let both = StandardWebhooksSignature::new(super::SECRET)
+                .unwrap()
+                .secret(PUBLIC_KEY)
+                .unwrap();
+            let listed = format!("v1,Ceo5qEr07ixe2NLpvHk3FH9bwy/WavXrAFQ/9tdO6mc= {OTHER_SIGNATURE} {SIGNATURE}");
+            assert_eq!(verify_with(&both, &delivery(&listed), BODY, T), Ok(()));
+            let none_valid = format!("v1,Ceo5qEr07ixe2NLpvHk3FH9bwy/WavXrAFQ/9tdO6mc= {OTHER_SIGNATURE}");
+            assert_eq!(
+                verify_with(&both, &delivery(&none_valid), BODY, T),
+                Err(SignatureError::Mismatch)
+            );
+            // And a v1 signature still passes the same verifier.
+            assert_eq!(
+                verify_with(&both, &headers(super::SIGNATURE), super::PAYLOAD, super::T),
+                Ok(())
+            );
+        }
+
+        #[test]
+        fn refuses_a_signing_key_and_a_public_key_of_the_wrong_size() {
+            let signing = StandardWebhooksSignature::new(SIGNING_KEY).unwrap_err();
+            assert!(signing.to_string().contains("whpk_"), "{signing}");
+            let short = StandardWebhooksSignature::new("whpk_AAECAwQF").unwrap_err();
+            assert!(short.to_string().contains("32"), "{short}");
         }
     }
 }

@@ -32,6 +32,7 @@ use tokio::process::{Child, ChildStderr, ChildStdout, Command};
 use tokio::task::JoinHandle;
 use tokio::time::{timeout, Instant};
 
+use crate::support::pgbouncer::PoolerRole;
 use crate::support::{self, wait_until};
 
 /// How long an example may take to print its `listening on` line.
@@ -43,9 +44,10 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// `examples/webhook_receiver.rs`, `examples/grpc_payments.rs`): each run
 /// starts without them, since inherited values would skew the tests, which
 /// set what they need.
-pub const EXAMPLE_SETTINGS: [&str; 14] = [
+pub const EXAMPLE_SETTINGS: [&str; 15] = [
     "DATABASE_URL",
     "DATABASE_DRIVER",
+    "DATABASE_POOL_MODE",
     "BIND",
     "MAX_BODY_BYTES",
     "POOL_SIZE",
@@ -59,6 +61,7 @@ pub const EXAMPLE_SETTINGS: [&str; 14] = [
     "GITHUB_WEBHOOK_SECRET",
     "STANDARD_WEBHOOK_SECRET",
 ];
+
 /// The example's Postgres driver (`DATABASE_DRIVER`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Driver {
@@ -105,6 +108,9 @@ const TEST_POOL_SIZE: &str = "8";
 pub struct Schema {
     pub name: String,
     pub db: tokio_postgres::Client,
+    /// Behind PgBouncer ([`Schema::behind_pgbouncer`]): the role of the
+    /// schema's name, as which the example connects through it.
+    pooler: Option<PoolerRole>,
 }
 
 impl Schema {
@@ -114,13 +120,40 @@ impl Schema {
         db.batch_execute(&format!("DROP SCHEMA IF EXISTS {name} CASCADE; CREATE SCHEMA {name}"))
             .await
             .unwrap_or_else(|error| panic!("cannot create the schema {name}: {error}"));
-        Self { name, db }
+        Self { name, db, pooler: None }
+    }
+
+    /// A schema that the example reaches through PgBouncer in transaction
+    /// mode ([`support::pgbouncer`]), as a role of the same name whose
+    /// `search_path` it is: its [`Schema::database_url`] carries no
+    /// `options`, which PgBouncer would refuse, and [`Receiver::start`]
+    /// sets `DATABASE_POOL_MODE=transaction`.
+    pub async fn behind_pgbouncer(name: &str) -> Self {
+        let db = support::connect().await;
+        let name = format!("p_{name}_{}", std::process::id());
+        let role = PoolerRole::create(&name).await;
+        Self {
+            name,
+            db,
+            pooler: Some(role),
+        }
     }
 
     /// The example's DATABASE_URL: its tables land in this schema and its
     /// sessions are named after it.
     pub fn database_url(&self) -> String {
-        support::schema_url(&self.name)
+        match &self.pooler {
+            Some(role) => role.pgbouncer_url(),
+            None => support::schema_url(&self.name),
+        }
+    }
+
+    /// The `DATABASE_POOL_MODE` the example needs on this schema.
+    pub fn pool_mode(&self) -> &'static str {
+        match &self.pooler {
+            Some(_) => "transaction",
+            None => "session",
+        }
     }
 
     /// The single `bigint` that `sql` selects, `{schema}` standing for this
@@ -261,6 +294,10 @@ impl Schema {
 
 impl Drop for Schema {
     fn drop(&mut self) {
+        if self.pooler.is_some() {
+            // The role's guard drops it, and its schema.
+            return;
+        }
         // A killed example's sessions may still hold locks for a moment.
         let sql = format!("SET lock_timeout = '10s'; DROP SCHEMA IF EXISTS {} CASCADE", self.name);
         support::execute_detached(sql, REQUEST_TIMEOUT);
@@ -318,6 +355,7 @@ impl Receiver {
         let mut command = example_command(name, &[]);
         command
             .env("DATABASE_URL", schema.database_url())
+            .env("DATABASE_POOL_MODE", schema.pool_mode())
             .env("BIND", "127.0.0.1:0")
             .env("POOL_SIZE", TEST_POOL_SIZE);
         // The webhook receiver runs on the driver CI asks for; a test's own

@@ -1,14 +1,16 @@
 //! Shared setup for the tests: the one place that says which Postgres they
 //! use (`DATABASE_URL`), a schema per test, a probe handler whose behaviour
 //! each request chooses through headers, requests built and read, requests
-//! signed as providers sign them ([`signing`]) and a proxy on the Postgres
-//! wire protocol ([`wire`]).
+//! signed as providers sign them ([`signing`]), a proxy on the Postgres
+//! wire protocol ([`wire`]) and the PgBouncer in transaction mode that the
+//! pooler tests go through ([`pgbouncer`]).
 //!
 //! Each test file is a crate of its own that includes this module with
 //! `mod support;`; what one file does not use is dead code there, hence the
 //! `allow` below.
 #![allow(dead_code)]
 
+pub mod pgbouncer;
 pub mod signing;
 pub mod wire;
 
@@ -28,7 +30,7 @@ use http_body_util::BodyExt;
 use tokio::sync::{mpsc, Mutex, Semaphore};
 use tokio_postgres::NoTls;
 use tower::ServiceExt;
-use tower_idempotency::{IdempotencyLayer, MemoryStore, PostgresStore, ResponseDecision, Store, Tx, TxError};
+use tower_idempotency::{IdempotencyLayer, MemoryStore, PoolMode, PostgresStore, ResponseDecision, Store, Tx, TxError};
 #[cfg(feature = "sqlx")]
 use tower_idempotency::{SqlxStore, SqlxTx};
 
@@ -120,54 +122,123 @@ pub fn execute_detached(sql: String, bound: Duration) {
 /// carry the schema's name as `application_name`.
 pub struct TestDb {
     pub schema: String,
+    /// Direct connections to Postgres: the store's, and the test's own
+    /// setup and inspection.
     pub pool: Pool,
+    /// Behind PgBouncer ([`TestDb::behind_pgbouncer`]): the role of the
+    /// same name as the schema, whose connections through PgBouncer the
+    /// store uses instead.
+    pooler: Option<pgbouncer::PoolerRole>,
 }
+
+/// A schema name of at most 63 bytes for the test `name`: a readable
+/// prefix, a hash of the whole name, and the process id.
+fn schema_name(name: &str) -> String {
+    let hash = name.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    });
+    let prefix: String = name.chars().take(32).collect();
+    format!("t_{prefix}_{:08x}_{}", hash as u32, std::process::id()).to_lowercase()
+}
+
+const CREATE_LEDGER: &str = "CREATE TABLE ledger (id bigserial PRIMARY KEY, body bytea NOT NULL)";
 
 impl TestDb {
     pub async fn new(name: &str) -> Self {
-        // Identifiers stop at 63 bytes: keep a readable prefix and a hash
-        // of the whole name.
-        let hash = name.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
-            (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
-        });
-        let prefix: String = name.chars().take(32).collect();
-        let schema = format!("t_{prefix}_{:08x}_{}", hash as u32, std::process::id()).to_lowercase();
+        let schema = schema_name(name);
         let admin = connect().await;
         admin
             .batch_execute(&format!(
-                "DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema};
-                 CREATE TABLE {schema}.ledger (id bigserial PRIMARY KEY, body bytea NOT NULL);"
+                "DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema}; SET search_path = {schema};
+                 {CREATE_LEDGER};"
             ))
             .await
             .expect("create the test schema");
         let pool = pool_for(&schema, 16);
-        Self { schema, pool }
+        Self {
+            schema,
+            pool,
+            pooler: None,
+        }
     }
 
+    /// A schema whose store goes through PgBouncer in transaction mode
+    /// ([`pgbouncer`]) with [`PoolMode::Transaction`], as a role of the
+    /// test's own; [`TestDb::pool`] connects directly, as that role.
+    pub async fn behind_pgbouncer(name: &str) -> Self {
+        let schema = schema_name(name);
+        let role = pgbouncer::PoolerRole::create(&schema).await;
+        role.execute_as(CREATE_LEDGER).await;
+        Self {
+            pool: role.direct_pool(16),
+            schema,
+            pooler: Some(role),
+        }
+    }
+
+    /// The pool the store uses: through PgBouncer, or direct.
+    pub fn store_pool(&self) -> Pool {
+        match &self.pooler {
+            Some(role) => role.pgbouncer_pool(16),
+            None => self.pool.clone(),
+        }
+    }
+
+    /// The URL of the store's role through PgBouncer, for child processes
+    /// (behind PgBouncer only).
+    pub fn pgbouncer_url(&self) -> Option<String> {
+        self.pooler.as_ref().map(pgbouncer::PoolerRole::pgbouncer_url)
+    }
+
+    /// The pool mode of [`TestDb::store`].
+    pub fn pool_mode(&self) -> PoolMode {
+        match &self.pooler {
+            Some(_) => PoolMode::Transaction,
+            None => PoolMode::Session,
+        }
+    }
+
+    /// The store on [`TestDb::store_pool`], migrated.
     pub async fn store(&self) -> PostgresStore {
-        let store = PostgresStore::new(self.pool.clone());
+        let store = PostgresStore::new(self.store_pool()).with_pool_mode(self.pool_mode());
         store.migrate().await.expect("migrate");
         store
     }
 
-    /// An sqlx pool of `size` connections on this test's schema, whose
-    /// sessions carry the schema's name as `application_name` too.
+    /// An sqlx pool of `size` connections for the store: on this test's
+    /// schema, its sessions named after it; or through PgBouncer, without
+    /// a statement cache (sqlx then sends every statement unnamed).
     #[cfg(feature = "sqlx")]
     pub fn sqlx_pool(&self, size: u32) -> sqlx::PgPool {
-        sqlx_pool(&self.schema, size)
+        match self.pgbouncer_url() {
+            Some(url) => {
+                let options: sqlx::postgres::PgConnectOptions = url.parse().expect("the PgBouncer URL");
+                sqlx::postgres::PgPoolOptions::new()
+                    .max_connections(size)
+                    .acquire_timeout(Duration::from_secs(10))
+                    .test_before_acquire(false)
+                    .connect_lazy_with(options.statement_cache_capacity(0))
+            }
+            None => sqlx_pool(&self.schema, size),
+        }
     }
 
-    /// An [`SqlxStore`] on a pool of its own on this test's schema.
+    /// An [`SqlxStore`] on a pool of its own ([`TestDb::sqlx_pool`]), in
+    /// this database's pool mode, migrated.
     #[cfg(feature = "sqlx")]
     pub async fn sqlx_store(&self) -> SqlxStore {
-        let store = SqlxStore::new(self.sqlx_pool(16));
+        let store = SqlxStore::new(self.sqlx_pool(16)).with_pool_mode(self.pool_mode());
         store.migrate().await.expect("migrate through sqlx");
         store
     }
 
-    /// A second, independent pool on the same schema (another "instance").
+    /// A second, independent pool for the store on the same schema
+    /// (another "instance"), through PgBouncer if the store goes through it.
     pub fn another_pool(&self) -> Pool {
-        pool_for(&self.schema, 16)
+        match &self.pooler {
+            Some(role) => role.pgbouncer_pool(16),
+            None => pool_for(&self.schema, 16),
+        }
     }
 
     pub async fn client(&self) -> deadpool_postgres::Object {
@@ -192,8 +263,12 @@ impl TestDb {
         assert_no_idle_transactions(&self.schema).await;
     }
 
-    pub async fn drop_schema(self) {
+    pub async fn drop_schema(mut self) {
         self.pool.close();
+        if let Some(role) = &mut self.pooler {
+            role.drop_all().await;
+            return;
+        }
         let admin = connect().await;
         let _ = admin
             .batch_execute(&format!("DROP SCHEMA IF EXISTS {} CASCADE", self.schema))
@@ -302,6 +377,22 @@ impl Ctx {
         Self { store, db: Some(db) }
     }
 
+    /// The sqlx store through PgBouncer in transaction mode.
+    #[cfg(feature = "sqlx")]
+    pub async fn sqlx_behind_pgbouncer(name: &str) -> Self {
+        let db = TestDb::behind_pgbouncer(name).await;
+        let store = db.sqlx_store().await.into();
+        Self { store, db: Some(db) }
+    }
+
+    /// Postgres through PgBouncer in transaction mode, the store in
+    /// [`PoolMode::Transaction`].
+    pub async fn behind_pgbouncer(name: &str) -> Self {
+        let db = TestDb::behind_pgbouncer(name).await;
+        let store = db.store().await.into();
+        Self { store, db: Some(db) }
+    }
+
     pub fn memory() -> Self {
         Self {
             store: MemoryStore::new(10_000).into(),
@@ -332,8 +423,8 @@ impl Ctx {
 }
 
 /// Runs one test body against every store: Postgres through
-/// tokio-postgres, Postgres through sqlx (with the `sqlx` feature) and the
-/// memory store.
+/// tokio-postgres, directly and through PgBouncer in transaction mode; the
+/// same through sqlx (with the `sqlx` feature); and the memory store.
 #[macro_export]
 macro_rules! both_stores {
     ($name:ident) => {
@@ -348,6 +439,19 @@ macro_rules! both_stores {
             #[tokio::test]
             async fn sqlx() {
                 let ctx = $crate::support::Ctx::sqlx(concat!(stringify!($name), "_sqlx")).await;
+                super::$name(ctx).await;
+            }
+
+            #[tokio::test]
+            async fn postgres_behind_pgbouncer() {
+                let ctx = $crate::support::Ctx::behind_pgbouncer(concat!(stringify!($name), "_pgb")).await;
+                super::$name(ctx).await;
+            }
+
+            #[cfg(feature = "sqlx")]
+            #[tokio::test]
+            async fn sqlx_behind_pgbouncer() {
+                let ctx = $crate::support::Ctx::sqlx_behind_pgbouncer(concat!(stringify!($name), "_sqlxpgb")).await;
                 super::$name(ctx).await;
             }
 

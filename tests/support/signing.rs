@@ -69,6 +69,21 @@ pub fn standard_signature(secret: &str, id: &str, timestamp: u64, body: &str) ->
     format!("v1,{}", base64(&hmac_sha256(&key, &message)))
 }
 
+/// A `webhook-signature` entry `v1a,<base64 Ed25519 signature>`, signed
+/// with the signing key of `seed`.
+pub fn standard_v1a_signature(seed: [u8; 32], id: &str, timestamp: u64, body: &str) -> String {
+    use ed25519_dalek::Signer as _;
+    let signed = format!("{id}.{timestamp}.{body}");
+    let signature = ed25519_dalek::SigningKey::from_bytes(&seed).sign(signed.as_bytes());
+    format!("v1a,{}", base64(&signature.to_bytes()))
+}
+
+/// The `whpk_` public key of the signing key of `seed`.
+pub fn standard_public_key(seed: [u8; 32]) -> String {
+    let public_key = ed25519_dalek::SigningKey::from_bytes(&seed).verifying_key();
+    format!("whpk_{}", base64(public_key.as_bytes()))
+}
+
 /// The Standard Webhooks headers of a delivery.
 pub fn standard_headers(id: &str, timestamp: u64, signature: String) -> Vec<(&'static str, String)> {
     vec![

@@ -28,7 +28,10 @@ impl From<tokio_postgres::Error> for DatabaseError {
 /// or the I/O cause says what happened.
 fn describe(error: &tokio_postgres::Error) -> String {
     match (error.as_db_error(), error.source()) {
-        (Some(db), _) => format!("{}: {}", db.code().code(), db.message()),
+        (Some(db), _) => match crate::pool_mode::pooler_hint(db.code().code()) {
+            Some(hint) => format!("{}: {}; {hint}", db.code().code(), db.message()),
+            None => format!("{}: {}", db.code().code(), db.message()),
+        },
         (None, Some(source)) => format!("{error}: {source}"),
         (None, None) => error.to_string(),
     }

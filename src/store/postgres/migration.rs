@@ -6,7 +6,7 @@
 use tokio_postgres::Transaction;
 
 use super::sql;
-use super::{InvalidTableName, TableName};
+use super::{InvalidTableName, PoolMode, TableName};
 use super::{PostgresStore, StoreError};
 use crate::key::RecordKey;
 
@@ -74,8 +74,11 @@ impl PostgresStore {
         let mut client = self.connection().await?;
         let transaction = client.transaction().await?;
         let lock_id = migration_lock_id(name);
-        transaction.execute(sql::TAKE_MIGRATION_LOCK, &[&lock_id]).await?;
-        let found = Found::inspect(&transaction, name).await?;
+        let mode = self.pool_mode();
+        mode.unprepared(&sql::take_migration_lock())
+            .execute_in(&transaction, &[&lock_id])
+            .await?;
+        let found = Found::inspect(&transaction, mode, name).await?;
         for step in found.missing_steps(name) {
             if let Err(error) = transaction.batch_execute(&step.sql).await {
                 return Err(step.refused(error.into(), &found.role));
@@ -100,7 +103,7 @@ pub(in crate::store) fn migration_lock_id(name: &TableName) -> i64 {
     .lock_id(&format!("migrate {}", name.display))
 }
 
-/// What [`sql::INSPECT_MIGRATION`] found.
+/// What [`sql::inspect_migration`] found.
 pub(in crate::store) struct Found {
     pub(in crate::store) role: String,
     /// The role as an SQL identifier, for a `GRANT` to suggest.
@@ -117,12 +120,10 @@ pub(in crate::store) struct Found {
 }
 
 impl Found {
-    async fn inspect(transaction: &Transaction<'_>, name: &TableName) -> Result<Self, StoreError> {
-        let row = transaction
-            .query_one(
-                sql::INSPECT_MIGRATION,
-                &[&name.schema, &name.table, &&TABLE_PRIVILEGES[..]],
-            )
+    async fn inspect(transaction: &Transaction<'_>, mode: PoolMode, name: &TableName) -> Result<Self, StoreError> {
+        let row = mode
+            .unprepared(&sql::inspect_migration())
+            .query_one_in(transaction, &[&name.schema, &name.table, &&TABLE_PRIVILEGES[..]])
             .await?;
         Ok(Self {
             role: row.try_get("role")?,

@@ -16,6 +16,7 @@ use tokio_postgres::{Row, SimpleQueryMessage};
 mod error;
 mod migration;
 mod operations;
+mod ready;
 pub(super) mod sql;
 mod tx;
 
@@ -35,6 +36,7 @@ use crate::key::RecordKey;
 use crate::policy::Mode;
 use crate::record::{decode_headers, encode_headers, StoredResponse};
 use crate::shutdown::{self, Tracker};
+use crate::PoolMode;
 
 /// The default records table.
 pub const DEFAULT_TABLE: &str = "idempotency_records";
@@ -67,6 +69,9 @@ struct Settings {
     cache: Option<CacheSettings>,
     /// Off only in tests that need two claimants past the lock at once.
     advisory_locks: bool,
+    pool_mode: PoolMode,
+    /// Set with `SET LOCAL` at the start of each request transaction.
+    statement_timeout: Option<Duration>,
 }
 
 #[derive(Clone, Copy)]
@@ -90,7 +95,7 @@ struct Inner {
 impl Inner {
     fn new(settings: Settings) -> Self {
         Self {
-            sql: Statements::new(&settings.table, settings.advisory_locks),
+            sql: Statements::new(&settings.table, settings.advisory_locks, settings.statement_timeout),
             lock_namespace: OnceCell::new(),
             cache: settings.cache.map(|cache| RecordCache::new(cache.max_bytes, cache.ttl)),
             recent: RecentKeys::new(),
@@ -103,6 +108,7 @@ impl fmt::Debug for PostgresStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PostgresStore")
             .field("table", &self.inner.settings.table.display)
+            .field("pool_mode", &self.inner.settings.pool_mode)
             .finish_non_exhaustive()
     }
 }
@@ -117,6 +123,8 @@ impl PostgresStore {
                 table: TableName::unqualified(DEFAULT_TABLE),
                 cache: None,
                 advisory_locks: true,
+                pool_mode: PoolMode::Session,
+                statement_timeout: None,
             })),
         }
     }
@@ -155,6 +163,69 @@ impl PostgresStore {
     /// ```
     pub fn with_cache(self, max_bytes: u64, ttl: Duration) -> Self {
         self.with_settings(|settings| settings.cache = Some(CacheSettings { max_bytes, ttl }))
+    }
+
+    /// Says what is between the store and Postgres: [`PoolMode::Session`]
+    /// (the default) for direct connections and session-mode poolers,
+    /// [`PoolMode::Transaction`] behind a transaction-mode pooler (PgBouncer
+    /// with `pool_mode = transaction`, Supavisor's transaction port, RDS
+    /// Proxy). In transaction mode the store uses no named prepared
+    /// statement and nothing else that outlives a transaction: every
+    /// statement is sent unnamed with its parameter types, in one round
+    /// trip. Everything else works the same: claims, completions,
+    /// replays, the handler's [`Tx`], the operations and
+    /// [`PostgresStore::migrate`].
+    ///
+    /// The handler's own statements must follow the same rule (see
+    /// [`Tx`]), and so must the pool: no `options` startup parameter
+    /// (set timeouts with [`PostgresStore::with_statement_timeout`]).
+    ///
+    /// ```no_run
+    /// use std::time::Duration;
+    /// use tower_idempotency::{PoolMode, PostgresStore};
+    ///
+    /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+    /// let mut config = deadpool_postgres::Config::new();
+    /// config.url = Some("postgres://app@pgbouncer.internal:6432/app".into());
+    /// let pool = config.create_pool(Some(deadpool_postgres::Runtime::Tokio1), tokio_postgres::NoTls)?;
+    /// let store = PostgresStore::new(pool)
+    ///     .with_pool_mode(PoolMode::Transaction)
+    ///     .with_statement_timeout(Duration::from_secs(5));
+    /// store.migrate().await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn with_pool_mode(self, mode: PoolMode) -> Self {
+        self.with_settings(|settings| settings.pool_mode = mode)
+    }
+
+    /// Has the server cancel any statement of a request's transaction
+    /// ([`Mode::Transaction`](crate::Mode::Transaction): the claim's read,
+    /// the handler's statements through [`Tx`], the completion and the
+    /// commit) that runs longer than
+    /// `timeout`: `SET LOCAL statement_timeout` travels with the
+    /// transaction's `BEGIN`, in the same message, so it costs no round
+    /// trip and ends with the transaction. It works behind a
+    /// transaction-mode pooler, which refuses the `options` startup
+    /// parameter that would set it for a whole session. Statements outside
+    /// a request transaction (lease mode's, the operations') are bounded by
+    /// the layer's `store_timeout` on the client side only. Unset by
+    /// default; a timeout under a millisecond counts as one.
+    ///
+    /// ```
+    /// # fn store(pool: deadpool_postgres::Pool) {
+    /// use std::time::Duration;
+    /// use tower_idempotency::PostgresStore;
+    ///
+    /// let store = PostgresStore::new(pool).with_statement_timeout(Duration::from_secs(5));
+    /// # let _ = store; }
+    /// ```
+    pub fn with_statement_timeout(self, timeout: Duration) -> Self {
+        self.with_settings(|settings| settings.statement_timeout = Some(timeout))
+    }
+
+    /// How statements are sent (see [`PostgresStore::with_pool_mode`]).
+    pub(super) fn pool_mode(&self) -> PoolMode {
+        self.inner.settings.pool_mode
     }
 
     /// Claims without the key's advisory lock, so that two claimants of one
@@ -240,8 +311,10 @@ impl PostgresStore {
             .inner
             .lock_namespace
             .get_or_try_init(|| async {
-                let row = client
-                    .query_opt(&self.inner.sql.resolve_table, &[&self.inner.settings.table.quoted()])
+                let row = self
+                    .pool_mode()
+                    .unprepared(&self.inner.sql.resolve_table)
+                    .query_opt(client, &[&self.inner.settings.table.quoted()])
                     .await?;
                 match row {
                     Some(row) => Ok::<_, StoreError>(row.try_get::<_, String>(0)?),
@@ -257,9 +330,9 @@ impl PostgresStore {
             return Ok(Lookup::Completed(completed));
         }
         let client = self.connection().await?;
-        let statement = client.prepare_cached(&self.inner.sql.lookup).await?;
-        let row = client
-            .query_opt(&statement, &[&key.source, &key.event_type, &key.key])
+        let statement = self.pool_mode().ready(&client, &self.inner.sql.lookup).await?;
+        let row = statement
+            .query_opt(&client, &[&key.source, &key.event_type, &key.key])
             .await?;
         let Some(row) = row else {
             return Ok(Lookup::Absent);
@@ -293,7 +366,7 @@ impl PostgresStore {
     /// live key record would.
     async fn claim_transaction(&self, request: ClaimRequest) -> Result<ClaimOutcome, StoreError> {
         let client = self.connection().await?;
-        let lookup = client.prepare_cached(&self.inner.sql.lookup).await?;
+        let lookup = self.pool_mode().ready(&client, &self.inner.sql.lookup).await?;
         let key = &request.key;
         let lock_id = self.lock_id(&client, key).await?;
         let body_record = request.body_record.as_deref();
@@ -309,8 +382,8 @@ impl PostgresStore {
         let key_params: [&(dyn ToSql + Sync); 3] = [&key.source, &key.event_type, &key.key];
         let body_lookup = async {
             match body_record {
-                Some(body) => client
-                    .query_opt(&lookup, &[&body.source, &body.event_type, &body.key])
+                Some(body) => lookup
+                    .query_opt(client, &[&body.source, &body.event_type, &body.key])
                     .await
                     .map(|row| row.map(|row| (body, row))),
                 None => Ok(None),
@@ -318,7 +391,7 @@ impl PostgresStore {
         };
         let pipelined = tokio::try_join!(
             client.simple_query(&begin_and_try_lock),
-            client.query_opt(&lookup, &key_params),
+            lookup.query_opt(client, &key_params),
             body_lookup,
         );
         let (locked, row, body_row) = match pipelined {
@@ -388,7 +461,7 @@ impl PostgresStore {
         request: ClaimRequest,
         lease: Duration,
     ) -> Result<ClaimOutcome, StoreError> {
-        let claim = client.prepare_cached(&self.inner.sql.claim_lease).await?;
+        let claim = self.pool_mode().ready(client, &self.inner.sql.claim_lease).await?;
         let key = &request.key;
         let lock_id = self.lock_id(client, key).await?;
         // The statement reads the record as of its start: one that went away
@@ -396,9 +469,9 @@ impl PostgresStore {
         // and the claim is tried again.
         let token = request.claim_token;
         for _ in 0..3 {
-            let row = client
+            let row = claim
                 .query_one(
-                    &claim,
+                    client,
                     &[
                         &key.source,
                         &key.event_type,
@@ -438,10 +511,10 @@ impl PostgresStore {
 
     pub(super) async fn renew(&self, key: &RecordKey, token: uuid::Uuid, lease: Duration) -> Result<bool, StoreError> {
         let client = self.connection().await?;
-        let statement = client.prepare_cached(&self.inner.sql.renew_lease).await?;
-        let updated = client
+        let statement = self.pool_mode().ready(&client, &self.inner.sql.renew_lease).await?;
+        let updated = statement
             .execute(
-                &statement,
+                &client,
                 &[&key.source, &key.event_type, &key.key, &token, &lease.as_secs_f64()],
             )
             .await?;
@@ -455,12 +528,12 @@ impl PostgresStore {
         response: &StoredResponse,
     ) -> Result<Completion, StoreError> {
         let client = self.connection().await?;
-        let statement = client.prepare_cached(&self.inner.sql.complete_lease).await?;
+        let statement = self.pool_mode().ready(&client, &self.inner.sql.complete_lease).await?;
         let key = &request.key;
         let (status, headers, body) = response_columns(response);
-        let updated = client
+        let updated = statement
             .execute(
-                &statement,
+                &client,
                 &[
                     &key.source,
                     &key.event_type,
@@ -485,9 +558,9 @@ impl PostgresStore {
 
     pub(super) async fn release_lease(&self, key: &RecordKey, token: uuid::Uuid) -> Result<(), StoreError> {
         let client = self.connection().await?;
-        let statement = client.prepare_cached(&self.inner.sql.release_lease).await?;
-        client
-            .execute(&statement, &[&key.source, &key.event_type, &key.key, &token])
+        let statement = self.pool_mode().ready(&client, &self.inner.sql.release_lease).await?;
+        statement
+            .execute(&client, &[&key.source, &key.event_type, &key.key, &token])
             .await?;
         Ok(())
     }
@@ -507,7 +580,11 @@ impl PostgresStore {
         let Some(client) = connection.object() else {
             return Err(StoreError::ConnectionGone);
         };
-        let statement = match client.prepare_cached(&self.inner.sql.complete_transaction).await {
+        let statement = match self
+            .pool_mode()
+            .ready(client, &self.inner.sql.complete_transaction)
+            .await
+        {
             Ok(statement) => statement,
             Err(error) => {
                 connection.discard();
@@ -536,13 +613,13 @@ impl PostgresStore {
             };
             let mut body_params = params;
             body_params[..3].copy_from_slice(&[&body.source, &body.event_type, &body.key]);
-            client.execute(&statement, &body_params).await
+            statement.execute(client, &body_params).await
         };
         // All run to the end: after a failed write, the server still runs
         // the pipelined `COMMIT`, which then rolls back (and says so only in
         // its command tag, not as an error).
         let (written, body_written, committed) = tokio::join!(
-            client.execute(&statement, &params),
+            statement.execute(client, &params),
             body_written,
             client.batch_execute(sql::COMMIT)
         );

@@ -76,9 +76,8 @@ impl PostgresStore {
     /// one for every request.
     pub async fn stats(&self) -> Result<StoreStats, StoreError> {
         let client = self.connection().await?;
-        let row = client
-            .query_one(&OperationsSql::stats(&self.quoted_table()), &[])
-            .await?;
+        let statement = OperationsSql::stats(&self.quoted_table());
+        let row = self.pool_mode().unprepared(&statement).query_one(&client, &[]).await?;
         Ok(StoreStats {
             in_flight: row.try_get(0)?,
             completed: row.try_get(1)?,
@@ -91,9 +90,8 @@ impl PostgresStore {
     /// How many expired records a purge would delete now.
     pub async fn count_expired(&self) -> Result<i64, StoreError> {
         let client = self.connection().await?;
-        let row = client
-            .query_one(&OperationsSql::count_expired(&self.quoted_table()), &[])
-            .await?;
+        let statement = OperationsSql::count_expired(&self.quoted_table());
+        let row = self.pool_mode().unprepared(&statement).query_one(&client, &[]).await?;
         Ok(row.try_get(0)?)
     }
 
@@ -102,13 +100,12 @@ impl PostgresStore {
     /// Safe to run from every instance at once.
     pub async fn purge_expired(&self, batch: u32) -> Result<u64, StoreError> {
         let client = self.connection().await?;
-        let statement = client
-            .prepare_cached(&OperationsSql::purge_batch(&self.quoted_table()))
-            .await?;
+        let purge_batch = OperationsSql::purge_batch(&self.quoted_table());
+        let statement = self.pool_mode().ready(&client, &purge_batch).await?;
         let limit = i64::from(batch.max(1));
         let mut deleted = 0;
         loop {
-            let batch_deleted = client.execute(&statement, &[&limit]).await?;
+            let batch_deleted = statement.execute(&client, &[&limit]).await?;
             deleted += batch_deleted;
             if batch_deleted < limit as u64 {
                 return Ok(deleted);
@@ -147,11 +144,11 @@ impl PostgresStore {
     /// The record of (source, event type, key), with its stored response.
     pub async fn record(&self, source: &str, event_type: &str, key: &str) -> Result<Option<RecordView>, StoreError> {
         let client = self.connection().await?;
-        let Some(row) = client
-            .query_opt(
-                &OperationsSql::show(&self.quoted_table()),
-                &[&source, &event_type, &key],
-            )
+        let statement = OperationsSql::show(&self.quoted_table());
+        let Some(row) = self
+            .pool_mode()
+            .unprepared(&statement)
+            .query_opt(&client, &[&source, &event_type, &key])
             .await?
         else {
             return Ok(None);
@@ -199,11 +196,11 @@ impl PostgresStore {
         force: bool,
     ) -> Result<Deletion, StoreError> {
         let client = self.connection().await?;
-        let row = client
-            .query_one(
-                &OperationsSql::release(&self.quoted_table()),
-                &[&source, &event_type, &key, &force],
-            )
+        let statement = OperationsSql::release(&self.quoted_table());
+        let row = self
+            .pool_mode()
+            .unprepared(&statement)
+            .query_one(&client, &[&source, &event_type, &key, &force])
             .await?;
         let (found, deleted): (bool, bool) = (row.try_get(0)?, row.try_get(1)?);
         self.forget(&RecordKey {

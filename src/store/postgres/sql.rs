@@ -1,8 +1,47 @@
 //! Every statement the Postgres store runs, in one place, each named by
 //! what it does: the request path's (formatted once per table), the
-//! operations', the migration's, and the transaction's own.
+//! operations', the migration's, and the transaction's own. Each carries
+//! its parameters' types, so that it can also be sent unnamed behind a
+//! transaction-mode pooler ([`PoolMode`](super::PoolMode)).
+
+use std::time::Duration;
+
+use tokio_postgres::types::Type;
 
 use super::TableName;
+
+/// A statement with parameters: its text, its parameters' types in order,
+/// and whether a session-mode connection keeps it prepared (the request
+/// path's statements) or prepares it each time (the operators' and the
+/// migration's).
+pub(in crate::store) struct Statement {
+    pub(in crate::store) text: String,
+    pub(in crate::store) types: &'static [Type],
+    pub(in crate::store) cached: bool,
+}
+
+impl Statement {
+    /// A request-path statement, kept prepared in session mode.
+    fn cached(text: String, types: &'static [Type]) -> Self {
+        Self {
+            text,
+            types,
+            cached: true,
+        }
+    }
+
+    /// A statement prepared each time it runs in session mode.
+    fn once(text: String, types: &'static [Type]) -> Self {
+        Self {
+            text,
+            types,
+            cached: false,
+        }
+    }
+}
+
+/// The key columns' parameters, `$1` to `$3`.
+const KEY: [Type; 3] = [Type::TEXT, Type::TEXT, Type::TEXT];
 
 /// Record states in the `state` column.
 pub(in crate::store) const IN_PROGRESS: i16 = 1;
@@ -26,36 +65,40 @@ pub(in crate::store) fn live(row: &str) -> String {
 
 /// Every statement, formatted once with the table name.
 pub(in crate::store) struct Statements {
-    pub(in crate::store) resolve_table: String,
-    pub(in crate::store) lookup: String,
-    pub(in crate::store) complete_transaction: String,
-    pub(in crate::store) claim_lease: String,
-    pub(in crate::store) renew_lease: String,
-    pub(in crate::store) complete_lease: String,
-    pub(in crate::store) release_lease: String,
+    pub(in crate::store) resolve_table: Statement,
+    pub(in crate::store) lookup: Statement,
+    pub(in crate::store) complete_transaction: Statement,
+    pub(in crate::store) claim_lease: Statement,
+    pub(in crate::store) renew_lease: Statement,
+    pub(in crate::store) complete_lease: Statement,
+    pub(in crate::store) release_lease: Statement,
+    /// `BEGIN`, and the transaction's own settings.
+    begin: String,
     advisory_locks: bool,
 }
 
 impl Statements {
-    /// Begins a transaction and tries the key's advisory lock; the answer's
-    /// one row says `t` when the lock is had.
+    /// Begins a transaction (setting its `statement_timeout`, if the store
+    /// has one, with `SET LOCAL`) and tries the key's advisory lock; the
+    /// answer's one row says `t` when the lock is had. Only numbers are
+    /// formatted in: a simple query, so that it travels as one message.
     ///
     /// With the body-hash guard the body's lock is tried too, in the same
     /// statement: the row says `t` only when both are had.
     pub(in crate::store) fn begin_and_try_lock(&self, lock_id: i64, body_lock_id: Option<i64>) -> String {
+        let begin = &self.begin;
         if !self.advisory_locks {
-            return "BEGIN ISOLATION LEVEL READ COMMITTED; SELECT true".to_owned();
+            return format!("{begin}; SELECT true");
         }
         match body_lock_id {
-            None => format!("BEGIN ISOLATION LEVEL READ COMMITTED; SELECT pg_try_advisory_xact_lock({lock_id})"),
+            None => format!("{begin}; SELECT pg_try_advisory_xact_lock({lock_id})"),
             Some(body_lock_id) => format!(
-                "BEGIN ISOLATION LEVEL READ COMMITTED; \
-                 SELECT pg_try_advisory_xact_lock({lock_id}) AND pg_try_advisory_xact_lock({body_lock_id})"
+                "{begin}; SELECT pg_try_advisory_xact_lock({lock_id}) AND pg_try_advisory_xact_lock({body_lock_id})"
             ),
         }
     }
 
-    pub(in crate::store) fn new(name: &TableName, advisory_locks: bool) -> Self {
+    pub(in crate::store) fn new(name: &TableName, advisory_locks: bool, statement_timeout: Option<Duration>) -> Self {
         let t = name.quoted();
         let key = "source = $1 AND event_type = $2 AND key = $3";
         let live_row = live("");
@@ -65,14 +108,27 @@ impl Statements {
         } else {
             "$8::int8 IS NOT NULL"
         };
+        let begin = match statement_timeout {
+            Some(timeout) => format!(
+                "BEGIN ISOLATION LEVEL READ COMMITTED; SET LOCAL statement_timeout = {}",
+                timeout.as_millis().max(1)
+            ),
+            None => "BEGIN ISOLATION LEVEL READ COMMITTED".to_owned(),
+        };
         Self {
-            resolve_table: "SELECT n.nspname || '.' || c.relname
-                            FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-                            WHERE c.oid = to_regclass($1)"
-                .to_owned(),
-            lookup: format!(
-                "SELECT state, fingerprint, response_status, response_headers, response_body, expires_at
-                 FROM {t} WHERE {key} AND {live_row}"
+            resolve_table: Statement::once(
+                "SELECT n.nspname || '.' || c.relname
+                 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                 WHERE c.oid = to_regclass($1)"
+                    .to_owned(),
+                &[Type::TEXT],
+            ),
+            lookup: Statement::cached(
+                format!(
+                    "SELECT state, fingerprint, response_status, response_headers, response_body, expires_at
+                     FROM {t} WHERE {key} AND {live_row}"
+                ),
+                &KEY,
             ),
             // Written once, at completion; `now()` is the transaction's start,
             // which is when the claim was taken. The advisory lock and the
@@ -87,8 +143,9 @@ impl Statements {
             // never fails, where a data-modifying CTE with a second insert
             // made to violate the key cost a fifth to a third of this statement's
             // throughput in pgbench.
-            complete_transaction: format!(
-                "INSERT INTO {t} AS r (source, event_type, key, fingerprint, state,
+            complete_transaction: Statement::cached(
+                format!(
+                    "INSERT INTO {t} AS r (source, event_type, key, fingerprint, state,
                                        response_status, response_headers, response_body,
                                        created_at, completed_at, expires_at)
                  VALUES ($1, $2, $3, $4, {COMPLETED}, $5, $6, $7, now(), clock_timestamp(),
@@ -104,6 +161,17 @@ impl Statements {
                      response_body = EXCLUDED.response_body,
                      created_at = EXCLUDED.created_at, completed_at = EXCLUDED.completed_at,
                      expires_at = EXCLUDED.expires_at"
+                ),
+                &[
+                    Type::TEXT,
+                    Type::TEXT,
+                    Type::TEXT,
+                    Type::BYTEA,
+                    Type::INT2,
+                    Type::BYTEA,
+                    Type::BYTEA,
+                    Type::FLOAT8,
+                ],
             ),
             // The claim takes the key's advisory lock for the length of this
             // one statement, so it never slips in while a transaction-mode
@@ -116,8 +184,9 @@ impl Statements {
             // for another's. The outer query returns the claim token
             // written, if any, and the live record of the snapshot, if any:
             // always one row.
-            claim_lease: format!(
-                "WITH claimed AS (
+            claim_lease: Statement::cached(
+                format!(
+                    "WITH claimed AS (
                      INSERT INTO {t} AS r (source, event_type, key, fingerprint, state, claim_token,
                                            locked_until, created_at, expires_at)
                      SELECT $1::text, $2::text, $3::text, $4::bytea, {IN_PROGRESS}, $5::uuid,
@@ -141,26 +210,58 @@ impl Statements {
                         live.response_body, live.expires_at
                  FROM (VALUES (1)) AS one
                  LEFT JOIN (SELECT * FROM {t} WHERE {key} AND {live_row}) AS live ON true"
+                ),
+                &[
+                    Type::TEXT,
+                    Type::TEXT,
+                    Type::TEXT,
+                    Type::BYTEA,
+                    Type::UUID,
+                    Type::FLOAT8,
+                    Type::FLOAT8,
+                    Type::INT8,
+                ],
             ),
-            renew_lease: format!(
-                "UPDATE {t} SET locked_until = clock_timestamp() + $5 * interval '1 second'
-                 WHERE {key} AND claim_token = $4 AND state = {IN_PROGRESS}"
+            renew_lease: Statement::cached(
+                format!(
+                    "UPDATE {t} SET locked_until = clock_timestamp() + $5 * interval '1 second'
+                     WHERE {key} AND claim_token = $4 AND state = {IN_PROGRESS}"
+                ),
+                &[Type::TEXT, Type::TEXT, Type::TEXT, Type::UUID, Type::FLOAT8],
             ),
-            complete_lease: format!(
-                "UPDATE {t} SET state = {COMPLETED}, claim_token = NULL, locked_until = NULL,
-                     response_status = $5, response_headers = $6, response_body = $7,
-                     completed_at = clock_timestamp(),
-                     expires_at = clock_timestamp() + $8 * interval '1 second'
-                 WHERE {key} AND claim_token = $4 AND state = {IN_PROGRESS}"
+            complete_lease: Statement::cached(
+                format!(
+                    "UPDATE {t} SET state = {COMPLETED}, claim_token = NULL, locked_until = NULL,
+                         response_status = $5, response_headers = $6, response_body = $7,
+                         completed_at = clock_timestamp(),
+                         expires_at = clock_timestamp() + $8 * interval '1 second'
+                     WHERE {key} AND claim_token = $4 AND state = {IN_PROGRESS}"
+                ),
+                &[
+                    Type::TEXT,
+                    Type::TEXT,
+                    Type::TEXT,
+                    Type::UUID,
+                    Type::INT2,
+                    Type::BYTEA,
+                    Type::BYTEA,
+                    Type::FLOAT8,
+                ],
             ),
-            release_lease: format!("DELETE FROM {t} WHERE {key} AND claim_token = $4 AND state = {IN_PROGRESS}"),
+            release_lease: Statement::cached(
+                format!("DELETE FROM {t} WHERE {key} AND claim_token = $4 AND state = {IN_PROGRESS}"),
+                &[Type::TEXT, Type::TEXT, Type::TEXT, Type::UUID],
+            ),
+            begin,
             advisory_locks,
         }
     }
 }
 
 /// The migration's lock: concurrent migrations of one table take turns.
-pub(in crate::store) const TAKE_MIGRATION_LOCK: &str = "SELECT pg_advisory_xact_lock($1)";
+pub(in crate::store) fn take_migration_lock() -> Statement {
+    Statement::once("SELECT pg_advisory_xact_lock($1)".to_owned(), &[Type::INT8])
+}
 
 /// Where the table is (or would be created) and what of it exists, as the
 /// server sees it for the current role.
@@ -171,7 +272,14 @@ pub(in crate::store) const TAKE_MIGRATION_LOCK: &str = "SELECT pg_advisory_xact_
 /// `current_schema()`, as `CREATE TABLE` would put it. Catalogs are read
 /// directly rather than through `to_regclass`, which raises for a schema the
 /// role may not use.
-pub(in crate::store) const INSPECT_MIGRATION: &str = "
+pub(in crate::store) fn inspect_migration() -> Statement {
+    Statement::once(
+        INSPECT_MIGRATION.to_owned(),
+        &[Type::TEXT, Type::TEXT, Type::TEXT_ARRAY],
+    )
+}
+
+const INSPECT_MIGRATION: &str = "
 WITH candidate AS (
     SELECT n.oid AS namespace, n.nspname, path.position
     FROM unnest(CASE WHEN $1::text IS NULL THEN current_schemas(true) ELSE ARRAY[$1::text]::name[] END)
@@ -244,15 +352,18 @@ pub(in crate::store) fn create_index(name: &TableName) -> String {
 pub(in crate::store) struct OperationsSql;
 
 impl OperationsSql {
-    pub(super) fn stats(t: &str) -> String {
+    pub(in crate::store) fn stats(t: &str) -> Statement {
         let live = live("");
-        format!(
-            "SELECT count(*) FILTER (WHERE state = {IN_PROGRESS} AND {live}),
+        Statement::once(
+            format!(
+                "SELECT count(*) FILTER (WHERE state = {IN_PROGRESS} AND {live}),
                     count(*) FILTER (WHERE state = {COMPLETED} AND {live}),
                     count(*) FILTER (WHERE expires_at <= now() AND NOT {live}),
                     count(*) FILTER (WHERE state = {IN_PROGRESS} AND expires_at > now() AND NOT {live}),
                     min(created_at) FILTER (WHERE state = {IN_PROGRESS} AND {live})
              FROM {t}"
+            ),
+            &[],
         )
     }
 
@@ -261,39 +372,51 @@ impl OperationsSql {
     /// instead of waiting on each other or counting a row twice. A live
     /// record is never purged: an open claim with a running lease stays
     /// however long ago its retention ran out.
-    pub(in crate::store) fn purge_batch(t: &str) -> String {
+    pub(in crate::store) fn purge_batch(t: &str) -> Statement {
         let live = live("");
-        format!(
-            "DELETE FROM {t} WHERE ctid = ANY(ARRAY(
+        Statement::cached(
+            format!(
+                "DELETE FROM {t} WHERE ctid = ANY(ARRAY(
                  SELECT ctid FROM {t}
                  WHERE expires_at <= now() AND NOT {live}
                  ORDER BY expires_at LIMIT $1 FOR UPDATE SKIP LOCKED))"
+            ),
+            &[Type::INT8],
         )
     }
 
-    pub(in crate::store) fn count_expired(t: &str) -> String {
+    pub(in crate::store) fn count_expired(t: &str) -> Statement {
         let live = live("");
-        format!("SELECT count(*) FROM {t} WHERE expires_at <= now() AND NOT {live}")
+        Statement::once(
+            format!("SELECT count(*) FROM {t} WHERE expires_at <= now() AND NOT {live}"),
+            &[],
+        )
     }
 
-    pub(super) fn show(t: &str) -> String {
-        format!(
-            "SELECT state, fingerprint, created_at, completed_at, expires_at, locked_until,
+    pub(in crate::store) fn show(t: &str) -> Statement {
+        Statement::once(
+            format!(
+                "SELECT state, fingerprint, created_at, completed_at, expires_at, locked_until,
                     response_status, response_headers, response_body
              FROM {t} WHERE source = $1 AND event_type = $2 AND key = $3"
+            ),
+            &KEY,
         )
     }
 
     /// Deletes the record unless it is an open claim with a live lease (or
     /// `$4`, force, is set); says what it found either way.
-    pub(super) fn release(t: &str) -> String {
+    pub(in crate::store) fn release(t: &str) -> Statement {
         let live = live("");
-        format!(
+        Statement::once(
+            format!(
             "WITH found AS (SELECT state, locked_until FROM {t} WHERE source = $1 AND event_type = $2 AND key = $3),
                   deleted AS (DELETE FROM {t} WHERE source = $1 AND event_type = $2 AND key = $3
                                 AND ($4 OR NOT (state = {IN_PROGRESS} AND {live}))
                               RETURNING 1)
              SELECT EXISTS (SELECT 1 FROM found), EXISTS (SELECT 1 FROM deleted)"
+            ),
+            &[Type::TEXT, Type::TEXT, Type::TEXT, Type::BOOL],
         )
     }
 }

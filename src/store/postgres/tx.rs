@@ -187,6 +187,29 @@ impl fmt::Debug for IdempotencyTx {
 /// [`tokio_postgres::Client`]), so `execute`, `query` and `prepare_cached` run
 /// inside the transaction. Never run `COMMIT` or `ROLLBACK` through it: the
 /// layer ends the transaction by the response.
+///
+/// Behind a transaction-mode pooler ([`PoolMode::Transaction`](crate::PoolMode)),
+/// the transaction keeps one server connection until it ends, but the next
+/// request's may get another: leave nothing on the session for later. Use
+/// `query_typed` / `execute_typed` (unnamed, one round trip) rather than
+/// `prepare_cached`, `SET LOCAL` rather than `SET`, and
+/// `pg_advisory_xact_lock` rather than `pg_advisory_lock`:
+///
+/// ```
+/// use tokio_postgres::types::Type;
+/// use tower_idempotency::Tx;
+///
+/// async fn record_payment(tx: &Tx, payment: &str, cents: i64) -> Result<(), tokio_postgres::Error> {
+///     tx.batch_execute("SET LOCAL lock_timeout = '2s'").await?;
+///     tx.execute_typed(
+///         "INSERT INTO payments (id, amount_cents) VALUES ($1, $2)",
+///         &[(&payment, Type::TEXT), (&cents, Type::INT8)],
+///     )
+///     .await?;
+///     Ok(())
+/// }
+/// # let _ = record_payment;
+/// ```
 pub struct Tx {
     guard: OwnedMappedMutexGuard<Option<TxConnection>, Object>,
 }

@@ -23,14 +23,17 @@ impl SqlxStore {
         let name = self.table_name();
         let mut connection = self.inner.settings.pool.acquire().await.map_err(connect_error)?;
         let mut transaction = connection.begin().await?;
-        ::sqlx::query(sql::TAKE_MIGRATION_LOCK)
+        // Run once per start: unnamed, whatever the pool mode.
+        ::sqlx::query(AssertSqlSafe(sql::take_migration_lock().text))
             .bind(migration_lock_id(name))
+            .persistent(false)
             .execute(&mut *transaction)
             .await?;
-        let row = ::sqlx::query(sql::INSPECT_MIGRATION)
+        let row = ::sqlx::query(AssertSqlSafe(sql::inspect_migration().text))
             .bind(name.schema.as_deref())
             .bind(name.table.as_str())
             .bind(&TABLE_PRIVILEGES[..])
+            .persistent(false)
             .fetch_one(&mut *transaction)
             .await?;
         let found = Found {

@@ -25,7 +25,7 @@ pub use tx::{SqlxIdempotencyTx, SqlxTx};
 use self::error::connect_error;
 use self::statement::{bind, inline, lookup_from_row, Timestamp, Value};
 use super::cache::RecordCache;
-use super::postgres::sql::{self, Statements, KEY_TAKEN};
+use super::postgres::sql::{self, Statement, Statements, KEY_TAKEN};
 use super::postgres::{response_columns, TableName, DEFAULT_TABLE};
 use super::recent::RecentKeys;
 use super::{
@@ -36,6 +36,7 @@ use crate::key::RecordKey;
 use crate::policy::Mode;
 use crate::record::StoredResponse;
 use crate::shutdown::{self, Tracker};
+use crate::PoolMode;
 
 /// Records in a Postgres table, reached through an sqlx [`PgPool`]: the
 /// store for services whose own queries are sqlx's. The table, its
@@ -79,6 +80,9 @@ struct Settings {
     cache: Option<CacheSettings>,
     /// Off only in tests that need two claimants past the lock at once.
     advisory_locks: bool,
+    pool_mode: PoolMode,
+    /// Set with `SET LOCAL` at the start of each request transaction.
+    statement_timeout: Option<Duration>,
 }
 
 #[derive(Clone, Copy)]
@@ -112,8 +116,8 @@ struct Prepared {
 
 impl Inner {
     fn new(settings: Settings) -> Self {
-        let sql = Statements::new(&settings.table, settings.advisory_locks);
-        let text = |statement: &String| AssertSqlSafe(Arc::<str>::from(statement.as_str())).into_sql_str();
+        let sql = Statements::new(&settings.table, settings.advisory_locks, settings.statement_timeout);
+        let text = |statement: &Statement| AssertSqlSafe(Arc::<str>::from(statement.text.as_str())).into_sql_str();
         let prepared = Prepared {
             resolve_table: text(&sql.resolve_table),
             lookup: text(&sql.lookup),
@@ -137,6 +141,7 @@ impl fmt::Debug for SqlxStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SqlxStore")
             .field("table", &self.inner.settings.table.display)
+            .field("pool_mode", &self.inner.settings.pool_mode)
             .finish_non_exhaustive()
     }
 }
@@ -151,6 +156,8 @@ impl SqlxStore {
                 table: TableName::unqualified(DEFAULT_TABLE),
                 cache: None,
                 advisory_locks: true,
+                pool_mode: PoolMode::Session,
+                statement_timeout: None,
             })),
         }
     }
@@ -186,6 +193,100 @@ impl SqlxStore {
     /// ```
     pub fn with_cache(self, max_bytes: u64, ttl: Duration) -> Self {
         self.with_settings(|settings| settings.cache = Some(CacheSettings { max_bytes, ttl }))
+    }
+
+    /// Says what is between the store and Postgres, as
+    /// [`PostgresStore::with_pool_mode`](crate::PostgresStore::with_pool_mode):
+    /// behind a transaction-mode pooler ([`PoolMode::Transaction`]) the
+    /// store keeps no statement prepared and nothing else beyond a
+    /// transaction: every statement of the request path goes as one simple
+    /// query with its values written in (one round trip each, as prepared
+    /// ones take in session mode), the migration's unnamed. Give the pool
+    /// `PgConnectOptions::statement_cache_capacity(0)` too, so that the
+    /// handler's own `sqlx::query`s go unnamed, and no `options`.
+    ///
+    /// ```no_run
+    /// use std::time::Duration;
+    /// use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+    /// use tower_idempotency::{PoolMode, SqlxStore};
+    ///
+    /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+    /// let options: PgConnectOptions = "postgres://app@pgbouncer.internal:6432/app".parse()?;
+    /// let pool = PgPoolOptions::new().connect_lazy_with(options.statement_cache_capacity(0));
+    /// let store = SqlxStore::new(pool)
+    ///     .with_pool_mode(PoolMode::Transaction)
+    ///     .with_statement_timeout(Duration::from_secs(5));
+    /// store.migrate().await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn with_pool_mode(self, mode: PoolMode) -> Self {
+        self.with_settings(|settings| settings.pool_mode = mode)
+    }
+
+    /// Has the server cancel any statement of a request's transaction that
+    /// runs longer than `timeout` (`SET LOCAL statement_timeout`, sent with
+    /// the transaction's `BEGIN`), as
+    /// [`PostgresStore::with_statement_timeout`](crate::PostgresStore::with_statement_timeout).
+    pub fn with_statement_timeout(self, timeout: Duration) -> Self {
+        self.with_settings(|settings| settings.statement_timeout = Some(timeout))
+    }
+
+    /// Whether statements are kept prepared (session mode).
+    fn prepares(&self) -> bool {
+        self.inner.settings.pool_mode == PoolMode::Session
+    }
+
+    /// Runs a request-path statement that returns at most one row:
+    /// prepared and kept in session mode, inline behind a transaction-mode
+    /// pooler (see [`SqlxStore::with_pool_mode`]).
+    async fn fetch_optional(
+        &self,
+        connection: &mut PgConnection,
+        prepared: &SqlStr,
+        values: &[Value<'_>],
+    ) -> Result<Option<PgRow>, ::sqlx::Error> {
+        if self.prepares() {
+            bind(::sqlx::query(prepared.clone()), values)
+                .fetch_optional(connection)
+                .await
+        } else {
+            ::sqlx::raw_sql(AssertSqlSafe(inline(prepared.as_str(), values)))
+                .fetch_optional(connection)
+                .await
+        }
+    }
+
+    /// As [`SqlxStore::fetch_optional`], for a statement that always
+    /// returns one row.
+    async fn fetch_one(
+        &self,
+        connection: &mut PgConnection,
+        prepared: &SqlStr,
+        values: &[Value<'_>],
+    ) -> Result<PgRow, ::sqlx::Error> {
+        self.fetch_optional(connection, prepared, values)
+            .await?
+            .ok_or(::sqlx::Error::RowNotFound)
+    }
+
+    /// As [`SqlxStore::fetch_optional`], for a statement that returns no
+    /// rows: how many it changed.
+    async fn execute(
+        &self,
+        connection: &mut PgConnection,
+        prepared: &SqlStr,
+        values: &[Value<'_>],
+    ) -> Result<u64, ::sqlx::Error> {
+        let done = if self.prepares() {
+            bind(::sqlx::query(prepared.clone()), values)
+                .execute(connection)
+                .await?
+        } else {
+            ::sqlx::raw_sql(AssertSqlSafe(inline(prepared.as_str(), values)))
+                .execute(connection)
+                .await?
+        };
+        Ok(done.rows_affected())
     }
 
     /// Claims without the key's advisory lock; for tests of what the
@@ -257,12 +358,9 @@ impl SqlxStore {
             .lock_namespace
             .get_or_try_init(|| async {
                 let quoted = table.quoted();
-                let row = bind(
-                    ::sqlx::query(self.inner.prepared.resolve_table.clone()),
-                    &[Value::Text(&quoted)],
-                )
-                .fetch_optional(&mut *connection)
-                .await?;
+                let row = self
+                    .fetch_optional(connection, &self.inner.prepared.resolve_table, &[Value::Text(&quoted)])
+                    .await?;
                 match row {
                     Some(row) => Ok::<_, StoreError>(row.try_get::<String, _>(0)?),
                     None => Err(StoreError::TableMissing(table.display.clone())),
@@ -277,8 +375,8 @@ impl SqlxStore {
             return Ok(Lookup::Completed(completed));
         }
         let mut connection = self.connection().await?;
-        let row = bind(::sqlx::query(self.inner.prepared.lookup.clone()), &key_values(key))
-            .fetch_optional(&mut *connection)
+        let row = self
+            .fetch_optional(&mut connection, &self.inner.prepared.lookup, &key_values(key))
             .await?;
         let Some(row) = row else {
             return Ok(Lookup::Absent);
@@ -313,11 +411,11 @@ impl SqlxStore {
         let mut claim = format!(
             "{}; {}",
             self.inner.sql.begin_and_try_lock(lock_id, body_lock_id),
-            inline(&self.inner.sql.lookup, &key_values(key))
+            inline(&self.inner.sql.lookup.text, &key_values(key))
         );
         if let Some(body_record) = body_record {
             claim.push_str("; ");
-            claim.push_str(&inline(&self.inner.sql.lookup, &key_values(body_record)));
+            claim.push_str(&inline(&self.inner.sql.lookup.text, &key_values(body_record)));
         }
         let mut connection = SqlxTxConnection::new(pooled);
         let Some(conn) = connection.connection() else {
@@ -330,23 +428,25 @@ impl SqlxStore {
                 return Err(error.into());
             }
         };
-        // An early return below drops `connection`, which rolls back.
-        let expected = 3 + usize::from(body_record.is_some());
-        if results.len() != expected {
+        // An early return below drops `connection`, which rolls back. The
+        // answers end with the try-lock's and the reads'; `BEGIN` (and a
+        // `SET LOCAL`) come before them.
+        let reads = 1 + usize::from(body_record.is_some());
+        let Some(lock_at) = results.len().checked_sub(reads + 1).filter(|at| *at >= 1) else {
             return Err(StoreError::Corrupt(format!(
-                "the claim answered {} statements, expected {expected}",
-                results.len()
+                "the claim answered {} statements, expected at least {}",
+                results.len(),
+                reads + 2
             )));
-        }
-        let locked = match results[1].first() {
+        };
+        let locked = match results[lock_at].first() {
             Some(row) => row.try_get::<bool, _>(0)?,
             None => false,
         };
+        let key_row = results[lock_at + 1].first();
+        let body_row = results.get(lock_at + 2).and_then(|rows| rows.first());
         // The key's record answers first; the body's when the key has none.
-        let found = match (
-            results[2].first(),
-            body_record.zip(results.get(3).and_then(|rows| rows.first())),
-        ) {
+        let found = match (key_row, body_record.zip(body_row)) {
             (Some(row), _) => Some((key, row)),
             (None, Some((body, row))) => Some((body, row)),
             (None, None) => None,
@@ -411,8 +511,8 @@ impl SqlxStore {
                 Value::Float(request.retention.as_secs_f64()),
                 Value::BigInt(lock_id),
             ];
-            let row = bind(::sqlx::query(self.inner.prepared.claim_lease.clone()), &values)
-                .fetch_one(&mut *connection)
+            let row = self
+                .fetch_one(&mut *connection, &self.inner.prepared.claim_lease, &values)
                 .await?;
             if row.try_get::<Option<uuid::Uuid>, _>("claimed")?.is_some() {
                 let held = LeaseClaim {
@@ -448,10 +548,10 @@ impl SqlxStore {
             Value::Uuid(token),
             Value::Float(lease.as_secs_f64()),
         ];
-        let done = bind(::sqlx::query(self.inner.prepared.renew_lease.clone()), &values)
-            .execute(&mut *connection)
+        let updated = self
+            .execute(&mut connection, &self.inner.prepared.renew_lease, &values)
             .await?;
-        Ok(done.rows_affected() == 1)
+        Ok(updated == 1)
     }
 
     async fn complete_lease(
@@ -473,10 +573,10 @@ impl SqlxStore {
             Value::OptionalBytes(body),
             Value::Float(request.retention.as_secs_f64()),
         ];
-        let done = bind(::sqlx::query(self.inner.prepared.complete_lease.clone()), &values)
-            .execute(&mut *connection)
+        let updated = self
+            .execute(&mut connection, &self.inner.prepared.complete_lease, &values)
             .await?;
-        if done.rows_affected() != 1 {
+        if updated != 1 {
             return Ok(Completion::FencedOut);
         }
         self.cache_completion(request, response);
@@ -487,8 +587,7 @@ impl SqlxStore {
         let mut connection = self.connection().await?;
         let mut values = key_values(key).to_vec();
         values.push(Value::Uuid(token));
-        bind(::sqlx::query(self.inner.prepared.release_lease.clone()), &values)
-            .execute(&mut *connection)
+        self.execute(&mut connection, &self.inner.prepared.release_lease, &values)
             .await?;
         Ok(())
     }
@@ -520,14 +619,14 @@ impl SqlxStore {
             Value::OptionalBytes(body),
             Value::Float(request.retention.as_secs_f64()),
         ];
-        let mut complete = inline(&self.inner.sql.complete_transaction, &values);
+        let mut complete = inline(&self.inner.sql.complete_transaction.text, &values);
         // The body's record (the body-hash guard) is written beside the
         // key's, with the same response, in the same transaction.
         if let Some(body) = &request.body_record {
             let mut body_values = values;
             body_values[..3].copy_from_slice(&key_values(body));
             complete.push_str("; ");
-            complete.push_str(&inline(&self.inner.sql.complete_transaction, &body_values));
+            complete.push_str(&inline(&self.inner.sql.complete_transaction.text, &body_values));
         }
         complete.push_str("; ");
         complete.push_str(sql::COMMIT);

@@ -18,7 +18,8 @@ impl SqlxStore {
     pub async fn count_expired(&self) -> Result<i64, StoreError> {
         let mut connection = self.inner.settings.pool.acquire().await.map_err(connect_error)?;
         let statement = OperationsSql::count_expired(&self.table_name().quoted());
-        let row = ::sqlx::query(AssertSqlSafe(statement))
+        let row = ::sqlx::query(AssertSqlSafe(statement.text))
+            .persistent(false)
             .fetch_one(&mut *connection)
             .await?;
         Ok(row.try_get(0)?)
@@ -34,8 +35,9 @@ impl SqlxStore {
         let limit = i64::from(batch.max(1));
         let mut deleted = 0;
         loop {
-            let done = ::sqlx::query(AssertSqlSafe(statement.as_str()))
+            let done = ::sqlx::query(AssertSqlSafe(statement.text.as_str()))
                 .bind(limit)
+                .persistent(self.prepares())
                 .execute(&mut *connection)
                 .await?;
             deleted += done.rows_affected();
