@@ -418,6 +418,19 @@ impl Db {
             }
             #[cfg(feature = "sqlx")]
             Db::SqlxTx(tx) => common::insert_ledger_entry_sqlx(tx, mode, source, event_id, event_type, amount).await?,
+            // Behind a transaction-mode pooler, an sqlx statement outside a
+            // transaction is two exchanges (its unnamed Parse, then its
+            // Bind), which the pooler may send to two server connections:
+            // a short transaction of its own keeps them on one.
+            #[cfg(feature = "sqlx")]
+            Db::SqlxPooled(connection) if mode == PoolMode::Transaction => {
+                use sqlx::Connection as _;
+                let mut transaction = connection.begin().await?;
+                let id = common::insert_ledger_entry_sqlx(&mut transaction, mode, source, event_id, event_type, amount)
+                    .await?;
+                transaction.commit().await?;
+                id
+            }
             #[cfg(feature = "sqlx")]
             Db::SqlxPooled(connection) => {
                 common::insert_ledger_entry_sqlx(connection, mode, source, event_id, event_type, amount).await?
@@ -438,7 +451,15 @@ impl Db {
             #[cfg(feature = "sqlx")]
             Db::SqlxTx(tx) => guard.advance_sqlx(tx, payment, status).await,
             #[cfg(feature = "sqlx")]
-            Db::SqlxPooled(connection) => guard.advance_sqlx(connection, payment, status).await,
+            Db::SqlxPooled(connection) => {
+                // As in `insert_ledger_entry`: one transaction behind a
+                // transaction-mode pooler.
+                use sqlx::Connection as _;
+                let mut transaction = connection.begin().await?;
+                let transition = guard.advance_sqlx(&mut transaction, payment, status).await?;
+                transaction.commit().await?;
+                Ok(transition)
+            }
         }
     }
 }

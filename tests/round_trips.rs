@@ -177,6 +177,10 @@ enum Driver {
     TokioPostgres(Pool),
     #[cfg(feature = "sqlx")]
     Sqlx(sqlx::PgPool),
+    /// sqlx as behind a transaction-mode pooler: the store in
+    /// `PoolMode::Transaction`, the pool without a statement cache.
+    #[cfg(feature = "sqlx")]
+    SqlxPoolModeTransaction(sqlx::PgPool),
 }
 
 impl Driver {
@@ -189,6 +193,11 @@ impl Driver {
         Driver::Sqlx(support::wire::sqlx_pool_through(port, schema, 1))
     }
 
+    #[cfg(feature = "sqlx")]
+    fn sqlx_pool_mode_transaction(port: u16, schema: &str) -> Self {
+        Driver::SqlxPoolModeTransaction(support::wire::sqlx_pool_through(port, schema, 1))
+    }
+
     /// A store of another instance on the same pool, with the record cache
     /// when `cache` says so.
     fn store(&self, cache: bool) -> Store {
@@ -199,8 +208,11 @@ impl Driver {
                 if cache { store.with_cache(1 << 20, ttl) } else { store }.into()
             }
             #[cfg(feature = "sqlx")]
-            Driver::Sqlx(pool) => {
-                let store = tower_idempotency::SqlxStore::new(pool.clone());
+            Driver::Sqlx(pool) | Driver::SqlxPoolModeTransaction(pool) => {
+                let mut store = tower_idempotency::SqlxStore::new(pool.clone());
+                if let Driver::SqlxPoolModeTransaction(_) = self {
+                    store = store.with_pool_mode(tower_idempotency::PoolMode::Transaction);
+                }
                 if cache { store.with_cache(1 << 20, ttl) } else { store }.into()
             }
         }
@@ -210,7 +222,9 @@ impl Driver {
         match self {
             Driver::TokioPostgres(pool) => PostgresStore::new(pool.clone()).migrate().await.unwrap(),
             #[cfg(feature = "sqlx")]
-            Driver::Sqlx(pool) => tower_idempotency::SqlxStore::new(pool.clone()).migrate().await.unwrap(),
+            Driver::Sqlx(pool) | Driver::SqlxPoolModeTransaction(pool) => {
+                tower_idempotency::SqlxStore::new(pool.clone()).migrate().await.unwrap()
+            }
         }
     }
 
@@ -221,7 +235,7 @@ impl Driver {
                 status.available == status.size
             }
             #[cfg(feature = "sqlx")]
-            Driver::Sqlx(pool) => pool.num_idle() == pool.size() as usize,
+            Driver::Sqlx(pool) | Driver::SqlxPoolModeTransaction(pool) => pool.num_idle() == pool.size() as usize,
         }
     }
 
@@ -229,7 +243,7 @@ impl Driver {
         match self {
             Driver::TokioPostgres(pool) => pool.close(),
             #[cfg(feature = "sqlx")]
-            Driver::Sqlx(pool) => pool.close().await,
+            Driver::Sqlx(pool) | Driver::SqlxPoolModeTransaction(pool) => pool.close().await,
         }
     }
 }
@@ -341,7 +355,12 @@ async fn count_paths(mode: Mode, name: &str, driver: fn(u16, &str) -> Driver) ->
 /// back (none on the tokio-postgres store's).
 struct Pings([u32; 4]);
 
-async fn transaction_mode_round_trips(driver: fn(u16, &str) -> Driver, name: &str, label: &str, pings: Pings) {
+async fn transaction_mode_round_trips(
+    driver: fn(u16, &str) -> Driver,
+    name: &str,
+    label: &str,
+    pings: Pings,
+) -> Vec<Path> {
     let paths = count_paths(Mode::Transaction, name, driver).await;
     print_table("transaction", label, &paths);
     let [first, duplicate, cold, cached] = &paths[..] else {
@@ -370,9 +389,10 @@ async fn transaction_mode_round_trips(driver: fn(u16, &str) -> Driver, name: &st
         "a cached duplicate costs nothing"
     );
     assert_pings(&paths, pings);
+    paths
 }
 
-async fn lease_mode_round_trips(driver: fn(u16, &str) -> Driver, name: &str, label: &str, pings: Pings) {
+async fn lease_mode_round_trips(driver: fn(u16, &str) -> Driver, name: &str, label: &str, pings: Pings) -> Vec<Path> {
     let paths = count_paths(Mode::lease(Duration::from_secs(60)), name, driver).await;
     print_table("lease", label, &paths);
     let [first, duplicate, cold, cached] = &paths[..] else {
@@ -395,6 +415,7 @@ async fn lease_mode_round_trips(driver: fn(u16, &str) -> Driver, name: &str, lab
         Counts::default()
     );
     assert_pings(&paths, pings);
+    paths
 }
 
 fn assert_pings(paths: &[Path], Pings(expected): Pings) {
@@ -431,4 +452,38 @@ async fn transaction_mode_round_trips_sqlx() {
 async fn lease_mode_round_trips_sqlx() {
     let driver = Driver::sqlx;
     lease_mode_round_trips(driver, "round_trips_lease_sqlx", "sqlx", Pings([2, 1, 1, 0])).await;
+}
+
+/// Behind a transaction-mode pooler the sqlx store sends every statement as
+/// a simple query with its values written in: no Parse at all (so no named
+/// statement), and still the same round trips and statements.
+#[cfg(feature = "sqlx")]
+#[tokio::test]
+async fn transaction_mode_round_trips_sqlx_in_pool_mode_transaction() {
+    let driver = Driver::sqlx_pool_mode_transaction;
+    let label = "sqlx, PoolMode::Transaction";
+    let paths = transaction_mode_round_trips(driver, "round_trips_tx_sqlx_pooler", label, Pings([1, 1, 1, 0])).await;
+    assert_no_prepared_statement(&paths);
+}
+
+#[cfg(feature = "sqlx")]
+#[tokio::test]
+async fn lease_mode_round_trips_sqlx_in_pool_mode_transaction() {
+    let driver = Driver::sqlx_pool_mode_transaction;
+    let label = "sqlx, PoolMode::Transaction";
+    let paths = lease_mode_round_trips(driver, "round_trips_lease_sqlx_pooler", label, Pings([2, 1, 1, 0])).await;
+    assert_no_prepared_statement(&paths);
+}
+
+#[cfg(feature = "sqlx")]
+fn assert_no_prepared_statement(paths: &[Path]) {
+    for path in paths {
+        let c = &path.counts;
+        assert_eq!(
+            (c.parses(), c.get('B')),
+            (0, 0),
+            "{}: only simple queries: {c:?}",
+            path.name
+        );
+    }
 }
