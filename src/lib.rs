@@ -66,6 +66,12 @@
 //! it then sends no named prepared statement and keeps nothing on a server
 //! session beyond its transaction.
 //!
+//! With the `sqlx` feature, `SqlxStore` keeps the records on the service's
+//! own `sqlx::PgPool` (the same table, migration, modes, record cache and
+//! round trips), and a handler takes the request's transaction as sqlx's
+//! `PgConnection` through `SqlxTx`: `sqlx::query(..).execute(&mut *tx)`
+//! commits with the record.
+//!
 //! # Webhook providers
 //!
 //! A [`Preset`] sets a provider's documented key, event type and, given
