@@ -389,7 +389,7 @@ async fn operations_behind_pgbouncer_in_transaction_mode() {
     );
     let stats = stats.expect("stats");
     assert_eq!(
-        (stats.completed, stats.in_progress, stats.expired_awaiting_purge),
+        (stats.completed, stats.in_flight, stats.expired_awaiting_purge),
         (3, 1, 2)
     );
     assert_eq!(expired_count.expect("count_expired"), 2);
@@ -411,7 +411,7 @@ async fn operations_behind_pgbouncer_in_transaction_mode() {
     assert_eq!(purged.expect("purge"), 2, "in batches of one");
     let stats = store.stats().await.expect("stats");
     assert_eq!(
-        (stats.completed, stats.in_progress, stats.expired_awaiting_purge),
+        (stats.completed, stats.in_flight, stats.expired_awaiting_purge),
         (2, 1, 0)
     );
     db.drop_schema().await;
