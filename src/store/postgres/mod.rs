@@ -19,7 +19,7 @@ mod operations;
 mod sql;
 mod tx;
 
-pub use operations::{Deletion, RecordView, StoreStats};
+pub use operations::{Deletion, RecordView, StoreGauges, StoreStats};
 pub(crate) use tx::TxConnection;
 pub use tx::{IdempotencyTx, Tx, TxError};
 
