@@ -42,6 +42,11 @@
 //! handler holds a renewed lease, so a run cut off by a crash is taken over
 //! once its lease runs out, and runs again (at least once).
 //!
+//! In the background it purges expired records every `PURGE_INTERVAL_MS`
+//! and reads the store's gauges every `STORE_METRICS_INTERVAL_MS`, for
+//! `GET /metrics`; `tests/monitoring.rs` scrapes it with a real Prometheus
+//! and the rules of `monitoring/prometheus/`.
+//!
 //! Its routes, settings and answers are a stable contract, checked end to
 //! end by `tests/webhook_receiver.rs` (and, under crashes and outages, by
 //! `tests/crash.rs`, `tests/outage.rs` and `tests/postgres_restart.rs`).
