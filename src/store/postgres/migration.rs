@@ -20,9 +20,9 @@ const INSUFFICIENT_PRIVILEGE: &str = "42501";
 impl PostgresStore {
     /// The SQL that creates the records table `table` (`table` or
     /// `schema.table`, as for [`PostgresStore::with_table`]), its expiry
-    /// index, its open claims' index and, for `schema.table`, the schema: for the migration tool you
-    /// already use (sqlx-cli, refinery, Flyway, dbmate), run by a role
-    /// allowed to create them. Every statement is `IF NOT EXISTS`.
+    /// index, its open claims' index and, for `schema.table`, the schema:
+    /// for the migration tool you already use (sqlx-cli, refinery, Flyway,
+    /// dbmate), run by a role allowed to create them. Every statement is `IF NOT EXISTS`.
     /// [`PostgresStore::migrate`] then only checks, and the application's
     /// role needs no more than `USAGE` on the schema and `SELECT`, `INSERT`,
     /// `UPDATE` and `DELETE` on the table.
@@ -60,7 +60,8 @@ impl PostgresStore {
     }
 
     /// Makes sure the schema (if named), the table and its indexes (expiry,
-    /// open claims) exist, creating only what is missing, and that the role may use them.
+    /// open claims) exist, creating only what is missing, and that the role
+    /// may use them.
     /// Safe to run on every start, from many instances at once: the check
     /// and any creation run in one transaction under an advisory lock.
     ///

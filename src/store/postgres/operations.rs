@@ -114,8 +114,10 @@ impl PostgresStore {
 
     /// The gauges of [`StoreGauges`], in one statement that reads the open
     /// claims' index, at most 10,000 entries of the expiry index, and the
-    /// table's size from its files: a few milliseconds, whatever the size
-    /// of the table (the README's "Operating it" has its plan).
+    /// table's size from its files, whatever the size of the table: under a
+    /// millisecond while the purge keeps up, some milliseconds when 10,000
+    /// records or more await it (the README's "Operating it" has its plan
+    /// and measurements).
     pub async fn gauges(&self) -> Result<StoreGauges, StoreError> {
         let client = self.connection().await?;
         let row = client
@@ -136,15 +138,15 @@ impl PostgresStore {
     /// succeeded, 0 when it failed or took longer than `every`, bounded to
     /// between 1 and 10 seconds), until the returned task is aborted. Each
     /// gauge is labelled with the table's name as configured. Every
-    /// instance may run one; each read costs a few milliseconds of the
-    /// database (see [`PostgresStore::gauges`]).
+    /// instance may run one; see [`PostgresStore::gauges`] for what each
+    /// read costs.
     ///
     /// ```no_run
     /// # fn run(store: tower_idempotency::PostgresStore) {
     /// use std::time::Duration;
-    /// let gauges = store.spawn_metrics_task(Duration::from_secs(15));
+    /// let metrics_task = store.spawn_metrics_task(Duration::from_secs(15));
     /// // ... on shutdown:
-    /// gauges.abort();
+    /// metrics_task.abort();
     /// # }
     /// ```
     pub fn spawn_metrics_task(&self, every: Duration) -> JoinHandle<()> {
