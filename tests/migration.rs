@@ -99,5 +99,12 @@ async fn migration_sql_builds_the_same_table_as_migrate() {
             .any(|line| line.contains("records_expires_at ON <schema>.records USING btree (expires_at)")),
         "{from_sql:#?}"
     );
+    assert!(
+        from_sql
+            .iter()
+            .any(|line| line
+                .contains("records_open_claims ON <schema>.records USING btree (created_at) WHERE (state = 1)")),
+        "{from_sql:#?}"
+    );
     db.drop_schema().await;
 }

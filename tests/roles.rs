@@ -192,6 +192,41 @@ async fn migrate_without_the_expiry_index_names_it_and_the_table_ownership_it_ta
 }
 
 #[tokio::test]
+async fn migrate_without_the_open_claims_index_names_it_and_the_table_ownership_it_takes() {
+    let db = TestDb::new("roles_no_open_claims_index").await;
+    db.store().await;
+    db.client()
+        .await
+        .batch_execute("DROP INDEX idempotency_records_open_claims")
+        .await
+        .unwrap();
+    let role = Role::create("no_claims_index").await;
+    role.grant_dml(&db.schema).await;
+
+    let error = PostgresStore::new(role.pool(&db.schema))
+        .migrate()
+        .await
+        .expect_err("the role may not index the table");
+
+    let schema = &db.schema;
+    assert!(
+        error.to_string().starts_with(&format!(
+            "cannot create index {schema}.idempotency_records_open_claims: the role `{}` lacks ownership of \
+             table {schema}.idempotency_records",
+            role.name
+        )),
+        "{error}"
+    );
+    // The owner's migrate creates it again; then the role passes.
+    db.store().await;
+    PostgresStore::new(role.pool(&db.schema))
+        .migrate()
+        .await
+        .expect("the role's migrate only checks");
+    db.drop_schema().await;
+}
+
+#[tokio::test]
 async fn migrate_into_a_missing_schema_names_it_and_the_database_privilege_the_role_lacks() {
     let db = TestDb::new("roles_no_schema").await;
     let role = Role::create("no_schema").await;

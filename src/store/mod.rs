@@ -16,7 +16,8 @@ use std::time::Duration;
 pub use error::{DatabaseError, StoreError};
 pub use memory::MemoryStore;
 pub use postgres::{
-    Deletion, IdempotencyTx, InvalidTableName, PostgresStore, RecordView, StoreStats, Tx, TxError, DEFAULT_TABLE,
+    Deletion, IdempotencyTx, InvalidTableName, PostgresStore, RecordView, StoreGauges, StoreStats, Tx, TxError,
+    DEFAULT_TABLE,
 };
 
 use crate::key::RecordKey;

@@ -44,7 +44,7 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// `examples/webhook_receiver.rs`, `examples/grpc_payments.rs`): each run
 /// starts without them, since inherited values would skew the tests, which
 /// set what they need.
-pub const EXAMPLE_SETTINGS: [&str; 14] = [
+pub const EXAMPLE_SETTINGS: [&str; 16] = [
     "DATABASE_URL",
     "DATABASE_POOL_MODE",
     "BIND",
@@ -59,6 +59,8 @@ pub const EXAMPLE_SETTINGS: [&str; 14] = [
     "STRIPE_WEBHOOK_SECRET",
     "GITHUB_WEBHOOK_SECRET",
     "STANDARD_WEBHOOK_SECRET",
+    "PURGE_INTERVAL_MS",
+    "STORE_METRICS_INTERVAL_MS",
 ];
 /// The pool of a started example: several examples share one Postgres.
 const TEST_POOL_SIZE: &str = "8";
@@ -344,12 +346,7 @@ impl Receiver {
                 panic!("the example {name} {why}; its stderr:\n{text}");
             }
         };
-        let http = Http {
-            address,
-            client: Client::builder(TokioExecutor::new())
-                .pool_max_idle_per_host(64)
-                .build_http(),
-        };
+        let http = Http::new(address);
         Self {
             address,
             pid,
@@ -467,6 +464,17 @@ pub struct Http {
 }
 
 impl Http {
+    /// HTTP to any server at `address` (a receiver, or a monitoring system
+    /// the test runs beside it).
+    pub fn new(address: SocketAddr) -> Self {
+        Self {
+            address,
+            client: Client::builder(TokioExecutor::new())
+                .pool_max_idle_per_host(64)
+                .build_http(),
+        }
+    }
+
     /// One POST; `Err` for a transport failure (a killed server, a refused
     /// connection) or no answer within the request timeout.
     pub async fn post(&self, path: &str, headers: &[(&str, &str)], body: impl Into<Bytes>) -> Result<Reply, String> {

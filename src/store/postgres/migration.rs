@@ -20,9 +20,9 @@ const INSUFFICIENT_PRIVILEGE: &str = "42501";
 impl PostgresStore {
     /// The SQL that creates the records table `table` (`table` or
     /// `schema.table`, as for [`PostgresStore::with_table`]), its expiry
-    /// index and, for `schema.table`, the schema: for the migration tool you
-    /// already use (sqlx-cli, refinery, Flyway, dbmate), run by a role
-    /// allowed to create them. Every statement is `IF NOT EXISTS`.
+    /// index, its open claims' index and, for `schema.table`, the schema:
+    /// for the migration tool you already use (sqlx-cli, refinery, Flyway,
+    /// dbmate), run by a role allowed to create them. Every statement is `IF NOT EXISTS`.
     /// [`PostgresStore::migrate`] then only checks, and the application's
     /// role needs no more than `USAGE` on the schema and `SELECT`, `INSERT`,
     /// `UPDATE` and `DELETE` on the table.
@@ -44,9 +44,9 @@ impl PostgresStore {
             "-- tower-idempotency's records table{}, from PostgresStore::migration_sql({:?}).\n\
              -- Once it is applied, PostgresStore::migrate() only checks it.\n",
             if name.schema.is_some() {
-                ", its expiry index and its schema"
+                ", its indexes and its schema"
             } else {
-                " and its expiry index"
+                " and its indexes"
             },
             name.display,
         );
@@ -55,11 +55,13 @@ impl PostgresStore {
         }
         sql.push_str(&sql::create_table(&name));
         sql.push_str(&sql::create_index(&name));
+        sql.push_str(&sql::create_open_claims_index(&name));
         Ok(sql)
     }
 
-    /// Makes sure the schema (if named), the table and its expiry index
-    /// exist, creating only what is missing, and that the role may use them.
+    /// Makes sure the schema (if named), the table and its indexes (expiry,
+    /// open claims) exist, creating only what is missing, and that the role
+    /// may use them.
     /// Safe to run on every start, from many instances at once: the check
     /// and any creation run in one transaction under an advisory lock.
     ///
@@ -110,6 +112,7 @@ struct Found {
     schema_usage: bool,
     table_exists: bool,
     index_exists: bool,
+    open_claims_index_exists: bool,
     missing_privileges: Vec<String>,
 }
 
@@ -128,6 +131,7 @@ impl Found {
             schema_usage: row.try_get("schema_usage")?,
             table_exists: row.try_get("table_exists")?,
             index_exists: row.try_get("index_exists")?,
+            open_claims_index_exists: row.try_get("open_claims_index_exists")?,
             missing_privileges: row.try_get("missing_privileges")?,
         })
     }
@@ -166,6 +170,13 @@ impl Found {
                 sql: sql::create_index(name),
                 object: format!("index {}", self.qualified(&sql::index_name(name))),
                 // Only a table's owner may index it, whatever the schema's grants.
+                privilege: format!("ownership of {table}"),
+            });
+        }
+        if !self.table_exists || !self.open_claims_index_exists {
+            steps.push(Step {
+                sql: sql::create_open_claims_index(name),
+                object: format!("index {}", self.qualified(&sql::open_claims_index_name(name))),
                 privilege: format!("ownership of {table}"),
             });
         }

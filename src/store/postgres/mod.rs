@@ -20,7 +20,7 @@ mod ready;
 mod sql;
 mod tx;
 
-pub use operations::{Deletion, RecordView, StoreStats};
+pub use operations::{Deletion, RecordView, StoreGauges, StoreStats};
 pub(crate) use tx::TxConnection;
 pub use tx::{IdempotencyTx, Tx, TxError};
 
