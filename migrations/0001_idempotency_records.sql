@@ -1,4 +1,4 @@
--- tower-idempotency's records table and its indexes, from PostgresStore::migration_sql("idempotency_records").
+-- tower-idempotency's records table and its expiry index, from PostgresStore::migration_sql("idempotency_records").
 -- Once it is applied, PostgresStore::migrate() only checks it.
 CREATE TABLE IF NOT EXISTS "idempotency_records" (
     source           text        NOT NULL,
@@ -17,4 +17,3 @@ CREATE TABLE IF NOT EXISTS "idempotency_records" (
     PRIMARY KEY (source, event_type, key)
 );
 CREATE INDEX IF NOT EXISTS "idempotency_records_expires_at" ON "idempotency_records" (expires_at);
-CREATE INDEX IF NOT EXISTS "idempotency_records_open_claims" ON "idempotency_records" (created_at) WHERE state = 1;

@@ -27,8 +27,10 @@ impl PostgresStore {
     /// role needs no more than `USAGE` on the schema and `SELECT`, `INSERT`,
     /// `UPDATE` and `DELETE` on the table.
     ///
-    /// The SQL for the default table is also committed as
-    /// `migrations/0001_idempotency_records.sql`.
+    /// The SQL for the default table is also committed, for migration
+    /// tools, as `migrations/0001_idempotency_records.sql` (the table and
+    /// its expiry index) and `migrations/0002_idempotency_records_open_claims.sql`
+    /// (the index of open claims the store gauges read, added later).
     ///
     /// ```
     /// use tower_idempotency::PostgresStore;
@@ -87,8 +89,24 @@ impl PostgresStore {
             .await?;
         let found = Found::inspect(&transaction, mode, name).await?;
         for step in found.missing_steps(name) {
-            if let Err(error) = transaction.batch_execute(&step.sql).await {
-                return Err(step.refused(error, &found.role));
+            if step.optional {
+                transaction.batch_execute(sql::SAVEPOINT_OPTIONAL_STEP).await?;
+            }
+            match transaction.batch_execute(&step.sql).await {
+                Ok(()) => {}
+                Err(error) if step.optional && is_insufficient_privilege(&error) => {
+                    transaction.batch_execute(sql::ROLLBACK_OPTIONAL_STEP).await?;
+                    tracing::warn!(
+                        object = %step.object,
+                        role = %found.role,
+                        "cannot create {} without {}: the store gauges' read of open claims scans the table until \
+                         the owner creates it (migrations/0002_idempotency_records_open_claims.sql for the default \
+                         table, or PostgresStore::migration_sql())",
+                        step.object,
+                        step.privilege,
+                    );
+                }
+                Err(error) => return Err(step.refused(error, &found.role)),
             }
         }
         if found.table_exists {
@@ -153,6 +171,7 @@ impl Found {
                 sql: sql::create_schema(schema),
                 object: format!("schema {schema}"),
                 privilege: format!("CREATE on database {}", self.database),
+                optional: false,
             });
         }
         if !self.table_exists {
@@ -163,6 +182,7 @@ impl Found {
                     Some(schema) => format!("CREATE on schema {schema}"),
                     None => "CREATE on a schema of its search_path".to_owned(),
                 },
+                optional: false,
             });
         }
         if !self.table_exists || !self.index_exists {
@@ -171,6 +191,7 @@ impl Found {
                 object: format!("index {}", self.qualified(&sql::index_name(name))),
                 // Only a table's owner may index it, whatever the schema's grants.
                 privilege: format!("ownership of {table}"),
+                optional: false,
             });
         }
         if !self.table_exists || !self.open_claims_index_exists {
@@ -178,6 +199,9 @@ impl Found {
                 sql: sql::create_open_claims_index(name),
                 object: format!("index {}", self.qualified(&sql::open_claims_index_name(name))),
                 privilege: format!("ownership of {table}"),
+                // Added after the table was first published: a deployment
+                // whose role only has DML still starts without it.
+                optional: self.table_exists,
             });
         }
         steps
@@ -210,12 +234,19 @@ struct Step {
     sql: String,
     object: String,
     privilege: String,
+    /// Whether the store works without it (more slowly): a role that may
+    /// not create it is warned, not refused.
+    optional: bool,
+}
+
+fn is_insufficient_privilege(error: &tokio_postgres::Error) -> bool {
+    error.code().map(|code| code.code()) == Some(INSUFFICIENT_PRIVILEGE)
 }
 
 impl Step {
     /// The error to report when the step failed.
     fn refused(self, error: tokio_postgres::Error, role: &str) -> StoreError {
-        if error.code().map(|code| code.code()) != Some(INSUFFICIENT_PRIVILEGE) {
+        if !is_insufficient_privilege(&error) {
             return error.into();
         }
         StoreError::CannotCreate {

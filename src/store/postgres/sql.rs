@@ -430,6 +430,13 @@ pub(super) const COMMIT: &str = "COMMIT";
 /// Ends the request's transaction, undoing its writes.
 pub(super) const ROLLBACK: &str = "ROLLBACK";
 
+/// Marks where an optional migration step starts, so that its failure can
+/// be undone without aborting the migration's transaction.
+pub(super) const SAVEPOINT_OPTIONAL_STEP: &str = "SAVEPOINT optional_step";
+
+/// Undoes a failed optional migration step.
+pub(super) const ROLLBACK_OPTIONAL_STEP: &str = "ROLLBACK TO SAVEPOINT optional_step";
+
 /// The open claims' index: lease mode's in-flight rows by when they were
 /// claimed. Partial, so it holds only rows in flight (none at all in
 /// transaction mode, whose rows are written completed), and keyed by a
