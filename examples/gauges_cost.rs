@@ -19,7 +19,7 @@ mod common;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use tower_idempotency::PostgresStore;
+use tower_idempotency::{PoolMode, PostgresStore};
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
@@ -38,7 +38,7 @@ async fn run() -> Result<(), String> {
     let mut database = common::database_setting()?;
     let schema = format!("gauges_cost_{}", std::process::id());
     database.options(format!("-c search_path={schema}"));
-    let pool = common::connection_pool(database, 2)?;
+    let pool = common::connection_pool(database, 2, PoolMode::Session)?;
     let client = pool
         .get()
         .await
