@@ -47,6 +47,11 @@
 //! handler holds a renewed lease, so a run cut off by a crash is taken over
 //! once its lease runs out, and runs again (at least once).
 //!
+//! In the background it purges expired records every `PURGE_INTERVAL_MS`
+//! and reads the store's gauges every `STORE_METRICS_INTERVAL_MS`, for
+//! `GET /metrics`; `tests/monitoring.rs` scrapes it with a real Prometheus
+//! and the rules of `monitoring/prometheus/`.
+//!
 //! Its routes, settings and answers are a stable contract, checked end to
 //! end by `tests/webhook_receiver.rs` (and, under crashes and outages, by
 //! `tests/crash.rs`, `tests/outage.rs` and `tests/postgres_restart.rs`).
@@ -77,7 +82,7 @@ use common::{
 };
 use deadpool_postgres::Pool;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use serde_json::Value;
 use tokio::net::TcpListener;
 use tower_idempotency::signature::{GitHubSignature, StandardWebhooksSignature, StripeSignature, VerifySignature};
@@ -91,6 +96,16 @@ use tower_idempotency::{
 const DEFAULT_BIND: &str = "127.0.0.1:3000";
 const DEFAULT_MAX_BODY_BYTES: &str = "1048576";
 const DEFAULT_LEASE_SECS: &str = "60";
+const DEFAULT_PURGE_INTERVAL_MS: &str = "60000";
+const DEFAULT_STORE_METRICS_INTERVAL_MS: &str = "15000";
+/// Records each purge batch deletes (one short transaction each).
+const PURGE_BATCH: u32 = 10_000;
+/// Histogram buckets of every `*_seconds` metric, in seconds: store steps
+/// (milliseconds), waits (up to the routes' 10 s) and purge runs. 0.1 is a
+/// bound, so that the alert on a p99 over 100 ms is exact.
+const DURATION_BUCKETS: [f64; 14] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
 /// The record cache's bound when `RECORD_CACHE_TTL_MS` turns it on.
 const RECORD_CACHE_BYTES: u64 = 64 << 20;
 
@@ -160,6 +175,12 @@ Environment (all optional; an empty value counts as unset):
   STANDARD_WEBHOOK_SECRET  the Standard Webhooks secret, with or without its
                          whsec_ prefix; when set, /webhooks/standard verifies
                          webhook-signature [default: unset, no verification]
+  PURGE_INTERVAL_MS      how often expired records are purged, in batches of
+                         {purge_batch} [default: {DEFAULT_PURGE_INTERVAL_MS}]
+  STORE_METRICS_INTERVAL_MS  how often the store's gauges (store up, oldest
+                         open claim, expired records awaiting purge, table
+                         size) are read for /metrics, one cheap query each
+                         time [default: {DEFAULT_STORE_METRICS_INTERVAL_MS}]
 
 Database timeouts: connect {connect}s, pool wait {wait}s (then 503 with
 Retry-After), statement {statement}s: a startup option of every connection,
@@ -177,6 +198,7 @@ in the past or the future are refused.
         statement = STATEMENT_TIMEOUT.as_secs(),
         tolerance = tower_idempotency::signature::DEFAULT_SIGNATURE_TOLERANCE.as_secs(),
         cache_mib = RECORD_CACHE_BYTES >> 20,
+        purge_batch = PURGE_BATCH,
     )
 }
 
@@ -238,6 +260,10 @@ struct Settings {
     record_cache_ttl: Duration,
     /// `SHUTDOWN_GRACE_MS`.
     shutdown_grace: Duration,
+    /// `PURGE_INTERVAL_MS`.
+    purge_interval: Duration,
+    /// `STORE_METRICS_INTERVAL_MS`.
+    store_metrics_interval: Duration,
 }
 
 impl Settings {
@@ -286,8 +312,18 @@ impl Settings {
             signatures,
             record_cache_ttl: Duration::from_millis(record_cache_ms),
             shutdown_grace: common::shutdown_grace_setting()?,
+            purge_interval: milliseconds_setting("PURGE_INTERVAL_MS", DEFAULT_PURGE_INTERVAL_MS)?,
+            store_metrics_interval: milliseconds_setting(
+                "STORE_METRICS_INTERVAL_MS",
+                DEFAULT_STORE_METRICS_INTERVAL_MS,
+            )?,
         })
     }
+}
+
+/// A positive whole number of milliseconds from the environment.
+fn milliseconds_setting(name: &str, default: &str) -> Result<Duration, String> {
+    setting(name, default, positive).map(|ms| Duration::from_millis(ms as u64))
 }
 
 /// The webhook routes' signature checks, each on when its secret is set.
@@ -514,6 +550,10 @@ async fn open_database(settings: &Settings, guard: &OrderingGuard) -> Result<(Da
             create_payment_states(&pool, guard)
                 .await
                 .map_err(|error| cannot("create payment_states", &*error))?;
+            // Every instance purges (the batches of concurrent purgers never
+            // overlap) and reads the store's gauges; both end with the process.
+            store.spawn_purge_task(settings.purge_interval, PURGE_BATCH);
+            store.spawn_metrics_task(settings.store_metrics_interval);
             Ok((Database::TokioPostgres(pool), store.into()))
         }
         #[cfg(feature = "sqlx")]
@@ -540,6 +580,8 @@ async fn open_database(settings: &Settings, guard: &OrderingGuard) -> Result<(Da
             created
                 .await
                 .map_err(|error| cannot("create payment_states", &*error))?;
+            store.spawn_purge_task(settings.purge_interval, PURGE_BATCH);
+            store.spawn_metrics_task(settings.store_metrics_interval);
             Ok((Database::Sqlx(pool), store.into()))
         }
     }
@@ -549,6 +591,13 @@ async fn run(settings: Settings) -> Result<(), String> {
     let payment_states = payment_states()
         .map_err(|error| format!("invalid payment_states guard: {error}"))?
         .with_pool_mode(settings.pool_mode);
+    // Installed first: the purge and gauge tasks that open_database starts
+    // report through it from their first tick.
+    let metrics = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".to_owned()), &DURATION_BUCKETS)
+        .and_then(PrometheusBuilder::install_recorder)
+        .map_err(|error| format!("cannot install the metrics recorder: {error}"))?;
+    let _ = METRICS.set(metrics);
     let (database, store) = open_database(&settings, &payment_states).await?;
 
     let app = App {
@@ -559,10 +608,6 @@ async fn run(settings: Settings) -> Result<(), String> {
         record_mode: settings.record_mode,
         payment_states,
     };
-    let metrics = PrometheusBuilder::new()
-        .install_recorder()
-        .map_err(|error| format!("cannot install the metrics recorder: {error}"))?;
-    let _ = METRICS.set(metrics);
     let (router, shutdown) = router(app, &store, settings.signatures);
 
     let listener = TcpListener::bind(settings.bind)

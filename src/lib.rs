@@ -164,7 +164,7 @@ pub use service::{IdempotencyService, RequestBody, ResponseFuture, REPLAYED_HEAD
 pub use shutdown::{ShutdownHandle, ShutdownReport};
 pub use store::{
     DatabaseError, Deletion, IdempotencyTx, InvalidTableName, MemoryStore, PostgresStore, RecordView, Store,
-    StoreError, StoreStats, Tx, TxError, DEFAULT_TABLE,
+    StoreError, StoreGauges, StoreStats, Tx, TxError, DEFAULT_TABLE,
 };
 #[cfg(feature = "sqlx")]
 pub use store::{SqlxIdempotencyTx, SqlxStore, SqlxTx};

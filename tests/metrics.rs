@@ -1,5 +1,6 @@
-//! The layer's metrics move as requests pass (one global recorder for this
-//! test binary; each test uses sources of its own).
+//! The layer's metrics move as requests pass, and the Postgres store's
+//! tasks export theirs (one global recorder for this test binary; each test
+//! uses sources, or tables, of its own).
 
 mod support;
 
@@ -8,9 +9,10 @@ use std::time::Duration;
 
 use axum::Router;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
-use support::{request, send, Probe, Reply};
+use support::wire::{pool_through, FaultyProxy};
+use support::{request, send, wait_until, Probe, Reply, TestDb};
 use tokio::task::JoinHandle;
-use tower_idempotency::{IdempotencyLayer, InFlight, MemoryStore};
+use tower_idempotency::{IdempotencyLayer, InFlight, MemoryStore, PostgresStore};
 
 fn recorder() -> &'static PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
@@ -158,4 +160,180 @@ async fn per_request_sources_never_become_label_values() {
     assert!(series("metrics-tenants") <= 4, "{}", series("metrics-tenants"));
     assert_eq!(requests("per-request", "first"), 1_000);
     assert!(series("per-request") <= 4, "{}", series("per-request"));
+}
+
+/// The value of the one series of `name` whose labels include every one of
+/// `labels` (`name="value"` each); `None` while there is none.
+fn series(name: &str, labels: &[&str]) -> Option<f64> {
+    let text = recorder().render();
+    let values: Vec<f64> = text
+        .lines()
+        .filter(|line| line.starts_with(&format!("{name}{{")))
+        .filter(|line| labels.iter().all(|label| line.contains(label)))
+        .filter_map(|line| line.rsplit(' ').next()?.parse().ok())
+        .collect();
+    assert!(values.len() <= 1, "several series of {name} with {labels:?}: {text}");
+    values.first().copied()
+}
+
+/// Waits until the series of `name` with `labels` has the value `expected`.
+async fn series_reaches(name: &str, labels: &[&str], expected: f64) {
+    let what = format!("{name}{labels:?} is {expected}");
+    wait_until(&what, Duration::from_secs(10), || async {
+        series(name, labels) == Some(expected)
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn in_flight_and_waiting_requests_are_gauged_while_they_last() {
+    recorder();
+    let probe = Probe::default();
+    let app = probe.app(
+        IdempotencyLayer::new(MemoryStore::new(100))
+            .source("metrics-occupancy")
+            .in_flight(InFlight::Wait(Duration::from_secs(30))),
+    );
+    let source = ["source=\"metrics-occupancy\""];
+
+    let held = hold_k_in_flight(&probe, &app).await;
+    assert_eq!(series("idempotency_in_flight", &source), Some(1.0));
+    let waiter = tokio::spawn({
+        let app = app.clone();
+        async move { send(&app, request(Some("k"), "{}", &[])).await }
+    });
+    series_reaches("idempotency_waiting", &source, 1.0).await;
+    probe.open_gate();
+    held.await.unwrap();
+    assert!(waiter.await.unwrap().replayed());
+
+    assert_eq!(series("idempotency_in_flight", &source), Some(0.0));
+    assert_eq!(series("idempotency_waiting", &source), Some(0.0));
+}
+
+#[tokio::test]
+async fn a_waiter_dropped_while_waiting_leaves_the_waiting_gauge() {
+    recorder();
+    let probe = Probe::default();
+    let app = probe.app(
+        IdempotencyLayer::new(MemoryStore::new(100))
+            .source("metrics-dropped-waiter")
+            .in_flight(InFlight::Wait(Duration::from_secs(30)))
+            // A dropped request future then drops its search for the key.
+            .detach_on_disconnect(false),
+    );
+    let source = ["source=\"metrics-dropped-waiter\""];
+
+    let held = hold_k_in_flight(&probe, &app).await;
+    let waiter = tokio::spawn({
+        let app = app.clone();
+        async move { send(&app, request(Some("k"), "{}", &[])).await }
+    });
+    series_reaches("idempotency_waiting", &source, 1.0).await;
+    waiter.abort();
+    let _ = waiter.await;
+
+    assert_eq!(series("idempotency_waiting", &source), Some(0.0));
+    probe.open_gate();
+    held.await.unwrap();
+    assert_eq!(series("idempotency_in_flight", &source), Some(0.0));
+}
+
+/// The store of `db` on the table `<schema>.records`, migrated: a table
+/// label no other test shares.
+async fn store_of_its_own(db: &TestDb, pool: deadpool_postgres::Pool) -> (PostgresStore, String) {
+    let table = format!("{}.records", db.schema);
+    let store = PostgresStore::new(pool).with_table(&table).unwrap();
+    store.migrate().await.expect("migrate");
+    (store, table)
+}
+
+#[tokio::test]
+async fn the_metrics_task_exports_the_store_gauges_and_whether_the_store_answers() {
+    recorder();
+    let db = TestDb::new("metrics_store_gauges").await;
+    let proxy = FaultyProxy::stalling().await;
+    let (store, table) = store_of_its_own(&db, pool_through(proxy.port, &db.schema, 2)).await;
+    db.client()
+        .await
+        .execute(
+            &format!(
+                "INSERT INTO {table} (source, event_type, key, fingerprint, state, created_at, expires_at)
+                 VALUES ('s', '', 'expired', '\\x00', 2, now() - interval '2 days', now() - interval '1 day')"
+            ),
+            &[],
+        )
+        .await
+        .unwrap();
+    let label = format!("table=\"{table}\"");
+    let labels = [label.as_str()];
+
+    let task = store.spawn_metrics_task(Duration::from_millis(50));
+    series_reaches("idempotency_store_up", &labels, 1.0).await;
+    assert_eq!(series("idempotency_expired_awaiting_purge", &labels), Some(1.0));
+    assert_eq!(series("idempotency_claims_past_lease", &labels), Some(0.0));
+    assert_eq!(series("idempotency_oldest_open_claim_age_seconds", &labels), Some(0.0));
+    let expired_for = series("idempotency_oldest_expired_age_seconds", &labels).expect("the oldest expired");
+    assert!((86_000.0..87_000.0).contains(&expired_for), "{expired_for}");
+    assert!(series("idempotency_table_bytes", &labels).is_some_and(|bytes| bytes > 0.0));
+
+    proxy.go_down();
+    series_reaches("idempotency_store_up", &labels, 0.0).await;
+    proxy.restore();
+    series_reaches("idempotency_store_up", &labels, 1.0).await;
+    task.abort();
+    db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn purge_runs_are_counted_with_the_records_they_delete_and_their_failures() {
+    recorder();
+    let db = TestDb::new("metrics_purge").await;
+    let (store, table) = store_of_its_own(&db, db.pool.clone()).await;
+    db.client()
+        .await
+        .execute(
+            &format!(
+                "INSERT INTO {table} (source, event_type, key, fingerprint, state, created_at, expires_at)
+                 SELECT 's', '', n::text, '\\x00', 2, now() - interval '2 days', now() - interval '1 day'
+                 FROM generate_series(1, 5) AS n"
+            ),
+            &[],
+        )
+        .await
+        .unwrap();
+    let label = format!("table=\"{table}\"");
+
+    let purger = store.spawn_purge_task(Duration::from_millis(20), 2);
+    series_reaches("idempotency_purged_records_total", &[label.as_str()], 5.0).await;
+    wait_until("a second run, which finds nothing", Duration::from_secs(10), || async {
+        series("idempotency_purge_runs_total", &[label.as_str(), "result=\"ok\""]).is_some_and(|runs| runs >= 2.0)
+    })
+    .await;
+    assert!(series("idempotency_purge_duration_seconds_count", &[label.as_str()]).is_some_and(|runs| runs >= 2.0));
+    assert_eq!(
+        series("idempotency_purge_runs_total", &[label.as_str(), "result=\"failed\""]),
+        None
+    );
+    purger.abort();
+
+    // A table that is not there: every run fails, and is counted.
+    let missing = format!("{}.absent", db.schema);
+    let failing = PostgresStore::new(db.pool.clone()).with_table(&missing).unwrap();
+    let purger = failing.spawn_purge_task(Duration::from_millis(20), 2);
+    let missing_label = format!("table=\"{missing}\"");
+    wait_until("a failed purge run is counted", Duration::from_secs(10), || async {
+        series(
+            "idempotency_purge_runs_total",
+            &[missing_label.as_str(), "result=\"failed\""],
+        )
+        .is_some_and(|runs| runs >= 1.0)
+    })
+    .await;
+    assert_eq!(
+        series("idempotency_purged_records_total", &[missing_label.as_str()]),
+        None
+    );
+    purger.abort();
+    db.drop_schema().await;
 }

@@ -7,16 +7,36 @@ mod support;
 use support::{connect, TestDb};
 use tower_idempotency::{PostgresStore, DEFAULT_TABLE};
 
-const COMMITTED_MIGRATION: &str = "migrations/0001_idempotency_records.sql";
+/// The committed migrations, in the order a migration tool applies them.
+const COMMITTED_MIGRATIONS: [&str; 2] = [
+    "migrations/0001_idempotency_records.sql",
+    "migrations/0002_idempotency_records_open_claims.sql",
+];
+
+/// The statements of an SQL text, without its comment lines.
+fn statements(sql: &str) -> Vec<String> {
+    let text: Vec<&str> = sql.lines().filter(|line| !line.starts_with("--")).collect();
+    text.join("\n")
+        .split_inclusive(';')
+        .map(|statement| statement.trim().to_owned())
+        .filter(|statement| !statement.is_empty())
+        .collect()
+}
 
 #[test]
-fn the_committed_migration_is_the_sql_for_the_default_table() {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(COMMITTED_MIGRATION);
-    let committed = std::fs::read_to_string(&path).unwrap_or_else(|error| panic!("{}: {error}", path.display()));
-    let generated = PostgresStore::migration_sql(DEFAULT_TABLE).unwrap();
+fn the_committed_migrations_are_the_sql_for_the_default_table() {
+    let committed: Vec<String> = COMMITTED_MIGRATIONS
+        .iter()
+        .flat_map(|file| {
+            let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(file);
+            let sql = std::fs::read_to_string(&path).unwrap_or_else(|error| panic!("{}: {error}", path.display()));
+            statements(&sql)
+        })
+        .collect();
+    let generated = statements(&PostgresStore::migration_sql(DEFAULT_TABLE).unwrap());
     assert_eq!(
         committed, generated,
-        "{COMMITTED_MIGRATION} differs from PostgresStore::migration_sql({DEFAULT_TABLE:?}): regenerate it"
+        "{COMMITTED_MIGRATIONS:?} differ from PostgresStore::migration_sql({DEFAULT_TABLE:?}): regenerate them"
     );
 }
 
@@ -97,6 +117,13 @@ async fn migration_sql_builds_the_same_table_as_migrate() {
         from_sql
             .iter()
             .any(|line| line.contains("records_expires_at ON <schema>.records USING btree (expires_at)")),
+        "{from_sql:#?}"
+    );
+    assert!(
+        from_sql
+            .iter()
+            .any(|line| line
+                .contains("records_open_claims ON <schema>.records USING btree (created_at) WHERE (state = 1)")),
         "{from_sql:#?}"
     );
     db.drop_schema().await;

@@ -17,8 +17,12 @@ use tower_idempotency::{Deletion, IdempotencyLayer, InFlight, Mode, PostgresStor
 /// and open claims with a live lease but a past `expires_at` (which must
 /// survive a purge).
 async fn seed(db: &TestDb, count: i64) {
-    db.client()
-        .await
+    let client = db.client().await;
+    seed_on(&client, count).await;
+}
+
+async fn seed_on(client: &tokio_postgres::Client, count: i64) {
+    client
         .execute(
             "INSERT INTO idempotency_records (source, event_type, key, fingerprint, state, locked_until,
                                               response_status, response_headers, created_at, completed_at, expires_at)
@@ -266,6 +270,143 @@ async fn store_builders_keep_each_others_settings_in_any_order() {
 
     assert!(after_cache.replayed(), "with_table kept the cache: {after_cache:?}");
     assert!(after_table.replayed(), "with_cache kept the table: {after_table:?}");
+    db.drop_schema().await;
+}
+
+/// The table's sequential and index scans so far, as the statistics have
+/// them.
+async fn table_scans(db: &TestDb) -> (i64, i64) {
+    let row = db
+        .client()
+        .await
+        .query_one(
+            "SELECT pg_stat_get_numscans(c.oid),
+                    (SELECT coalesce(sum(pg_stat_get_numscans(i.indexrelid)), 0)::int8
+                     FROM pg_index i WHERE i.indrelid = c.oid),
+                    pg_stat_get_tuples_inserted(c.oid) + pg_stat_get_tuples_updated(c.oid)
+             FROM pg_class c WHERE c.oid = 'idempotency_records'::regclass",
+            &[],
+        )
+        .await
+        .unwrap();
+    (row.get(0), row.get(1))
+}
+
+/// Waits until the statistics hold `writes` rows inserted or updated:
+/// another session's statistics arrive once it has ended.
+async fn statistics_hold_writes(db: &TestDb, writes: i64) {
+    let query = "SELECT pg_stat_get_tuples_inserted(c.oid) + pg_stat_get_tuples_updated(c.oid)
+                 FROM pg_class c WHERE c.oid = 'idempotency_records'::regclass";
+    support::wait_until("the setup's statistics are in", Duration::from_secs(30), || async {
+        db.count(query).await == writes
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn gauges_read_open_claims_and_expired_records_through_the_indexes_without_a_full_scan() {
+    let db = TestDb::new("gauges_indexes").await;
+    // The setup (building the indexes scans the table) runs in a session
+    // of its own, which ends before the count of scans starts, so that its
+    // statistics (which reach other sessions when it ends) are all in by
+    // then.
+    let setup = support::connect().await;
+    setup
+        .batch_execute(&format!("SET search_path = {}", db.schema))
+        .await
+        .unwrap();
+    setup
+        .batch_execute(&PostgresStore::migration_sql(tower_idempotency::DEFAULT_TABLE).unwrap())
+        .await
+        .unwrap();
+    seed_on(&setup, 3).await;
+    // One open claim whose lease ran out before its retention did.
+    setup
+        .execute(
+            "UPDATE idempotency_records SET locked_until = now() - interval '1 minute', expires_at = now() + interval '1 day'
+             WHERE event_type = 'leased' AND key = '1'",
+            &[],
+        )
+        .await
+        .unwrap();
+    // Enough live records that reading them all would be the plan's cost.
+    setup
+        .execute(
+            "INSERT INTO idempotency_records (source, event_type, key, fingerprint, state, response_status,
+                                              created_at, completed_at, expires_at)
+             SELECT 's', 'bulk', n::text, '\\x00'::bytea, 2, 200, now(), now(), now() + interval '1 day'
+             FROM generate_series(1, 20000) AS n",
+            &[],
+        )
+        .await
+        .unwrap();
+    setup.batch_execute("ANALYZE idempotency_records").await.unwrap();
+    drop(setup);
+    statistics_hold_writes(&db, 9 + 1 + 20_000).await;
+    let (seq_before, index_before) = table_scans(&db).await;
+    let store = PostgresStore::new(support::pool(
+        support::on_schema(support::database_config(), &db.schema, &db.schema),
+        1,
+        None,
+    ));
+
+    let gauges = store.gauges().await.unwrap();
+    // The store's one session ends too, so that its statistics come in.
+    store.pool().close();
+
+    let (seq_after, index_after) = loop {
+        let (seq, index) = table_scans(&db).await;
+        if index > index_before {
+            break (seq, index);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(seq_after, seq_before, "the gauges read no table in full");
+    assert_eq!(index_after - index_before, 4, "four index scans: two of each index");
+    // The seeded claims were taken 40 days ago; the expired records expired a day ago.
+    let days = |age: Option<Duration>| age.map(|age| age.as_secs_f64() / 86_400.0);
+    let oldest_open_claim = days(gauges.oldest_open_claim_age).expect("an open claim");
+    assert!((39.99..40.01).contains(&oldest_open_claim), "{gauges:?}");
+    assert_eq!(gauges.claims_past_lease, 1, "{gauges:?}");
+    assert_eq!(gauges.expired_awaiting_purge, 3, "{gauges:?}");
+    let oldest_expired = days(gauges.oldest_expired_age).expect("an expired record");
+    assert!((0.99..1.01).contains(&oldest_expired), "{gauges:?}");
+    let size = db.count("SELECT pg_total_relation_size('idempotency_records')").await;
+    assert_eq!(gauges.table_bytes, size);
+
+    let store = db.store().await;
+    store.purge_expired(100).await.unwrap();
+    let after_purge = store.gauges().await.unwrap();
+    assert_eq!(after_purge.expired_awaiting_purge, 0);
+    assert_eq!(after_purge.oldest_expired_age, None);
+    db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn gauges_of_an_empty_table_say_nothing_is_open_or_expired() {
+    let db = TestDb::new("gauges_empty").await;
+    let store = db.store().await;
+
+    let gauges = store.gauges().await.unwrap();
+
+    assert_eq!(gauges.oldest_open_claim_age, None);
+    assert_eq!(gauges.claims_past_lease, 0);
+    assert_eq!(gauges.expired_awaiting_purge, 0);
+    assert_eq!(gauges.oldest_expired_age, None);
+    assert!(gauges.table_bytes > 0, "{gauges:?}");
+    db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn gauges_count_expired_records_up_to_ten_thousand() {
+    let db = TestDb::new("gauges_cap").await;
+    let store = db.store().await;
+    seed(&db, 10_050).await;
+
+    let gauges = store.gauges().await.unwrap();
+
+    assert_eq!(gauges.expired_awaiting_purge, 10_000);
+    assert_eq!(store.stats().await.unwrap().expired_awaiting_purge, 10_050);
     db.drop_schema().await;
 }
 

@@ -192,6 +192,36 @@ async fn migrate_without_the_expiry_index_names_it_and_the_table_ownership_it_ta
 }
 
 #[tokio::test]
+async fn a_role_with_only_dml_starts_on_a_table_published_before_the_open_claims_index() {
+    let db = TestDb::new("roles_no_open_claims_index").await;
+    db.store().await;
+    let drop_index = "DROP INDEX idempotency_records_open_claims";
+    db.client().await.batch_execute(drop_index).await.unwrap();
+    let role = Role::create("no_claims_index").await;
+    role.grant_dml(&db.schema).await;
+
+    PostgresStore::new(role.pool(&db.schema))
+        .migrate()
+        .await
+        .expect("the index is optional: the role is warned, not refused");
+
+    let open_claims_index = format!(
+        "SELECT count(*) FROM pg_indexes WHERE schemaname = '{}' AND indexname = 'idempotency_records_open_claims'",
+        db.schema
+    );
+    let indexes = db.count(&open_claims_index).await;
+    assert_eq!(
+        indexes, 0,
+        "the role could not create it, and the migration went on without it"
+    );
+    // The owner's migrate creates it.
+    db.store().await;
+    let indexes = db.count(&open_claims_index).await;
+    assert_eq!(indexes, 1);
+    db.drop_schema().await;
+}
+
+#[tokio::test]
 async fn migrate_into_a_missing_schema_names_it_and_the_database_privilege_the_role_lacks() {
     let db = TestDb::new("roles_no_schema").await;
     let role = Role::create("no_schema").await;

@@ -54,7 +54,7 @@ Exit codes: 0 done, 1 database error, 2 usage error, 3 no such record,
 
 fn command_usage(command: &str) -> Option<&'static str> {
     Some(match command {
-        "migrate" => "Usage: idempotency-admin [--table NAME] migrate\n\nCreates the records table, its expiry index and, for `schema.table`, the\nschema, when absent. Safe to run at any time, from many hosts at once.\n",
+        "migrate" => "Usage: idempotency-admin [--table NAME] migrate\n\nCreates the records table, its indexes (expiry, open claims) and, for\n`schema.table`, the schema, when absent. Safe to run at any time, from many hosts at once.\n",
         "stats" => "Usage: idempotency-admin [--table NAME] stats [--json]\n\nPrints records by state, the oldest open claim, expired records awaiting\npurge and open claims whose lease ran out. Reads the whole table.\n",
         "purge" => "Usage: idempotency-admin [--table NAME] purge [--batch N] [--dry-run]\n\nDeletes expired records, oldest first, N at a time (default 10000), each\nbatch a short transaction; safe beside running instances and other purges.\n--dry-run prints how many would be deleted.\n",
         "show" => "Usage: idempotency-admin [--table NAME] show SOURCE EVENT_TYPE KEY [--json]\n\nPrints one record and its stored response. Use '' for an empty event type.\n",

@@ -241,10 +241,11 @@ impl<'a> Search<'a> {
     }
 }
 
-/// Time a duplicate spent waiting for the first request with its key.
+/// Time a duplicate spent waiting for the first request with its key; the
+/// duplicate counts in `idempotency_waiting` while it waits.
 pub(super) struct Waiting<'a> {
     identity: &'a Identity,
-    since: Option<Instant>,
+    since: Option<(Instant, metrics::Occupancy)>,
 }
 
 impl<'a> Waiting<'a> {
@@ -253,12 +254,17 @@ impl<'a> Waiting<'a> {
     }
 
     fn start(&mut self) {
-        self.since.get_or_insert_with(Instant::now);
+        if self.since.is_none() {
+            self.since = Some((
+                Instant::now(),
+                metrics::Occupancy::waiting(&self.identity.metrics_label),
+            ));
+        }
     }
 
     /// Records the wait, if there was one; says whether there was.
     fn finish(&mut self) -> bool {
-        let Some(since) = self.since.take() else {
+        let Some((since, _waiting)) = self.since.take() else {
             return false;
         };
         metrics::wait_duration(&self.identity.metrics_label, since.elapsed());

@@ -25,6 +25,7 @@ use self::run::run_claimed;
 use crate::body::{BytesBody, ResponseBody};
 use crate::key::{KeyError, RecordKey};
 use crate::layer::Config;
+use crate::metrics;
 use crate::problem::Protocol;
 use crate::record::StoredResponse;
 use crate::service::RequestBody;
@@ -120,6 +121,7 @@ where
 {
     match acquire(&shared, &identity).await {
         Acquired::Claim(claim, holder) => {
+            let in_flight = metrics::Occupancy::in_flight(&identity.metrics_label);
             let claim = claim.released_within(shared.config.store_timeout, &shared.shutdown);
             let ran = run_claimed(
                 &shared.config,
@@ -133,6 +135,7 @@ where
             .await;
             // Local waiters wake only once the record is final.
             drop(holder);
+            drop(in_flight);
             finish::ran(&identity, ran)
         }
         Acquired::Unclaimed(Unclaimed::StoreFailed(error)) if shared.config.fail_open && error.is_unavailable() => {

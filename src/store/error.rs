@@ -28,7 +28,7 @@ pub enum StoreError {
     #[error("the records table `{0}` does not exist: run PostgresStore::migrate() first")]
     TableMissing(String),
     /// [`PostgresStore::migrate`](crate::PostgresStore::migrate) found the
-    /// schema, the records table or its expiry index missing, and the role
+    /// schema, the records table or one of its indexes missing, and the role
     /// may not create it.
     #[error(
         "cannot create {object}: the role `{role}` lacks {privilege}; run the migration as a role that has it \

@@ -20,7 +20,8 @@ pub use self::sqlx::{SqlxIdempotencyTx, SqlxStore, SqlxTx};
 pub use error::{DatabaseError, StoreError};
 pub use memory::MemoryStore;
 pub use postgres::{
-    Deletion, IdempotencyTx, InvalidTableName, PostgresStore, RecordView, StoreStats, Tx, TxError, DEFAULT_TABLE,
+    Deletion, IdempotencyTx, InvalidTableName, PostgresStore, RecordView, StoreGauges, StoreStats, Tx, TxError,
+    DEFAULT_TABLE,
 };
 
 use crate::key::RecordKey;

@@ -44,7 +44,7 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// `examples/webhook_receiver.rs`, `examples/grpc_payments.rs`): each run
 /// starts without them, since inherited values would skew the tests, which
 /// set what they need.
-pub const EXAMPLE_SETTINGS: [&str; 15] = [
+pub const EXAMPLE_SETTINGS: [&str; 17] = [
     "DATABASE_URL",
     "DATABASE_DRIVER",
     "DATABASE_POOL_MODE",
@@ -60,6 +60,8 @@ pub const EXAMPLE_SETTINGS: [&str; 15] = [
     "STRIPE_WEBHOOK_SECRET",
     "GITHUB_WEBHOOK_SECRET",
     "STANDARD_WEBHOOK_SECRET",
+    "PURGE_INTERVAL_MS",
+    "STORE_METRICS_INTERVAL_MS",
 ];
 
 /// The example's Postgres driver (`DATABASE_DRIVER`).
@@ -388,12 +390,7 @@ impl Receiver {
                 panic!("the example {name} {why}; its stderr:\n{text}");
             }
         };
-        let http = Http {
-            address,
-            client: Client::builder(TokioExecutor::new())
-                .pool_max_idle_per_host(64)
-                .build_http(),
-        };
+        let http = Http::new(address);
         Self {
             address,
             pid,
@@ -511,6 +508,17 @@ pub struct Http {
 }
 
 impl Http {
+    /// HTTP to any server at `address` (a receiver, or a monitoring system
+    /// the test runs beside it).
+    pub fn new(address: SocketAddr) -> Self {
+        Self {
+            address,
+            client: Client::builder(TokioExecutor::new())
+                .pool_max_idle_per_host(64)
+                .build_http(),
+        }
+    }
+
     /// One POST; `Err` for a transport failure (a killed server, a refused
     /// connection) or no answer within the request timeout.
     pub async fn post(&self, path: &str, headers: &[(&str, &str)], body: impl Into<Bytes>) -> Result<Reply, String> {

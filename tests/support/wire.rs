@@ -8,7 +8,7 @@
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use deadpool_postgres::Pool;
@@ -169,6 +169,22 @@ pub fn proxied_config(port: u16) -> tokio_postgres::Config {
     config
 }
 
+/// DATABASE_URL's database and credentials, reached through a proxy on
+/// `port`, as a URL for a child process whose sessions work in `schema` and
+/// carry its name as `application_name` (as `support::schema_url`).
+pub fn proxied_url(port: u16, schema: &str) -> String {
+    let url = super::database_config();
+    let user = url.get_user().unwrap_or("postgres");
+    let password = url
+        .get_password()
+        .map(|password| format!(":{}", form_urlencoded::byte_serialize(password).collect::<String>()))
+        .unwrap_or_default();
+    let dbname = url.get_dbname().unwrap_or("postgres");
+    format!(
+        "postgres://{user}{password}@127.0.0.1:{port}/{dbname}?options=-csearch_path%3D{schema}&application_name={schema}"
+    )
+}
+
 /// A pool of `size` connections through a proxy on `port`, on the test's
 /// schema.
 pub fn pool_through(port: u16, schema: &str, size: usize) -> Pool {
@@ -212,6 +228,16 @@ struct Control {
     resume: Notify,
     /// While set, what clients send is swallowed.
     stalled: AtomicBool,
+    /// The cut switch of every relayed connection, and whether the proxy
+    /// is down (refusing connections); one lock, so that no connection
+    /// slips in while an outage begins.
+    outage: Mutex<Outage>,
+}
+
+#[derive(Default)]
+struct Outage {
+    down: bool,
+    connections: Vec<Weak<Notify>>,
 }
 
 /// A proxy that relays every connection faithfully, except
@@ -220,7 +246,9 @@ struct Control {
 ///   meets the [`Fault`];
 /// - while stalled: what clients send is swallowed and no answer comes, as
 ///   from a stalled server or over a broken network. A client that closes
-///   its end still closes the server's.
+///   its end still closes the server's;
+/// - while down: every connection is cut and new ones are closed at once,
+///   as when the database's host goes down, until restored.
 #[derive(Clone)]
 pub struct FaultyProxy {
     pub port: u16,
@@ -245,6 +273,7 @@ impl FaultyProxy {
             answered: Notify::new(),
             resume: Notify::new(),
             stalled: AtomicBool::new(false),
+            outage: Mutex::new(Outage::default()),
         });
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind the proxy");
         let port = listener.local_addr().expect("the proxy's address").port();
@@ -253,10 +282,20 @@ impl FaultyProxy {
             let control = control.clone();
             async move {
                 while let Ok((client, _)) = listener.accept().await {
+                    let cut = Arc::new(Notify::new());
+                    {
+                        let mut outage = control.outage.lock().expect("the outage lock");
+                        if outage.down {
+                            // Closed at once: the client's connect fails.
+                            continue;
+                        }
+                        outage.connections.retain(|connection| connection.strong_count() > 0);
+                        outage.connections.push(Arc::downgrade(&cut));
+                    }
                     let server = TcpStream::connect((upstream.0.as_str(), upstream.1))
                         .await
                         .expect("reach Postgres from the proxy");
-                    tokio::spawn(relay(client, server, control.clone()));
+                    tokio::spawn(relay(client, server, control.clone(), cut));
                 }
             }
         });
@@ -281,6 +320,23 @@ impl FaultyProxy {
         self.control.stalled.store(true, Ordering::SeqCst);
     }
 
+    /// Cuts every connection and closes new ones at once, until
+    /// [`FaultyProxy::restore`]: to the client, the database is down.
+    pub fn go_down(&self) {
+        let mut outage = self.control.outage.lock().expect("the outage lock");
+        outage.down = true;
+        for connection in outage.connections.drain(..) {
+            if let Some(cut) = connection.upgrade() {
+                cut.notify_one();
+            }
+        }
+    }
+
+    /// Ends an outage: connections are relayed again.
+    pub fn restore(&self) {
+        self.control.outage.lock().expect("the outage lock").down = false;
+    }
+
     /// Ends a stall, and lets a held answer, and everything after it,
     /// through.
     pub fn resume(&self) {
@@ -289,14 +345,13 @@ impl FaultyProxy {
     }
 }
 
-async fn relay(client: TcpStream, server: TcpStream, control: Arc<Control>) {
+async fn relay(client: TcpStream, server: TcpStream, control: Arc<Control>, cut: Arc<Notify>) {
     let (mut client_read, mut client_write) = client.into_split();
     let (mut server_read, mut server_write) = server.into_split();
     // Set when this connection has sent the watched statement; the server's
     // bytes from then on are its answer (the client waits for one answer
     // before sending the next statement of a store step).
     let faulted = Arc::new(AtomicBool::new(false));
-    let cut = Arc::new(Notify::new());
     let upstream = {
         let (control, faulted, cut) = (control.clone(), faulted.clone(), cut.clone());
         async move {

@@ -20,15 +20,17 @@ const INSUFFICIENT_PRIVILEGE: &str = "42501";
 impl PostgresStore {
     /// The SQL that creates the records table `table` (`table` or
     /// `schema.table`, as for [`PostgresStore::with_table`]), its expiry
-    /// index and, for `schema.table`, the schema: for the migration tool you
-    /// already use (sqlx-cli, refinery, Flyway, dbmate), run by a role
-    /// allowed to create them. Every statement is `IF NOT EXISTS`.
+    /// index, its open claims' index and, for `schema.table`, the schema:
+    /// for the migration tool you already use (sqlx-cli, refinery, Flyway,
+    /// dbmate), run by a role allowed to create them. Every statement is `IF NOT EXISTS`.
     /// [`PostgresStore::migrate`] then only checks, and the application's
     /// role needs no more than `USAGE` on the schema and `SELECT`, `INSERT`,
     /// `UPDATE` and `DELETE` on the table.
     ///
-    /// The SQL for the default table is also committed as
-    /// `migrations/0001_idempotency_records.sql`.
+    /// The SQL for the default table is also committed, for migration
+    /// tools, as `migrations/0001_idempotency_records.sql` (the table and
+    /// its expiry index) and `migrations/0002_idempotency_records_open_claims.sql`
+    /// (the index of open claims the store gauges read, added later).
     ///
     /// ```
     /// use tower_idempotency::PostgresStore;
@@ -44,9 +46,9 @@ impl PostgresStore {
             "-- tower-idempotency's records table{}, from PostgresStore::migration_sql({:?}).\n\
              -- Once it is applied, PostgresStore::migrate() only checks it.\n",
             if name.schema.is_some() {
-                ", its expiry index and its schema"
+                ", its indexes and its schema"
             } else {
-                " and its expiry index"
+                " and its indexes"
             },
             name.display,
         );
@@ -55,11 +57,13 @@ impl PostgresStore {
         }
         sql.push_str(&sql::create_table(&name));
         sql.push_str(&sql::create_index(&name));
+        sql.push_str(&sql::create_open_claims_index(&name));
         Ok(sql)
     }
 
-    /// Makes sure the schema (if named), the table and its expiry index
-    /// exist, creating only what is missing, and that the role may use them.
+    /// Makes sure the schema (if named), the table and its indexes (expiry,
+    /// open claims) exist, creating only what is missing, and that the role
+    /// may use them.
     /// Safe to run on every start, from many instances at once: the check
     /// and any creation run in one transaction under an advisory lock.
     ///
@@ -80,8 +84,16 @@ impl PostgresStore {
             .await?;
         let found = Found::inspect(&transaction, mode, name).await?;
         for step in found.missing_steps(name) {
-            if let Err(error) = transaction.batch_execute(&step.sql).await {
-                return Err(step.refused(error.into(), &found.role));
+            if step.optional {
+                transaction.batch_execute(sql::SAVEPOINT_OPTIONAL_STEP).await?;
+            }
+            match transaction.batch_execute(&step.sql).await {
+                Ok(()) => {}
+                Err(error) if step.optional && is_insufficient_privilege(&error) => {
+                    transaction.batch_execute(sql::ROLLBACK_OPTIONAL_STEP).await?;
+                    step.warn_skipped(&found.role);
+                }
+                Err(error) => return Err(step.refused(error.into(), &found.role)),
             }
         }
         if found.table_exists {
@@ -93,7 +105,7 @@ impl PostgresStore {
 }
 
 /// The advisory lock that makes concurrent migrations of one table take
-/// turns.
+/// turns, whichever driver runs them.
 pub(in crate::store) fn migration_lock_id(name: &TableName) -> i64 {
     RecordKey {
         source: String::new(),
@@ -116,6 +128,7 @@ pub(in crate::store) struct Found {
     pub(in crate::store) schema_usage: bool,
     pub(in crate::store) table_exists: bool,
     pub(in crate::store) index_exists: bool,
+    pub(in crate::store) open_claims_index_exists: bool,
     pub(in crate::store) missing_privileges: Vec<String>,
 }
 
@@ -134,6 +147,7 @@ impl Found {
             schema_usage: row.try_get("schema_usage")?,
             table_exists: row.try_get("table_exists")?,
             index_exists: row.try_get("index_exists")?,
+            open_claims_index_exists: row.try_get("open_claims_index_exists")?,
             missing_privileges: row.try_get("missing_privileges")?,
         })
     }
@@ -155,6 +169,7 @@ impl Found {
                 sql: sql::create_schema(schema),
                 object: format!("schema {schema}"),
                 privilege: format!("CREATE on database {}", self.database),
+                optional: false,
             });
         }
         if !self.table_exists {
@@ -165,6 +180,7 @@ impl Found {
                     Some(schema) => format!("CREATE on schema {schema}"),
                     None => "CREATE on a schema of its search_path".to_owned(),
                 },
+                optional: false,
             });
         }
         if !self.table_exists || !self.index_exists {
@@ -173,6 +189,17 @@ impl Found {
                 object: format!("index {}", self.qualified(&sql::index_name(name))),
                 // Only a table's owner may index it, whatever the schema's grants.
                 privilege: format!("ownership of {table}"),
+                optional: false,
+            });
+        }
+        if !self.table_exists || !self.open_claims_index_exists {
+            steps.push(Step {
+                sql: sql::create_open_claims_index(name),
+                object: format!("index {}", self.qualified(&sql::open_claims_index_name(name))),
+                privilege: format!("ownership of {table}"),
+                // Added after the table was first published: a deployment
+                // whose role only has DML still starts without it.
+                optional: self.table_exists,
             });
         }
         steps
@@ -205,16 +232,41 @@ pub(in crate::store) struct Step {
     pub(in crate::store) sql: String,
     object: String,
     privilege: String,
+    /// Whether the store works without it (more slowly): a role that may
+    /// not create it is warned, not refused.
+    pub(in crate::store) optional: bool,
+}
+
+fn is_insufficient_privilege(error: &tokio_postgres::Error) -> bool {
+    error.code().map(|code| code.code()) == Some(INSUFFICIENT_PRIVILEGE)
+}
+
+/// Whether `error` is the server refusing for want of a privilege.
+pub(in crate::store) fn refused_for_privilege(error: &StoreError) -> bool {
+    match error {
+        StoreError::Database(database) => database.sqlstate() == Some(INSUFFICIENT_PRIVILEGE),
+        _ => false,
+    }
 }
 
 impl Step {
+    /// An optional step the role may not run was left out: says what the
+    /// store does without it, and who can add it.
+    pub(in crate::store) fn warn_skipped(&self, role: &str) {
+        tracing::warn!(
+            object = %self.object,
+            role = %role,
+            "cannot create {} without {}: the store gauges' read of open claims scans the table until \
+             the owner creates it (migrations/0002_idempotency_records_open_claims.sql for the default \
+             table, or PostgresStore::migration_sql())",
+            self.object,
+            self.privilege,
+        );
+    }
+
     /// The error to report when the step failed with `error`.
     pub(in crate::store) fn refused(self, error: StoreError, role: &str) -> StoreError {
-        let sqlstate = match &error {
-            StoreError::Database(database) => database.sqlstate(),
-            _ => None,
-        };
-        if sqlstate != Some(INSUFFICIENT_PRIVILEGE) {
+        if !refused_for_privilege(&error) {
             return error;
         }
         StoreError::CannotCreate {

@@ -20,8 +20,8 @@ mod ready;
 pub(super) mod sql;
 mod tx;
 
-pub(super) use migration::{migration_lock_id, Found, TABLE_PRIVILEGES};
-pub use operations::{Deletion, RecordView, StoreStats};
+pub(super) use migration::{migration_lock_id, refused_for_privilege, Found, TABLE_PRIVILEGES};
+pub use operations::{Deletion, RecordView, StoreGauges, StoreStats};
 pub(crate) use tx::TxConnection;
 pub use tx::{IdempotencyTx, Tx, TxError};
 

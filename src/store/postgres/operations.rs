@@ -1,7 +1,7 @@
-//! Operating the Postgres store: figures, purging expired records, and
-//! inspecting or releasing one record. The admin command
-//! `idempotency-admin` is built on these; applications can report the same
-//! figures.
+//! Operating the Postgres store: figures, purging expired records, the
+//! gauges a metrics task exports, and inspecting or releasing one record.
+//! The admin command `idempotency-admin` is built on these; applications can
+//! report the same figures.
 
 use std::time::{Duration, SystemTime};
 
@@ -11,6 +11,7 @@ use tokio::task::JoinHandle;
 use super::sql::{OperationsSql, COMPLETED};
 use super::{PostgresStore, StoreError};
 use crate::key::RecordKey;
+use crate::metrics;
 use crate::record::decode_headers;
 
 /// Figures about the records table. Each record counts in exactly one of
@@ -30,6 +31,29 @@ pub struct StoreStats {
     pub leases_past_expiry: i64,
     /// When the oldest open claim with a running lease was taken.
     pub oldest_in_flight: Option<SystemTime>,
+}
+
+/// Figures about the records table cheap enough to read every few seconds
+/// from every instance: [`PostgresStore::gauges`] reads them through the
+/// table's indexes, never the whole table.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoreGauges {
+    /// How long ago the oldest open claim with a running lease was taken
+    /// (lease mode; a transaction-mode claim is an open transaction, not a
+    /// row); `None` when there is none.
+    pub oldest_open_claim_age: Option<Duration>,
+    /// Open claims whose lease has run out: their claimant died or stalled
+    /// and no delivery has taken them over yet.
+    pub claims_past_lease: i64,
+    /// Records a purge would delete now, counted up to 10,000 (one default
+    /// purge batch): past it, [`StoreGauges::oldest_expired_age`] tells how
+    /// far behind the purge is.
+    pub expired_awaiting_purge: i64,
+    /// How long ago the oldest record a purge would delete expired; `None`
+    /// when there is none.
+    pub oldest_expired_age: Option<Duration>,
+    /// The table's size on disk, with its indexes and TOAST.
+    pub table_bytes: i64,
 }
 
 /// One record as stored.
@@ -87,6 +111,70 @@ impl PostgresStore {
         })
     }
 
+    /// The gauges of [`StoreGauges`], in one statement that reads the open
+    /// claims' index, at most 10,000 entries of the expiry index, and the
+    /// table's size from its files, whatever the size of the table: under a
+    /// millisecond while the purge keeps up, some milliseconds when 10,000
+    /// records or more await it (the README's "Operating it" has its plan
+    /// and measurements).
+    pub async fn gauges(&self) -> Result<StoreGauges, StoreError> {
+        let client = self.connection().await?;
+        let row = client
+            .query_one(&OperationsSql::gauges(&self.quoted_table()), &[])
+            .await?;
+        let age = |seconds: Option<f64>| seconds.map(|seconds| Duration::from_secs_f64(seconds.max(0.0)));
+        Ok(StoreGauges {
+            oldest_open_claim_age: age(row.try_get(0)?),
+            claims_past_lease: row.try_get(1)?,
+            expired_awaiting_purge: row.try_get(2)?,
+            oldest_expired_age: age(row.try_get(3)?),
+            table_bytes: row.try_get(4)?,
+        })
+    }
+
+    /// Reads the [`StoreGauges`] every `every` and exports them through the
+    /// `metrics` facade, with `idempotency_store_up` (1 when the read
+    /// succeeded, 0 when it failed or took longer than `every`, bounded to
+    /// between 1 and 10 seconds), until the returned task is aborted. Each
+    /// gauge is labelled with the table's name as configured. Every
+    /// instance may run one; see [`PostgresStore::gauges`] for what each
+    /// read costs.
+    ///
+    /// ```no_run
+    /// # fn run(store: tower_idempotency::PostgresStore) {
+    /// use std::time::Duration;
+    /// let metrics_task = store.spawn_metrics_task(Duration::from_secs(15));
+    /// // ... on shutdown:
+    /// metrics_task.abort();
+    /// # }
+    /// ```
+    pub fn spawn_metrics_task(&self, every: Duration) -> JoinHandle<()> {
+        let store = self.clone();
+        let bound = every.clamp(Duration::from_secs(1), Duration::from_secs(10));
+        tokio::spawn(async move {
+            let table = store.table_name().display.clone();
+            let mut ticks = tokio::time::interval(every);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                ticks.tick().await;
+                match tokio::time::timeout(bound, store.gauges()).await {
+                    Ok(Ok(gauges)) => metrics::store_gauges(&table, &gauges),
+                    Ok(Err(error)) => {
+                        tracing::warn!(%error, "reading the idempotency store's gauges failed");
+                        metrics::store_down(&table);
+                    }
+                    Err(_) => {
+                        tracing::warn!(
+                            bound_ms = bound.as_millis() as u64,
+                            "reading the idempotency store's gauges timed out"
+                        );
+                        metrics::store_down(&table);
+                    }
+                }
+            }
+        })
+    }
+
     /// How many expired records a purge would delete now.
     pub async fn count_expired(&self) -> Result<i64, StoreError> {
         let client = self.connection().await?;
@@ -115,7 +203,10 @@ impl PostgresStore {
 
     /// Purges expired records every `every`, in batches of `batch`, until the
     /// returned task is aborted; a failed purge is logged and retried at the
-    /// next tick. Every instance may run one.
+    /// next tick. Every instance may run one. Each run is counted in
+    /// `idempotency_purge_runs_total` (`result` `ok` or `failed`), its
+    /// records in `idempotency_purged_records_total` and its time in
+    /// `idempotency_purge_duration_seconds`, labelled with the table.
     ///
     /// ```no_run
     /// # fn run(store: tower_idempotency::PostgresStore) {
@@ -128,11 +219,15 @@ impl PostgresStore {
     pub fn spawn_purge_task(&self, every: Duration, batch: u32) -> JoinHandle<()> {
         let store = self.clone();
         tokio::spawn(async move {
+            let table = store.table_name().display.clone();
             let mut ticks = tokio::time::interval(every);
             ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 ticks.tick().await;
-                match store.purge_expired(batch).await {
+                let started = tokio::time::Instant::now();
+                let purged = store.purge_expired(batch).await;
+                metrics::purge_run(&table, purged.as_ref().ok().copied(), started.elapsed());
+                match purged {
                     Ok(0) => {}
                     Ok(deleted) => tracing::info!(deleted, "purged expired idempotency records"),
                     Err(error) => tracing::warn!(%error, "purging expired idempotency records failed"),

@@ -304,6 +304,10 @@ SELECT current_user::text AS role,
        EXISTS (SELECT 1 FROM pg_index x
                JOIN pg_attribute a ON a.attrelid = x.indrelid AND a.attnum = x.indkey[0]
                WHERE x.indrelid = target.relation AND a.attname = 'expires_at') AS index_exists,
+       EXISTS (SELECT 1 FROM pg_index x
+               JOIN pg_attribute a ON a.attrelid = x.indrelid AND a.attnum = x.indkey[0]
+               WHERE x.indrelid = target.relation AND a.attname = 'created_at'
+                 AND x.indpred IS NOT NULL) AS open_claims_index_exists,
        ARRAY(SELECT wanted.privilege
              FROM unnest($3::text[]) WITH ORDINALITY AS wanted(privilege, position)
              WHERE target.relation IS NOT NULL AND NOT has_table_privilege(target.relation, wanted.privilege)
@@ -425,3 +429,54 @@ impl OperationsSql {
 pub(in crate::store) const COMMIT: &str = "COMMIT";
 /// Ends the request's transaction, undoing its writes.
 pub(in crate::store) const ROLLBACK: &str = "ROLLBACK";
+
+/// Marks where an optional migration step starts, so that its failure can
+/// be undone without aborting the migration's transaction.
+pub(in crate::store) const SAVEPOINT_OPTIONAL_STEP: &str = "SAVEPOINT optional_step";
+
+/// Undoes a failed optional migration step.
+pub(in crate::store) const ROLLBACK_OPTIONAL_STEP: &str = "ROLLBACK TO SAVEPOINT optional_step";
+
+/// The open claims' index: lease mode's in-flight rows by when they were
+/// claimed. Partial, so it holds only rows in flight (none at all in
+/// transaction mode, whose rows are written completed), and keyed by a
+/// column a lease renewal never changes, so renewals stay HOT updates.
+pub(in crate::store) fn open_claims_index_name(name: &TableName) -> String {
+    format!("{}_open_claims", name.table)
+}
+
+pub(in crate::store) fn create_open_claims_index(name: &TableName) -> String {
+    format!(
+        "CREATE INDEX IF NOT EXISTS \"{}\" ON {} (created_at) WHERE state = {IN_PROGRESS};\n",
+        open_claims_index_name(name),
+        name.quoted()
+    )
+}
+
+/// Records a purge would delete are counted up to this many (one default
+/// purge batch), so that the gauges' read stays cheap however far behind
+/// the purge is; the oldest expired record's age tells how far.
+pub(in crate::store) const EXPIRED_COUNT_CAP: i64 = 10_000;
+
+impl OperationsSql {
+    /// The gauges: one row, read through the two indexes and never the
+    /// whole table. The open claims come from the open claims' index (its
+    /// first live entry; and every entry, to count those whose lease ran
+    /// out); the expired records from the `expires_at` index, counted up to
+    /// [`EXPIRED_COUNT_CAP`], and its first entry for the oldest; the size
+    /// from the relation's files, without reading them.
+    pub(in crate::store) fn gauges(t: &str) -> String {
+        let live = live("");
+        format!(
+            "SELECT (SELECT extract(epoch FROM now() - min(created_at))::float8 FROM {t}
+                     WHERE state = {IN_PROGRESS} AND locked_until > now()) AS oldest_open_claim_age,
+                    (SELECT count(*) FROM {t}
+                     WHERE state = {IN_PROGRESS} AND (locked_until > now()) IS NOT TRUE) AS claims_past_lease,
+                    (SELECT count(*) FROM (SELECT 1 FROM {t} WHERE expires_at <= now() AND NOT {live}
+                                           LIMIT {EXPIRED_COUNT_CAP}) AS capped) AS expired_awaiting_purge,
+                    (SELECT extract(epoch FROM now() - min(expires_at))::float8 FROM {t}
+                     WHERE expires_at <= now() AND NOT {live}) AS oldest_expired_age,
+                    pg_total_relation_size('{t}'::regclass) AS table_bytes"
+        )
+    }
+}

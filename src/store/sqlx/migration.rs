@@ -9,7 +9,7 @@ use ::sqlx::{AssertSqlSafe, Connection, Row};
 use super::error::connect_error;
 use super::SqlxStore;
 use crate::store::postgres::sql;
-use crate::store::postgres::{migration_lock_id, Found, TABLE_PRIVILEGES};
+use crate::store::postgres::{migration_lock_id, refused_for_privilege, Found, TABLE_PRIVILEGES};
 use crate::store::StoreError;
 
 impl SqlxStore {
@@ -45,12 +45,28 @@ impl SqlxStore {
             schema_usage: row.try_get("schema_usage")?,
             table_exists: row.try_get("table_exists")?,
             index_exists: row.try_get("index_exists")?,
+            open_claims_index_exists: row.try_get("open_claims_index_exists")?,
             missing_privileges: row.try_get("missing_privileges")?,
         };
         for step in found.missing_steps(name) {
+            if step.optional {
+                ::sqlx::raw_sql(sql::SAVEPOINT_OPTIONAL_STEP)
+                    .execute(&mut *transaction)
+                    .await?;
+            }
             let statement = AssertSqlSafe(step.sql.clone());
-            if let Err(error) = ::sqlx::raw_sql(statement).execute(&mut *transaction).await {
-                return Err(step.refused(error.into(), &found.role));
+            match ::sqlx::raw_sql(statement).execute(&mut *transaction).await {
+                Ok(_) => {}
+                Err(error) => {
+                    let error = StoreError::from(error);
+                    if !(step.optional && refused_for_privilege(&error)) {
+                        return Err(step.refused(error, &found.role));
+                    }
+                    ::sqlx::raw_sql(sql::ROLLBACK_OPTIONAL_STEP)
+                        .execute(&mut *transaction)
+                        .await?;
+                    step.warn_skipped(&found.role);
+                }
             }
         }
         if found.table_exists {

@@ -1,6 +1,8 @@
-//! The operator's side of the sqlx store: purging expired records, as
-//! [`PostgresStore::purge_expired`](crate::PostgresStore::purge_expired)
-//! does, with the same statement. Inspecting and deleting single records is
+//! The operator's side of the sqlx store: purging expired records and
+//! reading the store's gauges, as
+//! [`PostgresStore::purge_expired`](crate::PostgresStore::purge_expired) and
+//! [`PostgresStore::gauges`](crate::PostgresStore::gauges) do, with the same
+//! statements and metrics. Inspecting and deleting single records is
 //! `PostgresStore`'s and `idempotency-admin`'s, on the same table.
 
 use std::time::Duration;
@@ -10,10 +12,72 @@ use tokio::task::JoinHandle;
 
 use super::error::connect_error;
 use super::SqlxStore;
+use crate::metrics;
 use crate::store::postgres::sql::OperationsSql;
-use crate::store::StoreError;
+use crate::store::{StoreError, StoreGauges};
 
 impl SqlxStore {
+    /// The store's gauges (open claims, claims past their lease, expired
+    /// records awaiting purge, the table's size), read through the two
+    /// indexes as [`PostgresStore::gauges`](crate::PostgresStore::gauges)
+    /// does.
+    pub async fn gauges(&self) -> Result<StoreGauges, StoreError> {
+        let mut connection = self.inner.settings.pool.acquire().await.map_err(connect_error)?;
+        let statement = OperationsSql::gauges(&self.table_name().quoted());
+        // No parameters: a simple query, whatever the pool mode.
+        let row = ::sqlx::raw_sql(AssertSqlSafe(statement))
+            .fetch_one(&mut *connection)
+            .await?;
+        let age = |seconds: Option<f64>| seconds.map(|seconds| Duration::from_secs_f64(seconds.max(0.0)));
+        Ok(StoreGauges {
+            oldest_open_claim_age: age(row.try_get(0)?),
+            claims_past_lease: row.try_get(1)?,
+            expired_awaiting_purge: row.try_get(2)?,
+            oldest_expired_age: age(row.try_get(3)?),
+            table_bytes: row.try_get(4)?,
+        })
+    }
+
+    /// Reads the gauges every `every` and exports them through the
+    /// `metrics` facade with `idempotency_store_up`, as
+    /// [`PostgresStore::spawn_metrics_task`](crate::PostgresStore::spawn_metrics_task)
+    /// does, until the returned task is aborted.
+    ///
+    /// ```no_run
+    /// # fn run(store: tower_idempotency::SqlxStore) {
+    /// use std::time::Duration;
+    /// let metrics_task = store.spawn_metrics_task(Duration::from_secs(15));
+    /// // ... on shutdown:
+    /// metrics_task.abort();
+    /// # }
+    /// ```
+    pub fn spawn_metrics_task(&self, every: Duration) -> JoinHandle<()> {
+        let store = self.clone();
+        let bound = every.clamp(Duration::from_secs(1), Duration::from_secs(10));
+        tokio::spawn(async move {
+            let table = store.table_name().display.clone();
+            let mut ticks = tokio::time::interval(every);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                ticks.tick().await;
+                match tokio::time::timeout(bound, store.gauges()).await {
+                    Ok(Ok(gauges)) => metrics::store_gauges(&table, &gauges),
+                    Ok(Err(error)) => {
+                        tracing::warn!(%error, "reading the idempotency store's gauges failed");
+                        metrics::store_down(&table);
+                    }
+                    Err(_) => {
+                        tracing::warn!(
+                            bound_ms = bound.as_millis() as u64,
+                            "reading the idempotency store's gauges timed out"
+                        );
+                        metrics::store_down(&table);
+                    }
+                }
+            }
+        })
+    }
+
     /// How many expired records a purge would delete now.
     pub async fn count_expired(&self) -> Result<i64, StoreError> {
         let mut connection = self.inner.settings.pool.acquire().await.map_err(connect_error)?;
@@ -62,11 +126,15 @@ impl SqlxStore {
     pub fn spawn_purge_task(&self, every: Duration, batch: u32) -> JoinHandle<()> {
         let store = self.clone();
         tokio::spawn(async move {
+            let table = store.table_name().display.clone();
             let mut ticks = tokio::time::interval(every);
             ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 ticks.tick().await;
-                match store.purge_expired(batch).await {
+                let started = tokio::time::Instant::now();
+                let purged = store.purge_expired(batch).await;
+                metrics::purge_run(&table, purged.as_ref().ok().copied(), started.elapsed());
+                match purged {
                     Ok(0) => {}
                     Ok(deleted) => tracing::info!(deleted, "purged expired idempotency records"),
                     Err(error) => tracing::warn!(%error, "purging expired idempotency records failed"),
