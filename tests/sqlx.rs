@@ -237,7 +237,7 @@ async fn axum_sqlx_tx_and_the_layers_transaction_combine_in_one_handler() {
 }
 
 #[tokio::test]
-async fn purge_on_sqlx_deletes_expired_records_and_keeps_live_ones() {
+async fn purge_and_gauges_on_sqlx_see_expired_records_and_keep_live_ones() {
     let db = TestDb::new("sqlx_purge").await;
     let store = db.sqlx_store().await;
     let app = Probe::default().app(IdempotencyLayer::new(store.clone()).source("test"));
@@ -250,6 +250,13 @@ async fn purge_on_sqlx_deletes_expired_records_and_keeps_live_ones() {
         .await
         .unwrap();
 
+    let gauges = store.gauges().await.unwrap();
+    assert_eq!(gauges.expired_awaiting_purge, 3, "{gauges:?}");
+    assert!(
+        gauges.oldest_expired_age.is_some_and(|age| age.as_secs() >= 3599),
+        "{gauges:?}"
+    );
+    assert!(gauges.table_bytes > 0, "{gauges:?}");
     assert_eq!(store.count_expired().await.unwrap(), 3);
     assert_eq!(
         store.purge_expired(2).await.unwrap(),
