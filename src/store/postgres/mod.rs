@@ -20,6 +20,7 @@ mod ready;
 pub(super) mod sql;
 mod tx;
 
+#[cfg(feature = "sqlx")]
 pub(super) use migration::{migration_lock_id, refused_for_privilege, Found, TABLE_PRIVILEGES};
 pub use operations::{Deletion, RecordView, StoreGauges, StoreStats};
 pub(crate) use tx::TxConnection;
