@@ -715,3 +715,43 @@ async fn concurrent_resends_of_one_body_under_fresh_keys_run_the_handler_once(ct
     ctx.finish().await;
 }
 both_stores!(concurrent_resends_of_one_body_under_fresh_keys_run_the_handler_once);
+
+async fn keys_that_look_like_sql_are_stored_byte_exact_and_replayed(ctx: Ctx) {
+    let probe = Probe::default();
+    let app = probe.app(ctx.layer());
+    let keys = [
+        "it's",
+        r"back\slash\",
+        r"\'); DROP TABLE idempotency_records; --",
+        "$1 $2 $10",
+        r"E'\\x00'",
+        "ünïcødé ✓",
+        "'",
+    ];
+
+    for key in keys {
+        let first = send(&app, request(Some(key), "{}", &[])).await;
+        let again = send(&app, request(Some(key), "{}", &[])).await;
+        assert_eq!(first.status, StatusCode::OK, "{key}: {first:?}");
+        assert!(again.replayed(), "{key}: {again:?}");
+        assert_eq!(again.body, first.body, "{key}");
+    }
+
+    assert_eq!(probe.runs(), keys.len());
+    if let Some(db) = &ctx.db {
+        let stored: Vec<String> = db
+            .client()
+            .await
+            .query("SELECT key FROM idempotency_records ORDER BY key", &[])
+            .await
+            .expect("the records")
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+        let mut expected: Vec<String> = keys.iter().map(|key| key.to_string()).collect();
+        expected.sort();
+        assert_eq!(stored, expected, "every key stored as it was sent");
+    }
+    ctx.finish().await;
+}
+both_stores!(keys_that_look_like_sql_are_stored_byte_exact_and_replayed);

@@ -13,8 +13,6 @@ mod store_step;
 
 use std::sync::Arc;
 
-use bytes::Bytes;
-use http::request::Parts;
 use http::{Request, Response};
 use tower_service::Service;
 use tracing::Instrument;
@@ -23,11 +21,9 @@ use self::acquire::{acquire, Acquired, Unclaimed};
 use self::admit::{admit, Admission};
 use self::run::run_claimed;
 use crate::body::{BytesBody, ResponseBody};
-use crate::key::{KeyError, RecordKey};
-use crate::layer::Config;
+use crate::key::RecordKey;
 use crate::metrics;
 use crate::problem::Protocol;
-use crate::record::StoredResponse;
 use crate::service::RequestBody;
 use crate::service::Shared;
 
@@ -156,7 +152,13 @@ where
 /// `benches/` (through `crate::bench`).
 #[cfg(feature = "bench-internals")]
 pub(crate) mod bench {
+    use bytes::Bytes;
+    use http::request::Parts;
+
     use super::*;
+    use crate::key::KeyError;
+    use crate::layer::Config;
+    use crate::record::StoredResponse;
 
     /// What `identify` reads from a request: its key, if it has one.
     pub(crate) fn identify(config: &Config, parts: &Parts, body: &Bytes) -> Result<Option<String>, KeyError> {
