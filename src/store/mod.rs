@@ -8,6 +8,7 @@ mod postgres;
 mod recent;
 #[cfg(feature = "sqlx")]
 mod sqlx;
+mod tasks;
 
 use std::fmt;
 use std::future::Future;

@@ -11,8 +11,8 @@ use tokio::task::JoinHandle;
 use super::sql::{OperationsSql, COMPLETED};
 use super::{PostgresStore, StoreError};
 use crate::key::RecordKey;
-use crate::metrics;
 use crate::record::decode_headers;
+use crate::store::tasks;
 
 /// Figures about the records table. Each record counts in exactly one of
 /// the four counts.
@@ -150,28 +150,10 @@ impl PostgresStore {
     /// ```
     pub fn spawn_metrics_task(&self, every: Duration) -> JoinHandle<()> {
         let store = self.clone();
-        let bound = every.clamp(Duration::from_secs(1), Duration::from_secs(10));
-        tokio::spawn(async move {
-            let table = store.table_name().display.clone();
-            let mut ticks = tokio::time::interval(every);
-            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                ticks.tick().await;
-                match tokio::time::timeout(bound, store.gauges()).await {
-                    Ok(Ok(gauges)) => metrics::store_gauges(&table, &gauges),
-                    Ok(Err(error)) => {
-                        tracing::warn!(%error, "reading the idempotency store's gauges failed");
-                        metrics::store_down(&table);
-                    }
-                    Err(_) => {
-                        tracing::warn!(
-                            bound_ms = bound.as_millis() as u64,
-                            "reading the idempotency store's gauges timed out"
-                        );
-                        metrics::store_down(&table);
-                    }
-                }
-            }
+        let table = self.table_name().display.clone();
+        tasks::spawn_gauges(table, every, move || {
+            let store = store.clone();
+            async move { store.gauges().await }
         })
     }
 
@@ -218,21 +200,10 @@ impl PostgresStore {
     /// ```
     pub fn spawn_purge_task(&self, every: Duration, batch: u32) -> JoinHandle<()> {
         let store = self.clone();
-        tokio::spawn(async move {
-            let table = store.table_name().display.clone();
-            let mut ticks = tokio::time::interval(every);
-            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                ticks.tick().await;
-                let started = tokio::time::Instant::now();
-                let purged = store.purge_expired(batch).await;
-                metrics::purge_run(&table, purged.as_ref().ok().copied(), started.elapsed());
-                match purged {
-                    Ok(0) => {}
-                    Ok(deleted) => tracing::info!(deleted, "purged expired idempotency records"),
-                    Err(error) => tracing::warn!(%error, "purging expired idempotency records failed"),
-                }
-            }
+        let table = self.table_name().display.clone();
+        tasks::spawn_purge(table, every, move || {
+            let store = store.clone();
+            async move { store.purge_expired(batch).await }
         })
     }
 
