@@ -142,7 +142,9 @@ async fn a_rollback_on_a_stalled_server_is_bounded_and_its_connection_closed() {
             .store_timeout(STORE_TIMEOUT),
     );
     let failing = spawn_a_blocked_500(&app);
-    wait_for_the_ledger_write(&proxied).await;
+    // Past the write's answer, not only past the write: a stall while that
+    // answer is still on its way would hold the handler, not the rollback.
+    probe.at_the_gate().await;
     proxy.stall();
     probe.open_gate();
 

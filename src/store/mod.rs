@@ -3,6 +3,7 @@
 
 mod cache;
 mod error;
+mod lease;
 mod memory;
 mod postgres;
 mod recent;

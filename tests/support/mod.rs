@@ -469,16 +469,21 @@ pub struct Probe {
     pub runs: Arc<AtomicUsize>,
     started_tx: mpsc::UnboundedSender<()>,
     started_rx: Arc<Mutex<mpsc::UnboundedReceiver<()>>>,
+    at_gate_tx: mpsc::UnboundedSender<()>,
+    at_gate_rx: Arc<Mutex<mpsc::UnboundedReceiver<()>>>,
     gate: Arc<Semaphore>,
 }
 
 impl Default for Probe {
     fn default() -> Self {
         let (started_tx, started_rx) = mpsc::unbounded_channel();
+        let (at_gate_tx, at_gate_rx) = mpsc::unbounded_channel();
         Self {
             runs: Arc::default(),
             started_tx,
             started_rx: Arc::new(Mutex::new(started_rx)),
+            at_gate_tx,
+            at_gate_rx: Arc::new(Mutex::new(at_gate_rx)),
             gate: Arc::new(Semaphore::new(0)),
         }
     }
@@ -494,6 +499,15 @@ impl Probe {
         tokio::time::timeout(Duration::from_secs(10), self.started_rx.lock().await.recv())
             .await
             .expect("a handler run to start")
+            .expect("the probe is alive");
+    }
+
+    /// Waits until a blocked handler run has written its ledger row, had
+    /// the answer, and reached the gate.
+    pub async fn at_the_gate(&self) {
+        tokio::time::timeout(Duration::from_secs(10), self.at_gate_rx.lock().await.recv())
+            .await
+            .expect("a handler run to reach the gate")
             .expect("the probe is alive");
     }
 
@@ -545,6 +559,7 @@ async fn probe_handler(
     };
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
     if header("x-test-block").is_some() {
+        let _ = probe.at_gate_tx.send(());
         probe.gate.acquire().await.expect("gate").forget();
     }
     if header("x-test-panic").is_some() {

@@ -37,6 +37,7 @@ use crate::key::RecordKey;
 use crate::policy::Mode;
 use crate::record::{decode_headers, encode_headers, StoredResponse};
 use crate::shutdown::{self, Tracker};
+use crate::store::lease::{self, LeaseClaim, LeaseRows};
 use crate::PoolMode;
 
 /// The default records table.
@@ -676,8 +677,6 @@ impl Backend for PostgresStore {
         self.pool().retain(|_, _| false);
     }
 
-    /// Only a lease claim is a committed row that could outlive its
-    /// request; a transaction's claim ends with its connection.
     fn release_unknown_claim(
         &self,
         request: &ClaimRequest,
@@ -685,25 +684,7 @@ impl Backend for PostgresStore {
         bound: Duration,
         tracker: &Arc<Tracker>,
     ) {
-        let outcome_unknown = matches!(error, StoreError::Timeout(_)) || error.is_connection_lost();
-        if !matches!(request.mode, Mode::Lease { .. }) || !outcome_unknown {
-            return;
-        }
-        let (store, key, token) = (self.clone(), request.key.clone(), request.claim_token);
-        // Tracked, so that a graceful shutdown waits for it.
-        shutdown::spawn(Some(tracker), async move {
-            match tokio::time::timeout(bound, store.release_lease(&key, token)).await {
-                Ok(Ok(())) => {
-                    tracing::debug!(source = %key.source, key = %key.key, "released a claim whose outcome was unknown")
-                }
-                Ok(Err(error)) => {
-                    tracing::warn!(%error, source = %key.source, key = %key.key, "could not release a claim whose outcome was unknown; it stays until its lease ends")
-                }
-                Err(_) => {
-                    tracing::warn!(source = %key.source, key = %key.key, "releasing a claim whose outcome was unknown timed out; it stays until its lease ends")
-                }
-            }
-        });
+        lease::release_unknown_claim(self, request, error, bound, tracker);
     }
 }
 
@@ -768,54 +749,6 @@ impl HeldClaim for TxClaim {
             });
         }
     }
-}
-
-/// A lease-mode claim: a committed row carrying a fencing token.
-#[derive(Debug)]
-struct LeaseClaim {
-    store: PostgresStore,
-    token: uuid::Uuid,
-}
-
-impl HeldClaim for LeaseClaim {
-    fn renew<'a>(&'a self, request: &'a ClaimRequest, lease: Duration) -> StoreFuture<'a, bool> {
-        Box::pin(self.store.renew(&request.key, self.token, lease))
-    }
-
-    fn complete<'a>(
-        self: Box<Self>,
-        request: &'a ClaimRequest,
-        response: &'a StoredResponse,
-    ) -> StoreFuture<'a, Completion> {
-        Box::pin(async move { self.store.complete_lease(request, self.token, response).await })
-    }
-
-    fn end_unrecorded<'a>(self: Box<Self>, request: &'a ClaimRequest) -> StoreFuture<'a, ()> {
-        Box::pin(async move { self.store.release_lease(&request.key, self.token).await })
-    }
-
-    fn release<'a>(self: Box<Self>, request: &'a ClaimRequest, bound: &'a ReleaseBound) -> StoreFuture<'a, ()> {
-        Box::pin(async move {
-            let mut release = Box::pin(release_lease(self.store, request.key.clone(), self.token));
-            match tokio::time::timeout(bound.timeout, &mut release).await {
-                Ok(released) => released,
-                Err(_) => {
-                    bound.finish_in_background(request, release);
-                    Err(StoreError::Timeout(bound.timeout))
-                }
-            }
-        })
-    }
-
-    fn abandon(self: Box<Self>, request: &ClaimRequest, bound: &ReleaseBound) {
-        let release = release_lease(self.store, request.key.clone(), self.token);
-        bound.finish_in_background(request, release);
-    }
-}
-
-/// Deletes a lease claim by its token: an owned future, for the background.
-async fn release_lease(store: PostgresStore, key: RecordKey, token: uuid::Uuid) -> Result<(), StoreError> {
-    store.release_lease(&key, token).await
 }
 
 /// A pooled connection that is closed instead of going back to the pool when
@@ -950,6 +883,25 @@ impl TableName {
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("`{0}` is not a valid table name: use `table` or `schema.table` with letters, digits and `_`")]
 pub struct InvalidTableName(String);
+
+impl LeaseRows for PostgresStore {
+    fn renew<'a>(&'a self, key: &'a RecordKey, token: uuid::Uuid, lease: Duration) -> StoreFuture<'a, bool> {
+        Box::pin(PostgresStore::renew(self, key, token, lease))
+    }
+
+    fn complete_lease<'a>(
+        &'a self,
+        request: &'a ClaimRequest,
+        token: uuid::Uuid,
+        response: &'a StoredResponse,
+    ) -> StoreFuture<'a, Completion> {
+        Box::pin(PostgresStore::complete_lease(self, request, token, response))
+    }
+
+    fn release_lease<'a>(&'a self, key: &'a RecordKey, token: uuid::Uuid) -> StoreFuture<'a, ()> {
+        Box::pin(PostgresStore::release_lease(self, key, token))
+    }
+}
 
 #[cfg(test)]
 mod tests {

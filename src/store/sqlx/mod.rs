@@ -36,6 +36,7 @@ use crate::key::RecordKey;
 use crate::policy::Mode;
 use crate::record::StoredResponse;
 use crate::shutdown::{self, Tracker};
+use crate::store::lease::{self, LeaseClaim, LeaseRows};
 use crate::PoolMode;
 
 /// Records in a Postgres table, reached through an sqlx [`PgPool`]: the
@@ -721,8 +722,6 @@ impl Backend for SqlxStore {
         }
     }
 
-    /// Only a lease claim is a committed row that could outlive its
-    /// request; a transaction's claim ends with its connection.
     fn release_unknown_claim(
         &self,
         request: &ClaimRequest,
@@ -730,24 +729,7 @@ impl Backend for SqlxStore {
         bound: Duration,
         tracker: &Arc<Tracker>,
     ) {
-        let outcome_unknown = matches!(error, StoreError::Timeout(_)) || error.is_connection_lost();
-        if !matches!(request.mode, Mode::Lease { .. }) || !outcome_unknown {
-            return;
-        }
-        let (store, key, token) = (self.clone(), request.key.clone(), request.claim_token);
-        shutdown::spawn(Some(tracker), async move {
-            match tokio::time::timeout(bound, store.release_lease(&key, token)).await {
-                Ok(Ok(())) => {
-                    tracing::debug!(source = %key.source, key = %key.key, "released a claim whose outcome was unknown")
-                }
-                Ok(Err(error)) => {
-                    tracing::warn!(%error, source = %key.source, key = %key.key, "could not release a claim whose outcome was unknown; it stays until its lease ends")
-                }
-                Err(_) => {
-                    tracing::warn!(source = %key.source, key = %key.key, "releasing a claim whose outcome was unknown timed out; it stays until its lease ends")
-                }
-            }
-        });
+        lease::release_unknown_claim(self, request, error, bound, tracker);
     }
 }
 
@@ -812,54 +794,6 @@ impl HeldClaim for TxClaim {
     }
 }
 
-/// A lease-mode claim: a committed row carrying a fencing token.
-#[derive(Debug)]
-struct LeaseClaim {
-    store: SqlxStore,
-    token: uuid::Uuid,
-}
-
-impl HeldClaim for LeaseClaim {
-    fn renew<'a>(&'a self, request: &'a ClaimRequest, lease: Duration) -> StoreFuture<'a, bool> {
-        Box::pin(self.store.renew(&request.key, self.token, lease))
-    }
-
-    fn complete<'a>(
-        self: Box<Self>,
-        request: &'a ClaimRequest,
-        response: &'a StoredResponse,
-    ) -> StoreFuture<'a, Completion> {
-        Box::pin(async move { self.store.complete_lease(request, self.token, response).await })
-    }
-
-    fn end_unrecorded<'a>(self: Box<Self>, request: &'a ClaimRequest) -> StoreFuture<'a, ()> {
-        Box::pin(async move { self.store.release_lease(&request.key, self.token).await })
-    }
-
-    fn release<'a>(self: Box<Self>, request: &'a ClaimRequest, bound: &'a ReleaseBound) -> StoreFuture<'a, ()> {
-        Box::pin(async move {
-            let mut release = Box::pin(release_lease(self.store, request.key.clone(), self.token));
-            match tokio::time::timeout(bound.timeout, &mut release).await {
-                Ok(released) => released,
-                Err(_) => {
-                    bound.finish_in_background(request, release);
-                    Err(StoreError::Timeout(bound.timeout))
-                }
-            }
-        })
-    }
-
-    fn abandon(self: Box<Self>, request: &ClaimRequest, bound: &ReleaseBound) {
-        let release = release_lease(self.store, request.key.clone(), self.token);
-        bound.finish_in_background(request, release);
-    }
-}
-
-/// Deletes a lease claim by its token: an owned future, for the background.
-async fn release_lease(store: SqlxStore, key: RecordKey, token: uuid::Uuid) -> Result<(), StoreError> {
-    store.release_lease(&key, token).await
-}
-
 /// A pooled connection that is closed instead of going back to the pool when
 /// the statement it runs is abandoned half-way (its future dropped by the
 /// store timeout): an answer still to come would hold up its next user.
@@ -877,5 +811,24 @@ impl Drop for ClosedIfAbandoned {
         if let Some(connection) = self.0.take() {
             tx::discard(connection);
         }
+    }
+}
+
+impl LeaseRows for SqlxStore {
+    fn renew<'a>(&'a self, key: &'a RecordKey, token: uuid::Uuid, lease: Duration) -> StoreFuture<'a, bool> {
+        Box::pin(SqlxStore::renew(self, key, token, lease))
+    }
+
+    fn complete_lease<'a>(
+        &'a self,
+        request: &'a ClaimRequest,
+        token: uuid::Uuid,
+        response: &'a StoredResponse,
+    ) -> StoreFuture<'a, Completion> {
+        Box::pin(SqlxStore::complete_lease(self, request, token, response))
+    }
+
+    fn release_lease<'a>(&'a self, key: &'a RecordKey, token: uuid::Uuid) -> StoreFuture<'a, ()> {
+        Box::pin(SqlxStore::release_lease(self, key, token))
     }
 }
